@@ -1,0 +1,52 @@
+# Everything runs from a virtual environment the Makefile creates on first use.
+# Every install goes through constraints.txt, which pins the CPU build of torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# megatron-core 0.19.x declares Python >= 3.12; on 3.11 it is installed beside the
+# main environment and put first on PYTHONPATH for the second test run.
+MCORE019 := $(VENV)/mcore-0.19
+MCORE019_VERSION ?= 0.19.2
+STAMP := $(VENV)/.installed
+
+export OMP_NUM_THREADS ?= 1
+export GLOO_SOCKET_IFNAME ?= lo
+export DS_BUILD_OPS ?= 0
+
+.PHONY: venv test test-fast lint format demo bench clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0 numpy
+	$(PIP) install -q -c constraints.txt -e '.[megatron,deepspeed,mpi,dev]'
+	$(PIP) install -q --no-deps --ignore-requires-python --target $(MCORE019) megatron-core==$(MCORE019_VERSION)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# The whole suite on megatron-core 0.16.x, then the Megatron tests again on 0.19.x.
+test: lint
+	$(PY) -m pytest -q tests
+	PYTHONPATH=$(MCORE019) $(PY) -m pytest -q -m megatron tests
+
+test-fast: venv
+	$(PY) -m pytest -q -x tests -m "not slow"
+
+demo: venv
+	PATH=$(VENV)/bin:$$PATH bash launch/demo.sh
+
+bench: venv
+	$(VENV)/bin/inrun-bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,37 @@
+"""Scoring options shared by every framework adapter, as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+VALIDATION_SPLITS = ("replicate", "split")
+
+
+@dataclass
+class ScoringConfig:
+    """How In-Run Data Shapley is computed; none of these options changes what a score means.
+
+    Attributes:
+        validation_split: ``"replicate"`` runs the whole validation set on every data-parallel
+            rank (no communication); ``"split"`` spreads its batches over the DP ranks and
+            all-reduces the validation gradient (less compute for large validation sets).
+            Both give the same ``G``.
+        projection_dtype: dtype of the per-layer score GEMMs; None uses the activation dtype,
+            with float16/bfloat16 activations promoted to float32.
+        allow_untested_megatron: attach to a megatron-core version outside the tested ones.
+    """
+
+    validation_split: str = "replicate"
+    projection_dtype: torch.dtype | None = None
+    allow_untested_megatron: bool = False
+
+    def __post_init__(self) -> None:
+        if self.validation_split not in VALIDATION_SPLITS:
+            raise ValueError(f"validation_split must be one of {VALIDATION_SPLITS}, got {self.validation_split!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["projection_dtype"] = None if self.projection_dtype is None else str(self.projection_dtype)
+        return d

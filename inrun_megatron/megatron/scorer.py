@@ -1,0 +1,364 @@
+"""In-Run Data Shapley for Megatron-Core models: attach, score each step, read records, detach.
+
+Usage (a complete loop is in the README)::
+
+    scorer = MegatronScorer(model_chunks, validation=val_batches)
+    for step in range(n_steps):
+        losses = scorer.forward_backward(get_forward_backward_func(), forward_step_func=...,
+                                         data_iterator=..., model=model_chunks, ...)
+        ok, grad_norm, _ = optimizer.step()
+        scorer.end_step(lr=lr, clip_coef=clip_coefficient(grad_norm, max_norm), skipped=not ok)
+    scorer.values("validation")   # {sample_id: accumulated value}
+    scorer.detach()
+
+Training batches must carry a ``sample_ids`` tensor ``[micro_batch_size]`` of global sample ids
+(the dataset index of each sequence) next to ``tokens``/``labels``/``loss_mask``; it is read
+wherever the forward step pulls a batch from its data iterator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.package_info import __version__ as MEGATRON_VERSION
+from megatron.core.utils import get_model_config
+
+from inrun_megatron.config import ScoringConfig
+from inrun_megatron.megatron import layers
+from inrun_megatron.megatron.validation_pass import run_validation_pass
+from inrun_megatron.scores import Site, StepRecords, StepScores, ValueAccumulator, make_step_records
+from inrun_megatron.validation import Batch, GradientStore, as_targets, check_targets, loss_mask_of
+
+#: megatron-core release lines the Megatron adapter is tested against.
+TESTED_MEGATRON = ("0.16.", "0.19.")
+
+
+def check_megatron_version(allow_untested: bool = False, version: str = MEGATRON_VERSION) -> None:
+    if version.startswith(TESTED_MEGATRON) or allow_untested:
+        return
+    raise RuntimeError(
+        f"inrun_megatron is tested with megatron-core {', '.join(v + 'x' for v in TESTED_MEGATRON)};"
+        f" megatron-core {version} is installed. Install a tested version, or pass"
+        " ScoringConfig(allow_untested_megatron=True) and check the scores against the brute-force"
+        " tests first"
+    )
+
+
+def clip_coefficient(grad_norm: float | None, max_norm: float) -> float:
+    """The factor megatron's optimizer multiplied the gradient by (1.0 when it did not clip)."""
+    if grad_norm is None or not max_norm:
+        return 1.0
+    coef = max_norm / (float(grad_norm) + 1.0e-6)
+    return coef if coef < 1.0 else 1.0
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside megatron's DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module") and not isinstance(chunk, LanguageModule):
+        chunk = chunk.module
+    return chunk
+
+
+class _CapturingIterator(Iterator):
+    """Records ``sample_ids`` and loss-token counts of the batches a forward step pulls."""
+
+    def __init__(self, inner: Iterator, captured: list):
+        self.inner = inner
+        self.captured = captured
+
+    def __next__(self) -> Batch:
+        batch = next(self.inner)
+        if isinstance(batch, Mapping):
+            self.captured.append((batch.get("sample_ids"), loss_mask_of(batch).sum(-1) if "labels" in batch else None))
+        else:
+            self.captured.append((None, None))
+        return batch
+
+
+@dataclass
+class _PendingStep:
+    raw: torch.Tensor  # [K, M, B], float64
+    sample_ids: torch.Tensor  # [M, B]
+    n_tokens: torch.Tensor  # [M, B]
+    validation_losses: dict[str, float]
+
+
+class MegatronScorer:
+    """Exact per-sample In-Run Data Shapley scores for megatron-core model chunks.
+
+    Args:
+        model: the model chunks as passed to megatron's ``forward_backward_func`` (a module, or a
+            list of modules for virtual pipeline stages), optionally wrapped in megatron's
+            ``DistributedDataParallel`` / ``Float16Module``.
+        validation: the validation set (a list of batches in the training batch format), or a
+            dict ``{target name: batches}`` of several sets, each scored separately. Every rank
+            passes the same batches.
+        config: scoring options.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Sequence[torch.nn.Module],
+        validation: Sequence[Batch] | Mapping[str, Sequence[Batch]],
+        config: ScoringConfig | None = None,
+    ):
+        self.config = config or ScoringConfig()
+        check_megatron_version(self.config.allow_untested_megatron)
+        self.chunks = list(model) if isinstance(model, Sequence) else [model]
+        self.models = [_unwrap(c) for c in self.chunks]
+        self._refuse_unsupported()
+        self.targets = as_targets(validation)
+        check_targets(self.targets, vocab_size=self.models[0].vocab_size)
+        self._check_validation_split()
+
+        self.scoring = False
+        self.step_scores: StepScores | None = None
+        self.step = 0
+        self.records: list[StepRecords] = []
+        self.accumulator = ValueAccumulator()
+        self.validation_losses: list[dict[str, float]] = []
+        self._pending: _PendingStep | None = None
+        self._hooks: list = []
+        self._on_detach: list[Callable[[], None]] = []
+        layers.install_linear_patch()
+        self._on_detach.append(layers.remove_linear_patch)
+        try:
+            self.sites = self._build_sites()
+        except Exception:
+            self.detach()
+            raise
+        params = {id(p): p for site in self.sites for p in site.params}
+        self.grads = GradientStore(params.values(), len(self.targets))
+
+    # ----------------------------------------------------------------------------------
+    # attach-time checks and site construction
+
+    def _refuse_unsupported(self) -> None:
+        config = get_model_config(self.chunks[0])
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("context parallelism is not supported yet; use context_parallel_size=1")
+        if getattr(config, "num_moe_experts", None):
+            raise NotImplementedError("mixture-of-experts models are not supported yet")
+        if getattr(config, "calculate_per_token_loss", False):
+            raise NotImplementedError("calculate_per_token_loss=True is not supported yet")
+        if getattr(config, "fp16", False) or getattr(config, "bf16", False):
+            raise NotImplementedError("fp16/bf16 megatron models are not supported yet; use float32")
+        has_ddp = any(isinstance(c, DistributedDataParallel) for c in self.chunks)
+        if parallel_state.get_data_parallel_world_size() > 1 and not has_ddp:
+            raise NotImplementedError(
+                "data parallelism needs the model chunks wrapped in megatron.core.distributed.DistributedDataParallel"
+            )
+        for m in self.models:
+            if not isinstance(m, LanguageModule):
+                raise TypeError(f"expected megatron GPT-style model chunks, got {type(m).__name__}")
+
+    def _check_validation_split(self) -> None:
+        if self.config.validation_split != "split":
+            return
+        dp = parallel_state.get_data_parallel_world_size()
+        for t in self.targets:
+            if len(t.batches) < dp:
+                raise ValueError(
+                    f"validation target {t.name!r} has {len(t.batches)} batches, fewer than the {dp} data-parallel"
+                    " ranks it is split over; use validation_split='replicate' or more batches"
+                )
+
+    def _build_sites(self) -> list[Site]:
+        sites: list[Site] = []
+        claimed: set[int] = set()
+
+        def walk(module: torch.nn.Module, name: str) -> None:
+            builder = layers.SITE_BUILDERS.get(type(module))
+            if builder is not None:
+                new = builder(self, name, module)
+                sites.extend(new)
+                claimed.update(id(p) for site in new for p in site.params)
+                claimed.update(id(p) for p in module.parameters())  # e.g. norms without weight
+                return
+            for child_name, child in module.named_children():
+                walk(child, f"{name}.{child_name}" if name else child_name)
+
+        for i, model in enumerate(self.models):
+            prefix = f"chunk{i}" if len(self.models) > 1 else ""
+            walk(model, prefix)
+            for param_name, p in model.named_parameters():
+                if p.requires_grad and id(p) not in claimed:
+                    owner_name = param_name.rsplit(".", 1)[0]
+                    owner = model.get_submodule(owner_name) if "." in param_name else model
+                    raise NotImplementedError(
+                        f"module {owner_name!r} ({type(owner).__module__}.{type(owner).__name__}) has trainable"
+                        f" parameter {param_name!r} that no inrun_megatron score rule covers. Supported layers:"
+                        f" {', '.join(sorted(t.__name__ for t in layers.SITE_BUILDERS))}. Freeze it"
+                        " (requires_grad=False) or build the model from the local layer spec."
+                    )
+        return sites
+
+    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
+        """The embedding weight a weightless output layer multiplies by (tied embeddings)."""
+        for model in self.models:
+            if getattr(model, "output_layer", None) is module and model.share_embeddings_and_output_weights:
+                return model.shared_embedding_or_output_weight()
+        raise NotImplementedError(
+            f"{name}: a linear layer without its own weight is only supported as GPT's tied output layer"
+        )
+
+    def add_hook(self, handle) -> None:
+        self._hooks.append(handle)
+
+    def on_detach(self, fn: Callable[[], None]) -> None:
+        self._on_detach.append(fn)
+
+    def detach(self) -> None:
+        """Remove every hook and patch; the model is as it was before attaching."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        while self._on_detach:
+            self._on_detach.pop()()
+
+    # ----------------------------------------------------------------------------------
+    # per-step work
+
+    def loss_scale(self) -> float:
+        """The factor the schedule multiplied losses by (fp16 loss scaling), 1.0 if none."""
+        config = get_model_config(self.chunks[0])
+        if config.grad_scale_func is None:
+            return 1.0
+        return float(config.grad_scale_func(torch.ones(1)))
+
+    def _gradient_scale(self) -> float:
+        """Factor between the summed per-microbatch output gradients and the optimizer's gradient.
+
+        Megatron DDP averages gradients over the data-parallel ranks; loss scaling multiplies them.
+        """
+        scale = 1.0 / self.loss_scale()
+        if any(isinstance(c, DistributedDataParallel) for c in self.chunks):
+            scale /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        return scale
+
+    def local_validation_batches(self, target) -> list[Batch]:
+        if self.config.validation_split == "replicate":
+            return target.batches
+        dp = parallel_state.get_data_parallel_world_size()
+        return target.batches[parallel_state.get_data_parallel_rank() :: dp]
+
+    def forward_backward(self, forward_backward_func: Callable, **kwargs) -> list:
+        """Run one optimizer step's forward and backward passes with scoring.
+
+        Takes exactly the keyword arguments of megatron's ``forward_backward_func`` and returns
+        its result. First computes the validation gradient at the current weights (through the
+        same function), then runs the training microbatches with every layer adding its
+        per-sample partial scores. Expects the gradient buffers zeroed, as megatron's
+        ``train_step`` leaves them; leaves them exactly as the unscored call would.
+        """
+        if self._pending is not None:
+            raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
+        if kwargs.get("forward_only", False):
+            raise ValueError("forward_only=True has no gradients to score; call forward_backward_func directly")
+        for key in ("forward_step_func", "data_iterator", "model", "num_microbatches", "micro_batch_size"):
+            if key not in kwargs:
+                raise TypeError(f"forward_backward() needs the keyword argument {key!r}")
+        validation_losses = run_validation_pass(
+            self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
+        )
+        n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
+        device = self.grads.params()[0].device
+        self.step_scores = StepScores(len(self.targets), n_micro, mbs, device)
+        captured: list[list] = []
+        kwargs = dict(kwargs, data_iterator=self._capture(kwargs["data_iterator"], captured))
+        self.scoring = True
+        try:
+            result = forward_backward_func(**kwargs)
+            self.step_scores.check_complete()
+        finally:
+            self.scoring = False
+            self.step_scores.reset_sites()
+        raw = self.step_scores.totals
+        self.step_scores = None
+        sample_ids, n_tokens = self._reduce(raw, captured, n_micro, mbs)
+        raw *= self._gradient_scale()
+        self._pending = _PendingStep(raw, sample_ids, n_tokens, validation_losses)
+        return result
+
+    @staticmethod
+    def _capture(data_iterator, captured: list[list]):
+        def wrap(it):
+            if it is None:
+                return None
+            captured.append([])
+            return _CapturingIterator(it, captured[-1])
+
+        if isinstance(data_iterator, list):
+            return [wrap(it) for it in data_iterator]
+        return wrap(data_iterator)
+
+    def _reduce(self, raw: torch.Tensor, captured: list[list], n_micro: int, mbs: int):
+        """Sum partial scores over the model-parallel group and agree on sample ids there.
+
+        Never reduced over data parallelism: each DP replica owns different samples.
+        """
+        ids = torch.full((2, n_micro, mbs), -1, dtype=torch.int64, device=raw.device)
+        for pulls in captured:
+            for mb, (sample_ids, n_tokens) in enumerate(pulls[:n_micro]):
+                if sample_ids is not None:
+                    ids[0, mb, : len(sample_ids)] = torch.as_tensor(sample_ids).reshape(-1).to(ids)
+                if n_tokens is not None:
+                    ids[1, mb, : len(n_tokens)] = n_tokens.reshape(-1).to(ids)
+        group = parallel_state.get_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(raw, group=group)
+            dist.all_reduce(ids, op=dist.ReduceOp.MAX, group=group)
+        self._check_sample_ids(ids[0])
+        return ids[0], ids[1]
+
+    def _check_sample_ids(self, ids: torch.Tensor) -> None:
+        dp_group = parallel_state.get_data_parallel_group()
+        everyone = [torch.empty_like(ids) for _ in range(dist.get_world_size(dp_group))]
+        dist.all_gather(everyone, ids, group=dp_group)
+        all_ids = torch.stack(everyone)
+        if (all_ids < 0).any():
+            rank, mb, pos = (all_ids < 0).nonzero()[0].tolist()
+            raise ValueError(
+                f"step {self.step}: no sample id for microbatch {mb}, position {pos} on data-parallel rank {rank};"
+                " every training batch needs a 'sample_ids' tensor [micro_batch_size] of global sample ids"
+                " (the dataset index of each sequence). No score of this step was recorded."
+            )
+        unique, counts = torch.unique(all_ids, return_counts=True)
+        if (counts > 1).any():
+            dupes = unique[counts > 1][:10].tolist()
+            raise ValueError(
+                f"step {self.step}: sample ids {dupes} occur more than once in the global batch; sample ids must"
+                " identify sequences uniquely within a step. No score of this step was recorded."
+            )
+
+    def end_step(self, *, lr: float, clip_coef: float = 1.0, skipped: bool = False) -> StepRecords:
+        """Close the step: record ``lr``, the clipping coefficient and whether the update was skipped."""
+        if self._pending is None:
+            raise RuntimeError("end_step() needs a forward_backward() call in the same step")
+        pending, self._pending = self._pending, None
+        records = make_step_records(
+            step=self.step,
+            targets=[t.name for t in self.targets],
+            raw=pending.raw,
+            sample_ids=pending.sample_ids,
+            n_tokens=pending.n_tokens,
+            lr=lr,
+            clip_coef=clip_coef,
+            skipped=skipped,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+        )
+        self.records.append(records)
+        self.accumulator.add(records)
+        self.validation_losses.append(pending.validation_losses)
+        self.step += 1
+        return records
+
+    def values(self, target: str | None = None) -> dict[int, float]:
+        """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples."""
+        return self.accumulator.values(target or self.targets[0].name)

@@ -1,0 +1,181 @@
+"""Score bookkeeping: per-step score tensors, per-sample records and accumulated values.
+
+Framework independent. An adapter calls :meth:`StepScores.add` from layer backward hooks
+with ``[K, B]`` partials (rules.py), reduces the step tensor over its model-parallel groups,
+then turns it into records with :func:`make_step_records` and folds them into a
+:class:`ValueAccumulator`. The meaning of every number is DESIGN §1; :data:`SCORE_CONTRACT`
+is what dumps and docs repeat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+#: Bumped whenever the meaning of a stored number changes.
+SCORE_DEFINITION_VERSION = 1
+
+SCORE_CONTRACT = {
+    "score_definition_version": SCORE_DEFINITION_VERSION,
+    "raw": "<grad of the sample's additive term in the training loss, grad of the validation loss>"
+    " at the step's weights; units: loss^2 / weight^2 (the validation loss is mean per-token"
+    " cross-entropy in nats)",
+    "value": "lr * clip_coef * raw: first-order estimate of how much the sample's part of the"
+    " step lowered the validation loss, in nats",
+    "sign": "positive = the sample lowered the validation loss (helpful); the paper's phi is -value",
+    "accumulated": "sum of value over the steps that trained on the sample; skipped steps add nothing",
+}
+
+
+@dataclass(eq=False)
+class Site:
+    """One place in a model where a score rule runs (one layer, or one use of a tied weight).
+
+    ``calls`` counts the site's backward passes in the current step; every pipeline schedule
+    runs a layer's backwards in the order of its forwards, so the k-th backward is microbatch k.
+    """
+
+    name: str
+    params: tuple[torch.nn.Parameter, ...]
+    calls: int = 0
+
+
+class StepScores:
+    """Partial scores of one optimizer step on one rank: ``[K targets, M microbatches, B]``."""
+
+    def __init__(self, n_targets: int, n_microbatches: int, micro_batch_size: int, device: torch.device):
+        self.totals = torch.zeros(n_targets, n_microbatches, micro_batch_size, dtype=torch.float64, device=device)
+        self.sites: list[Site] = []
+
+    @property
+    def n_microbatches(self) -> int:
+        return self.totals.shape[1]
+
+    def next_microbatch(self, site: Site) -> int:
+        """Claim the microbatch index of this backward call of ``site``."""
+        if site.calls == 0:
+            self.sites.append(site)
+        mb = site.calls
+        site.calls += 1
+        if mb >= self.n_microbatches:
+            raise RuntimeError(
+                f"layer {site.name} ran backward {site.calls} times in a step of {self.n_microbatches}"
+                " microbatches; a layer used twice per forward needs its own site"
+            )
+        return mb
+
+    def add(self, microbatch: int, partial: torch.Tensor) -> None:
+        """Add a site's ``[K, B]`` partial for one microbatch."""
+        self.totals[:, microbatch, : partial.shape[1]] += partial
+
+    def check_complete(self) -> None:
+        """Every site that ran must have run once per microbatch (else the indexing is off)."""
+        for site in self.sites:
+            if site.calls != self.n_microbatches:
+                raise RuntimeError(f"layer {site.name} ran backward {site.calls} times, expected {self.n_microbatches}")
+
+    def reset_sites(self) -> None:
+        for site in self.sites:
+            site.calls = 0
+        self.sites.clear()
+
+
+#: Column names and dtypes of score records (one row per step, sample and target).
+RECORD_COLUMNS = {
+    "step": np.int64,
+    "sample_id": np.int64,
+    "target": object,
+    "raw": np.float64,
+    "lr": np.float64,
+    "clip_coef": np.float64,
+    "n_tokens": np.int64,
+    "skipped": np.bool_,
+    "microbatch": np.int32,
+    "position": np.int32,
+    "dp_rank": np.int32,
+}
+
+
+@dataclass
+class StepRecords:
+    """Records of one step on one data-parallel replica, as columns (see RECORD_COLUMNS)."""
+
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.columns["step"])
+
+    @property
+    def values(self) -> np.ndarray:
+        """``lr * clip_coef * raw`` per row; 0 for skipped steps."""
+        c = self.columns
+        return np.where(c["skipped"], 0.0, c["lr"] * c["clip_coef"] * c["raw"])
+
+
+def make_step_records(
+    *,
+    step: int,
+    targets: list[str],
+    raw: torch.Tensor,
+    sample_ids: torch.Tensor,
+    n_tokens: torch.Tensor,
+    lr: float,
+    clip_coef: float,
+    skipped: bool,
+    dp_rank: int,
+) -> StepRecords:
+    """Flatten a reduced ``[K, M, B]`` raw tensor into rows. Skipped steps store NaN raw."""
+    k, m, b = raw.shape
+    raw_np = raw.detach().cpu().numpy().reshape(k, m * b)
+    if skipped:
+        raw_np = np.full_like(raw_np, np.nan)
+    ids = sample_ids.cpu().numpy().reshape(m * b)
+    toks = n_tokens.cpu().numpy().reshape(m * b)
+    mb = np.repeat(np.arange(m, dtype=np.int32), b)
+    pos = np.tile(np.arange(b, dtype=np.int32), m)
+    n = m * b
+    columns = {
+        "step": np.full(k * n, step, dtype=np.int64),
+        "sample_id": np.tile(ids.astype(np.int64), k),
+        "target": np.repeat(np.array(targets, dtype=object), n),
+        "raw": raw_np.reshape(k * n).astype(np.float64),
+        "lr": np.full(k * n, lr, dtype=np.float64),
+        "clip_coef": np.full(k * n, clip_coef, dtype=np.float64),
+        "n_tokens": np.tile(toks.astype(np.int64), k),
+        "skipped": np.full(k * n, skipped, dtype=np.bool_),
+        "microbatch": np.tile(mb, k),
+        "position": np.tile(pos, k),
+        "dp_rank": np.full(k * n, dp_rank, dtype=np.int32),
+    }
+    return StepRecords(columns)
+
+
+@dataclass
+class ValueAccumulator:
+    """Accumulated value ``phi(z) = sum_t lr_t * c_t * raw_t(z)`` per target and sample id."""
+
+    totals: dict[str, dict[int, float]] = field(default_factory=dict)
+    steps_seen: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def add(self, records: StepRecords) -> None:
+        c = records.columns
+        values = records.values
+        for target, sid, value, skipped in zip(c["target"], c["sample_id"], values, c["skipped"]):
+            if skipped:
+                continue
+            per_target = self.totals.setdefault(target, {})
+            per_target[int(sid)] = per_target.get(int(sid), 0.0) + float(value)
+            seen = self.steps_seen.setdefault(target, {})
+            seen[int(sid)] = seen.get(int(sid), 0) + 1
+
+    def values(self, target: str) -> dict[int, float]:
+        return dict(self.totals.get(target, {}))
+
+    def state_dict(self) -> dict:
+        return {"totals": self.totals, "steps_seen": self.steps_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.totals = {t: dict(v) for t, v in state["totals"].items()}
+        self.steps_seen = {t: dict(v) for t, v in state["steps_seen"].items()}

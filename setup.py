@@ -1,0 +1,23 @@
+"""inrun_megatron: In-Run Data Shapley inside Megatron-Core and DeepSpeed pretraining runs."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="inrun_megatron",
+    version="0.1.0",
+    description="Exact per-sample In-Run Data Shapley inside Megatron-Core and DeepSpeed pretraining",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["inrun_megatron", "inrun_megatron.*"]),
+    install_requires=["torch>=2.4", "numpy", "packaging", "pyyaml", "pyarrow"],
+    extras_require={
+        "megatron": ["megatron-core>=0.16,<0.20"],
+        "deepspeed": ["deepspeed>=0.19"],
+        "mpi": ["mpi4py>=4", "openmpi>=5"],
+        "dev": ["pytest", "ruff"],
+    },
+    entry_points={"console_scripts": ["inrun-bench=inrun_megatron.bench:main"]},
+)

@@ -1,0 +1,31 @@
+"""Single-process megatron tests run inside the pytest process on a 1-rank gloo group."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """A 1-process gloo world with megatron's parallel state at TP=PP=DP=1."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from inrun_megatron.megatron import cpu_shims
+
+    from common import free_port
+
+    cpu_shims.install()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    cpu_shims.seed(1234)
+    yield

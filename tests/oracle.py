@@ -1,0 +1,59 @@
+"""Brute-force references: one forward and backward per sample, plain autograd, no scorer.
+
+A fresh forward per sample keeps the oracle independent of autograd subtleties of the code
+under test (megatron's cross-entropy backward works in place; recomputation forbids
+``autograd.grad``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+TokenLosses = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
+def gradients(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: d loss / d param}`` for every trainable parameter, via ``.backward()``."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {n: p.grad for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    loss_fn().backward()
+    grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = saved[n]
+    return grads
+
+
+def dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum((a[n].double() * b[n].double()).sum() for n in a))
+
+
+def validation_gradient(model: torch.nn.Module, batches: Sequence[dict], token_losses: TokenLosses) -> dict:
+    """Gradient of the mean per-token (masked) loss over every validation batch."""
+    n_tokens = sum(float(b["loss_mask"].sum()) for b in batches)
+    return gradients(model, lambda: sum((token_losses(model, b) * b["loss_mask"]).sum() for b in batches) / n_tokens)
+
+
+def per_sample_raw(
+    model: torch.nn.Module,
+    microbatches: Sequence[dict],
+    token_losses: TokenLosses,
+    g_val: dict[str, torch.Tensor],
+    dp_size: int = 1,
+) -> dict[int, float]:
+    """``<grad l_z, G>`` for every sample, with megatron's default normalisation of l_z:
+    masked token-loss sum / (tokens in the microbatch * microbatches * DP size)."""
+    out = {}
+    n_micro = len(microbatches)
+    for batch in microbatches:
+        denom = max(float(batch["loss_mask"].sum()), 1.0) * n_micro * dp_size
+        for j, sid in enumerate(batch["sample_ids"].tolist()):
+
+            def loss_z(batch=batch, j=j):
+                return (token_losses(model, batch)[j] * batch["loss_mask"][j]).sum() / denom
+
+            out[int(sid)] = dot(gradients(model, loss_z), g_val)
+    return out

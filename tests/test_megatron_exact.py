@@ -1,0 +1,108 @@
+"""Per-sample scores of a single-process megatron GPT against brute force (DESIGN §1, §4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oracle
+from common import load_canonical_weights, make_data, run_case, token_losses
+
+pytestmark = pytest.mark.megatron
+
+# Every layer kind of the local spec appears in at least one fp32 and one float64 case:
+# LayerNorm/RMSNorm, GELU MLP/SwiGLU, linear biases on/off (row-parallel biases go through
+# skip_bias_add), learned/rotary positions, tied/untied output layer, recomputation on/off,
+# one and several microbatches.
+CASES = {
+    "layernorm-gelu-bias-untied": dict(normalization="LayerNorm", swiglu=False, add_bias_linear=True),
+    "rmsnorm-swiglu-nobias-tied-recompute": dict(
+        normalization="RMSNorm",
+        swiglu=True,
+        add_bias_linear=False,
+        share_embeddings_and_output_weights=True,
+        recompute=True,
+    ),
+    "layernorm-swiglu-bias-tied-rope": dict(
+        swiglu=True, share_embeddings_and_output_weights=True, position_embedding_type="rope"
+    ),
+    "rmsnorm-gelu-bias-untied-recompute": dict(normalization="RMSNorm", recompute=True),
+}
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def _shape(case: str, dtype: torch.dtype):
+    from inrun_megatron.megatron.model import GPTShape
+
+    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("n_micro", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from inrun_megatron.megatron import MegatronScorer
+    from inrun_megatron.megatron.model import build_gpt, gpt_forward_step
+
+    shape = _shape(case, dtype)
+    model = build_gpt(shape)
+    load_canonical_weights(model, seed=3)
+    train = make_data(shape, n_micro, 3, seed=5)
+    validation = make_data(shape, 2, 2, seed=6, first_id=10**6)  # 4 validation sequences
+    scorer = MegatronScorer(model, validation)
+    scorer.forward_backward(
+        get_forward_backward_func(),
+        forward_step_func=gpt_forward_step,
+        data_iterator=iter(train),
+        model=model,
+        num_microbatches=n_micro,
+        seq_length=shape.seq_length,
+        micro_batch_size=3,
+    )
+    records = scorer.end_step(lr=1.0)
+    ours = dict(zip(records.columns["sample_id"].tolist(), records.columns["raw"].tolist()))
+    scorer.detach()
+
+    g_val = oracle.validation_gradient(model, validation, token_losses)
+    store = {name: scorer.grads[p][0] for name, p in model.named_parameters()}
+    for name, g in g_val.items():
+        assert torch.allclose(store[name].to(g), g, rtol=0, atol=TOLERANCE[dtype] * float(g.abs().max())), name
+
+    for p in model.parameters():
+        p.grad = None
+    reference = oracle.per_sample_raw(model, train, token_losses, g_val)
+    assert sorted(ours) == sorted(reference)
+    scale = max(abs(v) for v in reference.values())
+    errors = {sid: abs(ours[sid] - reference[sid]) / scale for sid in reference}
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
+    # Scores of different samples differ (the comparison is per sample, not only of sums).
+    assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)
+
+
+@pytest.mark.parametrize("case", ["layernorm-gelu-bias-untied", "rmsnorm-swiglu-nobias-tied-recompute"])
+def test_efficiency_and_sgd_identities(megatron_world, case):
+    shape = _shape(case, torch.float64)
+    result = run_case(shape, n_micro=3, mbs=2, steps=3, lr=0.5, seed=11)
+    for total, batch_dot in result["efficiency"]:
+        assert total == pytest.approx(batch_dot, rel=1e-9, abs=1e-12)
+    for total_value, weight_change in result["sgd"]:
+        assert total_value == pytest.approx(weight_change, rel=1e-9, abs=1e-12)
+    # phi accumulates lr * raw over the steps (each sample id is trained on once here).
+    values = result["values"]
+    for step_raw in result["raw"]:
+        for sid, raw in step_raw.items():
+            assert values[sid] == pytest.approx(0.5 * raw, rel=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_scoring_changes_no_loss_gradient_or_weight(megatron_world, case):
+    from inrun_megatron.megatron.model import GPTShape
+
+    shape = GPTShape(num_layers=2, dropout=0.2, **CASES[case])  # dropout: RNG must be untouched
+    plain = run_case(shape, n_micro=2, mbs=2, steps=3, lr=0.3, seed=7, scored=False)
+    scored = run_case(shape, n_micro=2, mbs=2, steps=3, lr=0.3, seed=7, scored=True)
+    assert plain["losses"] == scored["losses"]
+    for name, w in plain["weights"].items():
+        assert torch.equal(w, scored["weights"][name]), name
