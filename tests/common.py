@@ -14,7 +14,24 @@ import torch
 
 from inrun_megatron.megatron.model import GPTShape, make_batch
 
-VOCAB = 64
+# Every layer kind of the local spec appears in at least one fp32 and one float64 case:
+# LayerNorm/RMSNorm, GELU MLP/SwiGLU, linear biases on/off (row-parallel biases go through
+# skip_bias_add), learned/rotary positions, tied/untied output layer, recomputation on/off,
+# one and several microbatches.
+CASES = {
+    "layernorm-gelu-bias-untied": dict(normalization="LayerNorm", swiglu=False, add_bias_linear=True),
+    "rmsnorm-swiglu-nobias-tied-recompute": dict(
+        normalization="RMSNorm",
+        swiglu=True,
+        add_bias_linear=False,
+        share_embeddings_and_output_weights=True,
+        recompute=True,
+    ),
+    "layernorm-swiglu-bias-tied-rope": dict(
+        swiglu=True, share_embeddings_and_output_weights=True, position_embedding_type="rope"
+    ),
+    "rmsnorm-gelu-bias-untied-recompute": dict(normalization="RMSNorm", recompute=True),
+}
 
 
 def free_port() -> int:
@@ -85,8 +102,45 @@ def make_data(shape: GPTShape, n_micro: int, mbs: int, seed: int, *, first_id: i
     return batches
 
 
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token CE of vocab-parallel logits ``[b, s, V/tp]`` in their own dtype.
+
+    megatron's own vocab-parallel CE computes in float32; float64 tests need the loss itself
+    in float64 to check scores to 1e-9 across layouts (DESIGN §1.3).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    vocab_local = logits.shape[-1]
+    shift = logits.detach().amax(-1, keepdim=True)
+    torch.distributed.all_reduce(
+        shift, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+    )
+    shifted = logits - shift
+    sum_exp = reduce_from_tensor_model_parallel_region(shifted.exp().sum(-1))
+    local = labels - tp_rank * vocab_local
+    in_range = (local >= 0) & (local < vocab_local)
+    picked = shifted.gather(-1, local.clamp(0, vocab_local - 1).unsqueeze(-1)).squeeze(-1) * in_range
+    return sum_exp.log() - reduce_from_tensor_model_parallel_region(picked)
+
+
 def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Per-token losses ``[b, s]``; float64 models compute their cross-entropy in float64."""
+    if next(model.parameters()).dtype == torch.float64:
+        logits = model(batch["tokens"], batch["position_ids"], None)
+        return vocab_parallel_cross_entropy(logits, batch["labels"])
     return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+
+def forward_step(data_iterator, model):
+    """Megatron forward step over :func:`token_losses` with megatron's default loss."""
+    import functools
+
+    from inrun_megatron.megatron.model import masked_token_loss
+
+    batch = next(data_iterator)
+    return token_losses(model, batch), functools.partial(masked_token_loss, batch["loss_mask"])
 
 
 def model_dot(model: torch.nn.Module, a: dict, b: dict) -> float:
@@ -130,7 +184,7 @@ def run_case(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from inrun_megatron.megatron import MegatronScorer, cpu_shims
-    from inrun_megatron.megatron.model import build_gpt, gpt_forward_step
+    from inrun_megatron.megatron.model import build_gpt
 
     cpu_shims.seed(seed)
     model = build_gpt(shape)
@@ -144,7 +198,7 @@ def run_case(
         data = make_data(shape, n_micro, mbs, seed + 100 + step, first_id=1000 * step)
         optimizer.zero_grad(set_to_none=True)
         kwargs = dict(
-            forward_step_func=gpt_forward_step,
+            forward_step_func=forward_step,
             data_iterator=iter(data),
             model=model,
             num_microbatches=n_micro,
@@ -171,3 +225,14 @@ def run_case(
         out["values"] = scorer.values()
         scorer.detach()
     return out
+
+
+def shape_to_json(shape: GPTShape) -> dict:
+    """A GPTShape as JSON-able dict (dtype by name), to pass to worker processes."""
+    d = dict(vars(shape))
+    d["params_dtype"] = str(shape.params_dtype).removeprefix("torch.")
+    return d
+
+
+def shape_from_json(d: dict) -> GPTShape:
+    return GPTShape(**dict(d, params_dtype=getattr(torch, d["params_dtype"])))

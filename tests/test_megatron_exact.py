@@ -6,28 +6,10 @@ import pytest
 import torch
 
 import oracle
-from common import load_canonical_weights, make_data, run_case, token_losses
+from common import CASES, forward_step, load_canonical_weights, make_data, run_case, token_losses
 
 pytestmark = pytest.mark.megatron
 
-# Every layer kind of the local spec appears in at least one fp32 and one float64 case:
-# LayerNorm/RMSNorm, GELU MLP/SwiGLU, linear biases on/off (row-parallel biases go through
-# skip_bias_add), learned/rotary positions, tied/untied output layer, recomputation on/off,
-# one and several microbatches.
-CASES = {
-    "layernorm-gelu-bias-untied": dict(normalization="LayerNorm", swiglu=False, add_bias_linear=True),
-    "rmsnorm-swiglu-nobias-tied-recompute": dict(
-        normalization="RMSNorm",
-        swiglu=True,
-        add_bias_linear=False,
-        share_embeddings_and_output_weights=True,
-        recompute=True,
-    ),
-    "layernorm-swiglu-bias-tied-rope": dict(
-        swiglu=True, share_embeddings_and_output_weights=True, position_embedding_type="rope"
-    ),
-    "rmsnorm-gelu-bias-untied-recompute": dict(normalization="RMSNorm", recompute=True),
-}
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
@@ -44,7 +26,7 @@ def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from inrun_megatron.megatron import MegatronScorer
-    from inrun_megatron.megatron.model import build_gpt, gpt_forward_step
+    from inrun_megatron.megatron.model import build_gpt
 
     shape = _shape(case, dtype)
     model = build_gpt(shape)
@@ -54,7 +36,7 @@ def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
     scorer = MegatronScorer(model, validation)
     scorer.forward_backward(
         get_forward_backward_func(),
-        forward_step_func=gpt_forward_step,
+        forward_step_func=forward_step,
         data_iterator=iter(train),
         model=model,
         num_microbatches=n_micro,

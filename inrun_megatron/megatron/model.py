@@ -103,7 +103,7 @@ def make_batch(
 
 def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Megatron's pretraining loss: masked sum of per-token CE and the token count (3-tuple)."""
-    losses = output_tensor.float()
+    losses = output_tensor.to(torch.promote_types(output_tensor.dtype, torch.float32))  # fp32, or fp64 if so
     loss = (losses * loss_mask.to(losses)).sum()
     n_tokens = loss_mask.sum().to(torch.int)
     return loss, n_tokens, {"lm loss": torch.stack([loss.detach(), n_tokens.detach().float()])}

@@ -55,7 +55,8 @@ def _validation_loss(output_tensor: torch.Tensor, *, mask: torch.Tensor, scale: 
             "the forward step must return the model's per-token loss [batch, seq] (GPTModel called with"
             f" labels); got a tensor of shape {tuple(output_tensor.shape)} for a batch of {tuple(mask.shape)}"
         )
-    loss_sum = (output_tensor.float() * mask.to(output_tensor.device, torch.float32)).sum()
+    losses = output_tensor.to(torch.promote_types(output_tensor.dtype, torch.float32))  # never downcast
+    loss_sum = (losses * mask.to(losses)).sum()
     sums.append(loss_sum.detach())
     return loss_sum * scale, {"validation loss sum": loss_sum.detach()}
 
