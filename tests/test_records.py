@@ -1,0 +1,90 @@
+"""Score dumps: schema, atomic parts, append-only streams, resume without double counting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from inrun_megatron.records import ScoreWriter, StepInfo, read_manifest, write_manifest
+from inrun_megatron.scores import ValueAccumulator, make_step_records
+
+
+def _records(step: int, skipped: bool = False):
+    raw = torch.arange(6, dtype=torch.float64).reshape(1, 2, 3) + step
+    ids = torch.arange(6).reshape(2, 3) + 100 * step
+    return make_step_records(
+        step=step,
+        targets=["val"],
+        raw=raw,
+        sample_ids=ids,
+        n_tokens=torch.full((2, 3), 7),
+        lr=0.5,
+        clip_coef=0.8,
+        skipped=skipped,
+        dp_rank=0,
+    )
+
+
+def _info(step: int, skipped: bool = False) -> StepInfo:
+    return StepInfo(step=step, lr=0.5, clip_coef=0.8, skipped=skipped, validation_losses={"val": 3.0})
+
+
+def _write(run, steps, *, resume_step=None, flush_every=2, skipped=()):
+    writer = ScoreWriter(run, dp_rank=0, flush_every=flush_every, resume_step=resume_step)
+    for s in steps:
+        writer.append(_records(s, s in skipped), _info(s, s in skipped))
+    writer.close()
+
+
+def test_rows_round_trip_with_contract(tmp_path):
+    write_manifest(tmp_path, {"config": {"lr": 0.5}})
+    _write(tmp_path, range(5), skipped={3})
+    table = ds.dataset(tmp_path / "scores", format="parquet").to_table().sort_by([("step", "ascending")])
+    assert table.num_rows == 30
+    rows = table.to_pydict()
+    assert rows["value"][0] == pytest.approx(0.5 * 0.8 * rows["raw"][0])
+    skipped = [i for i, s in enumerate(rows["step"]) if s == 3]
+    assert all(np.isnan(rows["raw"][i]) and np.isnan(rows["value"][i]) and rows["skipped"][i] for i in skipped)
+    steps = ds.dataset(tmp_path / "steps", format="parquet").to_table()
+    assert sorted(steps["step"].to_pylist()) == [0, 1, 2, 3, 4]
+    manifest = read_manifest(tmp_path)
+    assert "positive = the sample lowered the validation loss" in manifest["contract"]["sign"]
+    assert manifest["config"] == {"lr": 0.5}
+
+
+def test_half_written_part_is_ignored_and_cleaned(tmp_path):
+    write_manifest(tmp_path, {})
+    _write(tmp_path, range(2))
+    debris = tmp_path / "scores" / "dp00000" / "part-s00000002-s00000003.parquet.tmp"
+    debris.write_bytes(b"PAR1 truncated")
+    table = ds.dataset(tmp_path / "scores", format="parquet", exclude_invalid_files=True).to_table()
+    assert table.num_rows == 12
+    _write(tmp_path, range(2, 4), resume_step=1)
+    assert not debris.exists()
+
+
+def test_resume_drops_steps_after_the_checkpoint(tmp_path):
+    write_manifest(tmp_path, {})
+    _write(tmp_path, range(7), flush_every=3)  # parts 0-2, 3-5, 6-6
+    _write(tmp_path, range(5, 9), resume_step=4)  # crash after step 6, checkpoint at step 4
+    table = ds.dataset(tmp_path / "scores", format="parquet").to_table()
+    steps = table["step"].to_numpy()
+    assert sorted(set(steps.tolist())) == list(range(9))
+    assert all((steps == s).sum() == 6 for s in range(9))  # every step exactly once
+
+
+def test_existing_stream_needs_resume_step(tmp_path):
+    write_manifest(tmp_path, {})
+    _write(tmp_path, range(2))
+    with pytest.raises(FileExistsError, match="resume_step"):
+        ScoreWriter(tmp_path, dp_rank=0)
+
+
+def test_accumulator_skips_skipped_steps():
+    acc = ValueAccumulator()
+    acc.add(_records(0))
+    acc.add(_records(0, skipped=True))
+    values = acc.values("val")
+    assert values[4] == pytest.approx(0.5 * 0.8 * 4.0)
