@@ -21,11 +21,14 @@ class ScoringConfig:
         projection_dtype: dtype of the per-layer score GEMMs; None uses the activation dtype,
             with float16/bfloat16 activations promoted to float32.
         allow_untested_megatron: attach to a megatron-core version outside the tested ones.
+        keep_records: keep every step's records in memory (``scorer.records``); long runs
+            stream them to a :class:`~inrun_megatron.records.ScoreWriter` instead.
     """
 
     validation_split: str = "replicate"
     projection_dtype: torch.dtype | None = None
     allow_untested_megatron: bool = False
+    keep_records: bool = True
 
     def __post_init__(self) -> None:
         if self.validation_split not in VALIDATION_SPLITS:

@@ -10,9 +10,13 @@ is what dumps and docs repeat.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from inrun_megatron.sites import Site
 
 #: Bumped whenever the meaning of a stored number changes.
 SCORE_DEFINITION_VERSION = 1
@@ -27,19 +31,6 @@ SCORE_CONTRACT = {
     "sign": "positive = the sample lowered the validation loss (helpful); the paper's phi is -value",
     "accumulated": "sum of value over the steps that trained on the sample; skipped steps add nothing",
 }
-
-
-@dataclass(eq=False)
-class Site:
-    """One place in a model where a score rule runs (one layer, or one use of a tied weight).
-
-    ``calls`` counts the site's backward passes in the current step; every pipeline schedule
-    runs a layer's backwards in the order of its forwards, so the k-th backward is microbatch k.
-    """
-
-    name: str
-    params: tuple[torch.nn.Parameter, ...]
-    calls: int = 0
 
 
 class StepScores:

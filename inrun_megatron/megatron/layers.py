@@ -1,17 +1,12 @@
-"""Where each Megatron-Core layer kind gets its score: one small site builder per module type.
-
-A builder turns one module into :class:`~inrun_megatron.scores.Site` objects that call a rule
-from :mod:`inrun_megatron.rules` in the layer's backward. Two capture mechanisms:
+"""Site builders for Megatron-Core layer kinds (see :mod:`inrun_megatron.sites`).
 
 * Linear layers (Column/RowParallelLinear, the output layer): megatron's linear autograd
   function ``LinearWithGradAccumulationAndAsyncCommunication`` gets a wrapped ``backward``
   that scores first, then runs megatron's own backward untouched. It sees the layer input as
   saved for the weight gradient and the full-sequence output gradient, and runs exactly once
   per microbatch, also under activation recomputation.
-* Embeddings and norms: a forward hook routes the module output through :class:`_Tap`, an
-  identity autograd function whose backward receives the output gradient. Taps are only
-  inserted while a training pass is being scored, so validation and evaluation forwards run
-  unmodified.
+* Word (vocab-parallel) and learned position embeddings: one tap on the word-embedding output.
+* Norms: torch LayerNorm/RMSNorm (megatron's ``WrappedTorchNorm``), tapped on ``[s, b, h]``.
 
 Counting (DESIGN §2.3): tensor-parallel shards are summed over TP ranks; a parameter whose
 identical copy lives on every TP rank (row-parallel biases, position embeddings, norms
@@ -20,43 +15,22 @@ without sequence parallelism) is counted on TP rank 0 only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.tensor_parallel import layers as tp_layers
-from megatron.core.tensor_parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    param_is_not_tensor_parallel_duplicate,
-)
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from inrun_megatron import rules
-from inrun_megatron.scores import Site
+from inrun_megatron.sites import Site, TapSite, norm_site, site_registry
 
 if TYPE_CHECKING:
     from inrun_megatron.megatron.scorer import MegatronScorer
 
-SiteBuilder = Callable[["MegatronScorer", str, torch.nn.Module], list[Site]]
-SITE_BUILDERS: dict[type, SiteBuilder] = {}
-
-
-def builds_sites(*module_types: type) -> Callable[[SiteBuilder], SiteBuilder]:
-    """Register a site builder for the given module types (exact type match)."""
-
-    def register(fn: SiteBuilder) -> SiteBuilder:
-        for t in module_types:
-            SITE_BUILDERS[t] = fn
-        return fn
-
-    return register
-
-
-def _counted(param: torch.nn.Parameter | None) -> bool:
-    return param is not None and param_is_not_tensor_parallel_duplicate(param)
+SITE_BUILDERS, builds_sites = site_registry()
 
 
 def _gather_sequence(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -100,11 +74,12 @@ def remove_linear_patch() -> None:
 
 @dataclass(eq=False)
 class LinearSite(Site):
-    """``y = a W^T (+ bias)``; the bias may be added inside the function or by the caller."""
+    """``y = a W^T (+ bias)``; the bias may be added inside the function or by the caller
+    (``skip_bias_add``): either way its per-token gradient is the output gradient."""
 
-    scorer: MegatronScorer | None = None
     weight: torch.nn.Parameter | None = None
     bias: torch.nn.Parameter | None = None
+    bias_counted_here: bool = True
 
     def score(self, ctx, grad_output: torch.Tensor) -> None:
         step = self.scorer.step_scores
@@ -113,12 +88,11 @@ class LinearSite(Site):
         if ctx.sequence_parallel:  # the function saved only this rank's sequence shard
             a = _gather_sequence(a, ctx.tp_group)
         grads = self.scorer.grads
-        g_bias = grads[self.bias] if _counted(self.bias) else None
         partial = rules.linear_scores(
             a,
             grad_output,
             grads[self.weight],
-            g_bias,
+            grads[self.bias] if self.bias is not None and self.bias_counted_here else None,
             batch_dim=1,
             projection_dtype=self.scorer.config.projection_dtype,
         )
@@ -131,50 +105,24 @@ def linear_sites(scorer: MegatronScorer, name: str, module: torch.nn.Module) -> 
     if weight is None:
         # The tied output layer of a GPTModel gets the embedding weight at call time.
         weight = scorer.tied_output_weight(name, module)
-    bias = module.bias if isinstance(module.bias, torch.nn.Parameter) else None
-    if not _counted(weight):
+    if not scorer.counts(weight):
         raise NotImplementedError(f"{name}: a linear weight replicated over tensor-parallel ranks is not supported")
-    params = (weight,) if bias is None else (weight, bias)
-    site = LinearSite(name=name, params=params, scorer=scorer, weight=weight, bias=bias)
+    bias = module.bias if isinstance(module.bias, torch.nn.Parameter) else None
+    site = LinearSite(
+        name=name,
+        params=(weight,) if bias is None else (weight, bias),
+        scorer=scorer,
+        weight=weight,
+        bias=bias,
+        bias_counted_here=bias is not None and scorer.counts(bias),
+    )
     weight._inrun_linear_site = site
     scorer.on_detach(lambda: delattr(weight, "_inrun_linear_site"))
     return [site]
 
 
 # --------------------------------------------------------------------------------------
-# Embeddings and norms: an identity autograd function on the module output.
-
-
-class _Tap(torch.autograd.Function):
-    """Identity in forward; hands the output gradient and saved tensors to a site in backward."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, site: TapSite, *saved: torch.Tensor) -> torch.Tensor:
-        ctx.site = site
-        ctx.save_for_backward(*saved)
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if ctx.site.scorer.scoring:
-            ctx.site.score(grad, *ctx.saved_tensors)
-        return (grad, None) + (None,) * len(ctx.saved_tensors)
-
-
-@dataclass(eq=False)
-class TapSite(Site):
-    """A site scored from a module's output gradient and tensors saved at its forward."""
-
-    scorer: MegatronScorer | None = None
-    hooks: list = field(default_factory=list)
-
-    def tap(self, output: torch.Tensor, *saved: torch.Tensor) -> torch.Tensor:
-        if not (self.scorer.scoring and torch.is_grad_enabled()):
-            return output
-        return _Tap.apply(output, self, *saved)
-
-    def score(self, grad: torch.Tensor, *saved: torch.Tensor) -> None:
-        raise NotImplementedError
+# Embeddings and norms: taps on the module output.
 
 
 @dataclass(eq=False)
@@ -191,26 +139,24 @@ class LanguageEmbeddingSite(TapSite):
     position: torch.nn.Module | None = None
     position_ids: torch.Tensor | None = None
 
-    def score(self, grad: torch.Tensor, ids: torch.Tensor, *positions: torch.Tensor) -> None:
-        step = self.scorer.step_scores
-        microbatch = step.next_microbatch(self)
-        grads, dtype = self.scorer.grads, self.scorer.config.projection_dtype
+    def partial(self, grad: torch.Tensor, ids: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
         if self.word.reduce_scatter_embeddings:  # grad is this rank's [s/tp, b, h] shard
             grad = _gather_sequence(grad, self.word.tp_group).transpose(0, 1)
+        word = self.word.weight
         partial = rules.embedding_scores(
             ids,
             grad,
-            grads[self.word.weight],
+            self.grads[word],
             batch_dim=0,
             row_offset=self.word.vocab_start_index,
-            projection_dtype=dtype,
+            projection_dtype=self.projection_dtype,
         )
-        if positions and _counted(self.position.weight):
-            pos = positions[0].expand(ids.shape)
+        if positions and self.scorer.counts(self.position.weight):
+            table = self.grads[self.position.weight]
             partial = partial + rules.embedding_scores(
-                pos, grad, grads[self.position.weight], batch_dim=0, projection_dtype=dtype
+                positions[0].expand(ids.shape), grad, table, batch_dim=0, projection_dtype=self.projection_dtype
             )
-        step.add(microbatch, partial)
+        return partial
 
 
 @builds_sites(LanguageModelEmbedding)
@@ -234,57 +180,6 @@ def language_embedding_sites(scorer: MegatronScorer, name: str, module: torch.nn
     return [site]
 
 
-@dataclass(eq=False)
-class NormSite(TapSite):
-    """LayerNorm or RMSNorm over the last dimension.
-
-    Under sequence parallelism each TP rank normalises only its sequence shard, so every
-    rank adds its part; otherwise the identical copy is counted on TP rank 0 only.
-    """
-
-    norm: torch.nn.Module | None = None
-    rms: bool = False
-    counted_here: bool = True
-
-    def score(self, grad: torch.Tensor, x: torch.Tensor) -> None:
-        step = self.scorer.step_scores
-        microbatch = step.next_microbatch(self)
-        if not self.counted_here:
-            return
-        grads, dtype = self.scorer.grads, self.scorer.config.projection_dtype
-        weight, bias = self.norm.weight, getattr(self.norm, "bias", None)
-        g_weight = grads[weight] if weight is not None else None
-        if self.rms:
-            partial = rules.rms_norm_scores(x, grad, g_weight, eps=self.eps, batch_dim=1, projection_dtype=dtype)
-        else:
-            g_bias = grads[bias] if bias is not None else None
-            partial = rules.layer_norm_scores(
-                x, grad, g_weight, g_bias, eps=self.eps, batch_dim=1, projection_dtype=dtype
-            )
-        step.add(microbatch, partial)
-
-    @property
-    def eps(self) -> float:
-        eps = self.norm.eps
-        return torch.finfo(torch.float32).eps if eps is None else float(eps)
-
-
 @builds_sites(torch.nn.LayerNorm, torch.nn.RMSNorm)
-def norm_sites(scorer: MegatronScorer, name: str, module: torch.nn.Module) -> list[Site]:
-    params = tuple(p for p in (module.weight, getattr(module, "bias", None)) if p is not None)
-    if not params:
-        return []
-    if tuple(module.normalized_shape) != (params[0].shape[-1],) or params[0].dim() != 1:
-        raise NotImplementedError(f"{name}: only norms over the last dimension are supported")
-    sequence_parallel = any(getattr(p, "sequence_parallel", False) for p in params)
-    counted = sequence_parallel or _counted(params[0])
-    site = NormSite(
-        name=name,
-        params=params,
-        scorer=scorer,
-        norm=module,
-        rms=isinstance(module, torch.nn.RMSNorm),
-        counted_here=counted,
-    )
-    scorer.add_hook(module.register_forward_hook(lambda _m, args, output: site.tap(output, args[0])))
-    return [site]
+def megatron_norm_sites(scorer: MegatronScorer, name: str, module: torch.nn.Module) -> list[Site]:
+    return norm_site(scorer, name, module, batch_dim=1)  # megatron activations are [s, b, h]

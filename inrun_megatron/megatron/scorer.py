@@ -19,7 +19,6 @@ wherever the forward step pulls a batch from its data iterator.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,13 +26,14 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.package_info import __version__ as MEGATRON_VERSION
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 from megatron.core.utils import get_model_config
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron import layers
 from inrun_megatron.megatron.validation_pass import run_validation_pass
-from inrun_megatron.scores import Site, StepRecords, StepScores, ValueAccumulator, make_step_records
-from inrun_megatron.validation import Batch, GradientStore, as_targets, check_targets, loss_mask_of
+from inrun_megatron.scorer import Scorer
+from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 
 #: megatron-core release lines the Megatron adapter is tested against.
 TESTED_MEGATRON = ("0.16.", "0.19.")
@@ -81,15 +81,7 @@ class _CapturingIterator(Iterator):
         return batch
 
 
-@dataclass
-class _PendingStep:
-    raw: torch.Tensor  # [K, M, B], float64
-    sample_ids: torch.Tensor  # [M, B]
-    n_tokens: torch.Tensor  # [M, B]
-    validation_losses: dict[str, float]
-
-
-class MegatronScorer:
+class MegatronScorer(Scorer):
     """Exact per-sample In-Run Data Shapley scores for megatron-core model chunks.
 
     Args:
@@ -108,33 +100,21 @@ class MegatronScorer:
         validation: Sequence[Batch] | Mapping[str, Sequence[Batch]],
         config: ScoringConfig | None = None,
     ):
-        self.config = config or ScoringConfig()
+        super().__init__(validation, config)
         check_megatron_version(self.config.allow_untested_megatron)
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
         self.models = [_unwrap(c) for c in self.chunks]
         self._refuse_unsupported()
-        self.targets = as_targets(validation)
         check_targets(self.targets, vocab_size=self.models[0].vocab_size)
         self._check_validation_split()
-
-        self.scoring = False
-        self.step_scores: StepScores | None = None
-        self.step = 0
-        self.records: list[StepRecords] = []
-        self.accumulator = ValueAccumulator()
-        self.validation_losses: list[dict[str, float]] = []
-        self._pending: _PendingStep | None = None
-        self._hooks: list = []
-        self._on_detach: list[Callable[[], None]] = []
         layers.install_linear_patch()
-        self._on_detach.append(layers.remove_linear_patch)
+        self.on_detach(layers.remove_linear_patch)
+        roots = [(f"chunk{i}" if len(self.models) > 1 else "", m) for i, m in enumerate(self.models)]
         try:
-            self.sites = self._build_sites()
+            self.build_sites(roots, layers.SITE_BUILDERS)
         except Exception:
             self.detach()
             raise
-        params = {id(p): p for site in self.sites for p in site.params}
-        self.grads = GradientStore(params.values(), len(self.targets))
 
     # ----------------------------------------------------------------------------------
     # attach-time checks and site construction
@@ -169,35 +149,16 @@ class MegatronScorer:
                     " ranks it is split over; use validation_split='replicate' or more batches"
                 )
 
-    def _build_sites(self) -> list[Site]:
-        sites: list[Site] = []
-        claimed: set[int] = set()
+    def counts(self, param: torch.nn.Parameter) -> bool:
+        return param_is_not_tensor_parallel_duplicate(param)
 
-        def walk(module: torch.nn.Module, name: str) -> None:
-            builder = layers.SITE_BUILDERS.get(type(module))
-            if builder is not None:
-                new = builder(self, name, module)
-                sites.extend(new)
-                claimed.update(id(p) for site in new for p in site.params)
-                claimed.update(id(p) for p in module.parameters())  # e.g. norms without weight
-                return
-            for child_name, child in module.named_children():
-                walk(child, f"{name}.{child_name}" if name else child_name)
+    @property
+    def dp_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
 
-        for i, model in enumerate(self.models):
-            prefix = f"chunk{i}" if len(self.models) > 1 else ""
-            walk(model, prefix)
-            for param_name, p in model.named_parameters():
-                if p.requires_grad and id(p) not in claimed:
-                    owner_name = param_name.rsplit(".", 1)[0]
-                    owner = model.get_submodule(owner_name) if "." in param_name else model
-                    raise NotImplementedError(
-                        f"module {owner_name!r} ({type(owner).__module__}.{type(owner).__name__}) has trainable"
-                        f" parameter {param_name!r} that no inrun_megatron score rule covers. Supported layers:"
-                        f" {', '.join(sorted(t.__name__ for t in layers.SITE_BUILDERS))}. Freeze it"
-                        " (requires_grad=False) or build the model from the local layer spec."
-                    )
-        return sites
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_data_parallel_group()
 
     def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
         """The embedding weight a weightless output layer multiplies by (tied embeddings)."""
@@ -207,20 +168,6 @@ class MegatronScorer:
         raise NotImplementedError(
             f"{name}: a linear layer without its own weight is only supported as GPT's tied output layer"
         )
-
-    def add_hook(self, handle) -> None:
-        self._hooks.append(handle)
-
-    def on_detach(self, fn: Callable[[], None]) -> None:
-        self._on_detach.append(fn)
-
-    def detach(self) -> None:
-        """Remove every hook and patch; the model is as it was before attaching."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        while self._on_detach:
-            self._on_detach.pop()()
 
     # ----------------------------------------------------------------------------------
     # per-step work
@@ -257,33 +204,29 @@ class MegatronScorer:
         per-sample partial scores. Expects the gradient buffers zeroed, as megatron's
         ``train_step`` leaves them; leaves them exactly as the unscored call would.
         """
-        if self._pending is not None:
-            raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
         if kwargs.get("forward_only", False):
             raise ValueError("forward_only=True has no gradients to score; call forward_backward_func directly")
         for key in ("forward_step_func", "data_iterator", "model", "num_microbatches", "micro_batch_size"):
             if key not in kwargs:
                 raise TypeError(f"forward_backward() needs the keyword argument {key!r}")
+        if self._pending is not None:
+            raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
         validation_losses = run_validation_pass(
             self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
         )
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
-        device = self.grads.params()[0].device
-        self.step_scores = StepScores(len(self.targets), n_micro, mbs, device)
         captured: list[list] = []
         kwargs = dict(kwargs, data_iterator=self._capture(kwargs["data_iterator"], captured))
-        self.scoring = True
+        self.begin_scoring(n_micro, mbs)
+        completed = False
         try:
             result = forward_backward_func(**kwargs)
-            self.step_scores.check_complete()
+            completed = True
         finally:
-            self.scoring = False
-            self.step_scores.reset_sites()
-        raw = self.step_scores.totals
-        self.step_scores = None
+            raw = self.end_scoring(completed)
         sample_ids, n_tokens = self._reduce(raw, captured, n_micro, mbs)
         raw *= self._gradient_scale()
-        self._pending = _PendingStep(raw, sample_ids, n_tokens, validation_losses)
+        self.finish_pass(raw, sample_ids, n_tokens, validation_losses)
         return result
 
     @staticmethod
@@ -314,51 +257,4 @@ class MegatronScorer:
         if dist.get_world_size(group) > 1:
             dist.all_reduce(raw, group=group)
             dist.all_reduce(ids, op=dist.ReduceOp.MAX, group=group)
-        self._check_sample_ids(ids[0])
         return ids[0], ids[1]
-
-    def _check_sample_ids(self, ids: torch.Tensor) -> None:
-        dp_group = parallel_state.get_data_parallel_group()
-        everyone = [torch.empty_like(ids) for _ in range(dist.get_world_size(dp_group))]
-        dist.all_gather(everyone, ids, group=dp_group)
-        all_ids = torch.stack(everyone)
-        if (all_ids < 0).any():
-            rank, mb, pos = (all_ids < 0).nonzero()[0].tolist()
-            raise ValueError(
-                f"step {self.step}: no sample id for microbatch {mb}, position {pos} on data-parallel rank {rank};"
-                " every training batch needs a 'sample_ids' tensor [micro_batch_size] of global sample ids"
-                " (the dataset index of each sequence). No score of this step was recorded."
-            )
-        unique, counts = torch.unique(all_ids, return_counts=True)
-        if (counts > 1).any():
-            dupes = unique[counts > 1][:10].tolist()
-            raise ValueError(
-                f"step {self.step}: sample ids {dupes} occur more than once in the global batch; sample ids must"
-                " identify sequences uniquely within a step. No score of this step was recorded."
-            )
-
-    def end_step(self, *, lr: float, clip_coef: float = 1.0, skipped: bool = False) -> StepRecords:
-        """Close the step: record ``lr``, the clipping coefficient and whether the update was skipped."""
-        if self._pending is None:
-            raise RuntimeError("end_step() needs a forward_backward() call in the same step")
-        pending, self._pending = self._pending, None
-        records = make_step_records(
-            step=self.step,
-            targets=[t.name for t in self.targets],
-            raw=pending.raw,
-            sample_ids=pending.sample_ids,
-            n_tokens=pending.n_tokens,
-            lr=lr,
-            clip_coef=clip_coef,
-            skipped=skipped,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-        )
-        self.records.append(records)
-        self.accumulator.add(records)
-        self.validation_losses.append(pending.validation_losses)
-        self.step += 1
-        return records
-
-    def values(self, target: str | None = None) -> dict[int, float]:
-        """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples."""
-        return self.accumulator.values(target or self.targets[0].name)

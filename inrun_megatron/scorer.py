@@ -1,0 +1,206 @@
+"""What every framework adapter's scorer shares: sites, the step cycle, records and values.
+
+An adapter subclasses :class:`Scorer`, builds its sites with :meth:`Scorer.build_sites`,
+computes ``G`` into :attr:`Scorer.grads`, runs the training pass between
+:meth:`begin_scoring` / :meth:`end_scoring`, reduces the ``[K, M, B]`` partials over its
+model-parallel groups and hands them to :meth:`finish_pass`. The user closes each step with
+:meth:`end_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from inrun_megatron.config import ScoringConfig
+from inrun_megatron.scores import StepRecords, StepScores, ValueAccumulator, make_step_records
+from inrun_megatron.sites import Site, SiteBuilder
+from inrun_megatron.validation import Batch, GradientStore, as_targets
+
+
+@dataclass
+class PendingStep:
+    raw: torch.Tensor  # [K, M, B] float64, fully reduced and scaled
+    sample_ids: torch.Tensor  # [M, B]
+    n_tokens: torch.Tensor  # [M, B]
+    validation_losses: dict[str, float]
+
+
+class Scorer:
+    """Base class of the framework adapters (see module docstring)."""
+
+    def __init__(self, validation: Sequence[Batch] | Mapping[str, Sequence[Batch]], config: ScoringConfig | None):
+        self.config = config or ScoringConfig()
+        self.targets = as_targets(validation)
+        self.scoring = False
+        self.step_scores: StepScores | None = None
+        self.step = 0
+        self.records: list[StepRecords] = []
+        self.accumulator = ValueAccumulator()
+        self.validation_losses: list[dict[str, float]] = []
+        self.sites: list[Site] = []
+        self.grads: GradientStore | None = None
+        self._pending: PendingStep | None = None
+        self._hooks: list = []
+        self._on_detach: list[Callable[[], None]] = []
+
+    # ----------------------------------------------------------------------------------
+    # adapter interface
+
+    def counts(self, param: torch.nn.Parameter) -> bool:
+        """Whether this rank counts ``param`` (False for a tensor-parallel duplicate)."""
+        return True
+
+    @property
+    def dp_rank(self) -> int:
+        return 0
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return None
+
+    # ----------------------------------------------------------------------------------
+    # attaching
+
+    def build_sites(self, roots: Iterable[tuple[str, torch.nn.Module]], builders: Mapping[type, SiteBuilder]) -> None:
+        """Build the sites of every root module and the gradient store of their parameters.
+
+        A module whose type has a builder becomes sites (its children are not visited); every
+        trainable parameter must end up in some site, else attaching fails naming its module.
+        """
+        claimed: set[int] = set()
+
+        def walk(module: torch.nn.Module, name: str) -> None:
+            builder = builders.get(type(module))
+            if builder is not None:
+                new = builder(self, name, module)
+                self.sites.extend(new)
+                claimed.update(id(p) for site in new for p in site.params)
+                claimed.update(id(p) for p in module.parameters())  # e.g. affine-free norms
+                return
+            for child_name, child in module.named_children():
+                walk(child, f"{name}.{child_name}" if name else child_name)
+
+        for prefix, root in roots:
+            walk(root, prefix)
+            for param_name, p in root.named_parameters():
+                if p.requires_grad and id(p) not in claimed:
+                    owner_name = param_name.rpartition(".")[0]
+                    owner = root.get_submodule(owner_name)
+                    where = ".".join(x for x in (prefix, owner_name) if x) or type(root).__name__
+                    raise NotImplementedError(
+                        f"module {where!r} ({type(owner).__module__}.{type(owner).__name__}) has trainable"
+                        f" parameter {param_name!r} that no inrun_megatron score rule covers. Supported layers:"
+                        f" {', '.join(sorted(t.__name__ for t in builders))}. Freeze it (requires_grad=False)"
+                        " or build the model from supported layers."
+                    )
+        params = {id(p): p for site in self.sites for p in site.params}
+        self.grads = GradientStore(params.values(), len(self.targets))
+
+    def add_hook(self, handle) -> None:
+        self._hooks.append(handle)
+
+    def on_detach(self, fn: Callable[[], None]) -> None:
+        self._on_detach.append(fn)
+
+    def detach(self) -> None:
+        """Remove every hook and patch; the model is as it was before attaching."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        while self._on_detach:
+            self._on_detach.pop()()
+
+    # ----------------------------------------------------------------------------------
+    # one step
+
+    def begin_scoring(self, n_microbatches: int, micro_batch_size: int) -> None:
+        if self._pending is not None:
+            raise RuntimeError("call end_step() after each scored step before starting the next one")
+        device = self.grads.params()[0].device
+        self.step_scores = StepScores(len(self.targets), n_microbatches, micro_batch_size, device)
+        self.scoring = True
+
+    def end_scoring(self, completed: bool) -> torch.Tensor:
+        """Stop scoring; return the local ``[K, M, B]`` partials (checked complete if ``completed``)."""
+        self.scoring = False
+        step, self.step_scores = self.step_scores, None
+        try:
+            if completed:
+                step.check_complete()
+        finally:
+            step.reset_sites()
+        return step.totals
+
+    def finish_pass(
+        self,
+        raw: torch.Tensor,
+        sample_ids: torch.Tensor,
+        n_tokens: torch.Tensor,
+        validation_losses: dict[str, float],
+    ) -> None:
+        """Accept a reduced step after checking its sample ids over the whole global batch."""
+        self._check_sample_ids(sample_ids)
+        self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses)
+
+    def _check_sample_ids(self, ids: torch.Tensor) -> None:
+        group = self.dp_group
+        size = dist.get_world_size(group) if dist.is_initialized() else 1
+        everyone = [torch.empty_like(ids) for _ in range(size)]
+        if size > 1:
+            dist.all_gather(everyone, ids, group=group)
+        else:
+            everyone = [ids]
+        all_ids = torch.stack(everyone)
+        if (all_ids < 0).any():
+            rank, mb, pos = (all_ids < 0).nonzero()[0].tolist()
+            raise ValueError(
+                f"step {self.step}: no sample id for microbatch {mb}, position {pos} on data-parallel rank {rank};"
+                " every training batch needs a 'sample_ids' tensor [micro_batch_size] of global sample ids"
+                " (the dataset index of each sequence). No score of this step was recorded."
+            )
+        unique, counts = torch.unique(all_ids, return_counts=True)
+        if (counts > 1).any():
+            dupes = unique[counts > 1][:10].tolist()
+            raise ValueError(
+                f"step {self.step}: sample ids {dupes} occur more than once in the global batch; sample ids must"
+                " identify sequences uniquely within a step. No score of this step was recorded."
+            )
+
+    def end_step(self, *, lr: float, clip_coef: float = 1.0, skipped: bool = False) -> StepRecords:
+        """Close the step: record ``lr``, the clipping coefficient and whether the update was skipped."""
+        if self._pending is None:
+            raise RuntimeError("end_step() needs a scored forward/backward in the same step")
+        pending, self._pending = self._pending, None
+        records = make_step_records(
+            step=self.step,
+            targets=[t.name for t in self.targets],
+            raw=pending.raw,
+            sample_ids=pending.sample_ids,
+            n_tokens=pending.n_tokens,
+            lr=lr,
+            clip_coef=clip_coef,
+            skipped=skipped,
+            dp_rank=self.dp_rank,
+        )
+        if self.config.keep_records:
+            self.records.append(records)
+        self.accumulator.add(records)
+        self.validation_losses.append(pending.validation_losses)
+        self.step += 1
+        return records
+
+    def values(self, target: str | None = None) -> dict[int, float]:
+        """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples."""
+        return self.accumulator.values(target or self.targets[0].name)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue the same records: the step and accumulated values."""
+        return {"step": self.step, "accumulator": self.accumulator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.accumulator.load_state_dict(state["accumulator"])
