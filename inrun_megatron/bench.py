@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import threading
 import time
@@ -70,9 +71,10 @@ def _init_single_process() -> torch.device:
 
         cpu_shims.install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+        with socket.socket() as s:  # a free loopback port: several benchmarks may run at once
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     from megatron.core import tensor_parallel
 
