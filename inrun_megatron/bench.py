@@ -63,13 +63,13 @@ class _PeakMemory:
 
 
 def _init_single_process() -> torch.device:
-    from megatron.core import parallel_state
-
     cuda = torch.cuda.is_available()
     if not cuda:
         from inrun_megatron.megatron import cpu_shims
 
         cpu_shims.install()
+    from megatron.core import parallel_state
+
     if not dist.is_initialized():
         with socket.socket() as s:  # a free loopback port: several benchmarks may run at once
             s.bind(("127.0.0.1", 0))

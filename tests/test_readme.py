@@ -14,10 +14,10 @@ from common import free_port
 pytestmark = pytest.mark.megatron
 
 SETUP = """
-import torch, torch.distributed as dist
-from megatron.core import parallel_state
 from inrun_megatron.megatron import cpu_shims
 cpu_shims.install()
+import torch, torch.distributed as dist
+from megatron.core import parallel_state
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 parallel_state.initialize_model_parallel(1, 1)
 cpu_shims.seed(0)
