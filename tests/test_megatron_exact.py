@@ -67,7 +67,7 @@ def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
 def test_efficiency_and_sgd_identities(megatron_world, case):
     shape = _shape(case, torch.float64)
     result = run_case(shape, n_micro=3, mbs=2, steps=3, lr=0.5, seed=11)
-    for total, batch_dot in result["efficiency"]:
+    for total, batch_dot, _ in result["efficiency"]:
         assert total == pytest.approx(batch_dot, rel=1e-9, abs=1e-12)
     for total_value, weight_change in result["sgd"]:
         assert total_value == pytest.approx(weight_change, rel=1e-9, abs=1e-12)

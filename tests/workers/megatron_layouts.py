@@ -1,4 +1,9 @@
-"""Worker: score a list of cases at the tensor-parallel size of the world (torchrun)."""
+"""Worker: run cases at several parallel layouts in one launch (torchrun, gloo).
+
+Argument: JSON list of ``{"layout": {"tp": .., "pp": .., "vpp": ..}, "shape": .., **run_case
+options}``. Model parallelism is re-initialised between layouts (DP is what the world leaves).
+Each case runs scored and unscored; the result says whether scoring changed the training run.
+"""
 
 from __future__ import annotations
 
@@ -21,19 +26,21 @@ from common import run_case, shape_from_json  # noqa: E402
 def main() -> None:
     out_dir, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     dist.init_process_group("gloo")
-    tp = dist.get_world_size()
-    parallel_state.initialize_model_parallel(tp, 1)
-    rank = parallel_state.get_tensor_model_parallel_rank()
     results = []
     for case in cases:
+        layout = case.pop("layout")
+        parallel_state.initialize_model_parallel(layout.get("tp", 1), layout.get("pp", 1), layout.get("vpp"))
         shape = shape_from_json(case.pop("shape"))
-        scored = run_case(shape, tp_rank=rank, tp_size=tp, **case)
-        plain = run_case(shape, tp_rank=rank, tp_size=tp, scored=False, **case)
-        scored["bit_identical_to_unscored"] = plain["losses"] == scored["losses"] and all(
+        scored = run_case(shape, **case)
+        plain = run_case(shape, scored=False, **case)
+        scored["unchanged_by_scoring"] = plain["losses"] == scored["losses"] and all(
             torch.equal(w, scored["weights"][n]) for n, w in plain["weights"].items()
         )
+        scored["dp_rank"] = parallel_state.get_data_parallel_rank()
+        scored["plain_dp_traffic"] = plain["dp_traffic"]
         del scored["weights"]
         results.append(scored)
+        parallel_state.destroy_model_parallel()
     torch.save(results, out_dir / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
