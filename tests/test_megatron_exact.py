@@ -88,3 +88,41 @@ def test_scoring_changes_no_loss_gradient_or_weight(megatron_world, case):
     assert plain["losses"] == scored["losses"]
     for name, w in plain["weights"].items():
         assert torch.equal(w, scored["weights"][name]), name
+
+
+def test_several_targets_are_scored_separately(megatron_world):
+    """Each named validation set gets its own G and scores, equal to a run scored on it alone."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from inrun_megatron.megatron import MegatronScorer
+    from inrun_megatron.megatron.model import build_gpt
+
+    shape = _shape("layernorm-gelu-bias-untied", torch.float64)
+    model = build_gpt(shape)
+    load_canonical_weights(model, seed=4)
+    train = make_data(shape, 2, 2, seed=8)
+    targets = {"web": make_data(shape, 1, 2, seed=9), "code": make_data(shape, 2, 1, seed=10)}
+
+    def scores(validation):
+        scorer = MegatronScorer(model, validation)
+        scorer.forward_backward(
+            get_forward_backward_func(),
+            forward_step_func=forward_step,
+            data_iterator=iter(train),
+            model=model,
+            num_microbatches=2,
+            seq_length=shape.seq_length,
+            micro_batch_size=2,
+        )
+        c = scorer.end_step(lr=1.0).columns
+        scorer.detach()
+        for p in model.parameters():
+            p.grad = None
+        return {(t, s): r for t, s, r in zip(c["target"], c["sample_id"].tolist(), c["raw"].tolist())}
+
+    both = scores(targets)
+    alone = {**scores({"web": targets["web"]}), **scores({"code": targets["code"]})}
+    assert sorted(both) == sorted(alone) and len(both) == 8
+    for key, value in alone.items():
+        assert both[key] == pytest.approx(value, rel=1e-12, abs=1e-15)
+    assert both[("web", 0)] != pytest.approx(both[("code", 0)], rel=1e-3)
