@@ -39,10 +39,12 @@ CASES = {
 UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
-def efficiency_error(efficiency: tuple[float, float, float], tol: float, precision: str | None = None) -> float:
+def efficiency_error(
+    efficiency: tuple[float, float, float], *, tol: float | None = None, precision: str | None = None
+) -> float:
     """``|sum raw - <g, G>|`` in units of what the arithmetic allows (<= 1 passes).
 
-    In fp32/fp64 ``tol * |<g, G>|``. In bf16/fp16 the optimizer's gradient ``g`` is a sum of
+    In fp32/fp64 (``precision`` None) ``tol * |<g, G>|``. In bf16/fp16 the optimizer's gradient ``g`` is a sum of
     gradients rounded to the compute dtype while the scores are exact products of the same
     activations, so the two sides may differ by rounding ``g``: ``u * sum |g_i G_i|``.
     """

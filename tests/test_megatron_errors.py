@@ -92,6 +92,32 @@ def test_unsupported_module_is_named_at_attach(gpt):
     assert _no_hooks_left(model)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"num_moe_experts": 4}, "mixture-of-experts"),
+        ({"mtp_num_layers": 1}, "multi-token prediction"),
+        ({"calculate_per_token_loss": True}, "calculate_per_token_loss"),
+        ({"fp8": "hybrid"}, "fp8"),
+    ],
+)
+def test_unsupported_training_setup_is_refused_at_attach(gpt, setting, message):
+    """Setups whose scores would be wrong are named when attaching (read from the model's config)."""
+    from inrun_megatron.megatron import MegatronScorer
+
+    shape, model = gpt
+    saved = {name: getattr(model.config, name) for name in setting}
+    for name, value in setting.items():
+        setattr(model.config, name, value)
+    try:
+        with pytest.raises(NotImplementedError, match=f"does not support {message}"):
+            MegatronScorer(model, make_data(shape, 1, 2, seed=3))
+    finally:
+        for name, value in saved.items():
+            setattr(model.config, name, value)
+    assert _no_hooks_left(model)
+
+
 def test_untested_megatron_version_is_refused():
     from inrun_megatron.megatron import check_megatron_version
 
