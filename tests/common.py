@@ -170,6 +170,33 @@ def forward_step(data_iterator, model):
     return token_losses(model, batch), functools.partial(masked_token_loss, batch["loss_mask"])
 
 
+def scored_forward_backward(scorer, model: torch.nn.Module, shape: GPTShape, train: list[dict]) -> list:
+    """``scorer.forward_backward`` over ``train`` for a single-process model."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return scorer.forward_backward(
+        get_forward_backward_func(),
+        forward_step_func=forward_step,
+        data_iterator=iter(train),
+        model=model,
+        num_microbatches=len(train),
+        seq_length=shape.seq_length,
+        micro_batch_size=int(train[0]["tokens"].shape[0]),
+    )
+
+
+def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], validation) -> tuple:
+    """One scored forward/backward of a single-process model (no optimizer step), closed with
+    ``lr=1``; returns the detached scorer (its ``grads`` hold ``G``) and the step's records."""
+    from inrun_megatron.megatron import MegatronScorer
+
+    scorer = MegatronScorer(model, validation)
+    scored_forward_backward(scorer, model, shape, train)
+    records = scorer.end_step(lr=1.0)
+    scorer.detach()
+    return scorer, records
+
+
 def model_dot(chunks: list[torch.nn.Module], a: dict, b: dict) -> tuple[float, float]:
     """``(<a, b>, sum |a_i b_i|)`` over every parameter of the model, each counted once:
     tensor-parallel duplicates on one TP rank, the last stage's copy of a tied embedding not at

@@ -24,10 +24,10 @@ from common import (
     CASES,
     UNIT_ROUNDOFF,
     efficiency_error,
-    forward_step,
     load_canonical_weights,
     make_data,
     run_case,
+    score_one_step,
     token_losses,
 )
 
@@ -52,10 +52,8 @@ def _max_relative_error(ours: dict[int, float], reference: dict[int, float]) -> 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_half_precision_scores_match_brute_force(megatron_world, case, precision):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
-    from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import build_gpt
 
     shape = _shape(case, precision)
@@ -64,19 +62,8 @@ def test_half_precision_scores_match_brute_force(megatron_world, case, precision
     model = Float16Module(gpt.config, gpt)
     train = make_data(shape, 2, 3, seed=5)
     validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
-    scorer = MegatronScorer(model, validation)
-    scorer.forward_backward(
-        get_forward_backward_func(),
-        forward_step_func=forward_step,
-        data_iterator=iter(train),
-        model=model,
-        num_microbatches=2,
-        seq_length=shape.seq_length,
-        micro_batch_size=3,
-    )
-    records = scorer.end_step(lr=1.0)
+    scorer, records = score_one_step(model, shape, train, validation)
     ours = dict(zip(records.columns["sample_id"].tolist(), records.columns["raw"].tolist()))
-    scorer.detach()
     g_val = {name: scorer.grads[p][0] for name, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = None
