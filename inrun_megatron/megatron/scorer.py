@@ -120,7 +120,7 @@ class MegatronScorer(Scorer):
     # attach-time checks and site construction
 
     def _refuse_unsupported(self) -> None:
-        """Refuse, before any work, the setups whose scores would be wrong (each names its fix)."""
+        """Refuse, before any work, the setups whose scores would be wrong, naming the setup."""
         config = get_model_config(self.chunks[0])
         refused = {
             "context parallelism": parallel_state.get_context_parallel_world_size() > 1,
