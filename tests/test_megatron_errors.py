@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import forward_step, load_canonical_weights, make_data
+from common import forward_step, load_canonical_weights, make_data, scored_forward_backward
 
 pytestmark = pytest.mark.megatron
 
@@ -18,20 +18,6 @@ def gpt(megatron_world):
     model = build_gpt(shape)
     load_canonical_weights(model, seed=1)
     return shape, model
-
-
-def _step(scorer, model, shape, data):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    return scorer.forward_backward(
-        get_forward_backward_func(),
-        forward_step_func=forward_step,
-        data_iterator=iter(data),
-        model=model,
-        num_microbatches=len(data),
-        seq_length=shape.seq_length,
-        micro_batch_size=data[0]["tokens"].shape[0],
-    )
 
 
 def _no_hooks_left(model: torch.nn.Module) -> bool:
@@ -92,6 +78,32 @@ def test_unsupported_module_is_named_at_attach(gpt):
     assert _no_hooks_left(model)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"num_moe_experts": 4}, "mixture-of-experts"),
+        ({"mtp_num_layers": 1}, "multi-token prediction"),
+        ({"calculate_per_token_loss": True}, "calculate_per_token_loss"),
+        ({"fp8": "hybrid"}, "fp8"),
+    ],
+)
+def test_unsupported_training_setup_is_refused_at_attach(gpt, setting, message):
+    """Setups whose scores would be wrong are named when attaching (read from the model's config)."""
+    from inrun_megatron.megatron import MegatronScorer
+
+    shape, model = gpt
+    saved = {name: getattr(model.config, name) for name in setting}
+    for name, value in setting.items():
+        setattr(model.config, name, value)
+    try:
+        with pytest.raises(NotImplementedError, match=f"does not support {message}"):
+            MegatronScorer(model, make_data(shape, 1, 2, seed=3))
+    finally:
+        for name, value in saved.items():
+            setattr(model.config, name, value)
+    assert _no_hooks_left(model)
+
+
 def test_untested_megatron_version_is_refused():
     from inrun_megatron.megatron import check_megatron_version
 
@@ -122,13 +134,13 @@ def test_bad_sample_ids_record_nothing_and_the_next_step_works(gpt, problem):
         message = r"sample ids \[0, 1\] occur more than once"
     weights_before, _ = _state(model)
     with pytest.raises(ValueError, match=message):
-        _step(scorer, model, shape, data)
+        scored_forward_backward(scorer, model, shape, data)
     assert scorer.records == [] and scorer.step == 0 and scorer.values() == {}
     weights_after, _ = _state(model)
     assert all(torch.equal(weights_before[n], weights_after[n]) for n in weights_before)
     for p in model.parameters():
         p.grad = None
-    _step(scorer, model, shape, make_data(shape, 2, 2, seed=6))
+    scored_forward_backward(scorer, model, shape, make_data(shape, 2, 2, seed=6))
     assert len(scorer.end_step(lr=0.1)) == 4
     scorer.detach()
 
