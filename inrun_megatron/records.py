@@ -6,8 +6,9 @@ Layout of a run directory (the manifest is the contract; ``SCHEMA_VERSION`` vers
     RUN/scores/dp00003/part-s00000010-s00000019.parquet   one row per (step, sample, target)
     RUN/steps/part-s00000010-s00000019.parquet            one row per (step, target), DP replica 0
 
-Every part is written to ``<name>.tmp`` and atomically renamed, so a reader never sees a
-half-written file: ``*.tmp`` files are debris of a crash and are ignored (and removed when a
+Every part is written to ``.<name>.tmp`` and atomically renamed, so a reader never sees a
+half-written file: hidden ``.*.tmp`` files are debris of a crash, skipped by pyarrow/pandas/polars
+directory readers and ``*.parquet`` globs alike (and removed when a
 writer reopens the stream). A part covers the contiguous steps in its name. Reopening a stream
 with ``resume_step=k`` drops every row of steps > k (a run resumed from the checkpoint of step k
 redoes those steps), so no step is ever counted twice.
@@ -79,8 +80,13 @@ def part_steps(path: Path) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (hidden: readers skip it)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -89,7 +95,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     pq.write_table(table, tmp, compression="zstd")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -157,7 +163,7 @@ class _PartStream:
     def __init__(self, directory: Path, schema: pa.Schema, run_id: str, resume_step: int | None):
         self.directory, self.schema, self.run_id = directory, schema, run_id
         directory.mkdir(parents=True, exist_ok=True)
-        for debris in directory.glob("*.tmp"):
+        for debris in directory.glob(".*.tmp"):
             debris.unlink()
         if resume_step is not None:
             self.truncate_after(resume_step)
@@ -168,6 +174,8 @@ class _PartStream:
             )
         self.pending: list[pa.Table] = []
         self.steps: list[int] = []
+        # rows durably in the stream (kept by a resume included)
+        self.rows_written = sum(pq.ParquetFile(p).metadata.num_rows for p in directory.iterdir() if part_steps(p))
 
     def truncate_after(self, step: int) -> None:
         for path in sorted(self.directory.iterdir()):
@@ -200,6 +208,7 @@ class _PartStream:
             return
         table = pa.concat_tables(self.pending)
         _atomic_write_table(self.directory / part_name(self.steps[0], self.steps[-1]), self._with_meta(table))
+        self.rows_written += table.num_rows
         self.pending, self.steps = [], []
 
 
@@ -244,6 +253,11 @@ class ScoreWriter:
 
     def close(self) -> None:
         self.flush()
+
+    @property
+    def rows_written(self) -> int:
+        """Score rows durably in this replica's stream (flushed parts, a resumed run's kept ones included)."""
+        return self.scores.rows_written
 
 
 def step_table(info: StepInfo) -> pa.Table:

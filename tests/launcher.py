@@ -12,19 +12,24 @@ import torch
 TESTS = Path(__file__).resolve().parent
 
 
+def torchrun(
+    script: Path, nproc: int, *args: str, timeout: int = 900, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nproc`` gloo ranks (loopback only); return the finished process."""
+    full_env = dict(os.environ)
+    full_env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", **(env or {}))
+    paths = [full_env.get("PYTHONPATH"), str(TESTS), str(TESTS.parent)]
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    return subprocess.run([*cmd, *args], env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
 def launch(worker: str, nproc: int, out_dir: Path, *args: str, timeout: int = 900) -> list:
     """Run ``tests/workers/<worker>`` on ``nproc`` ranks; return each rank's ``torch.save``d result.
 
     Workers get ``out_dir`` as first argument and save ``out_dir/rank<r>.pt``.
     """
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH"), str(TESTS), str(TESTS.parent)] if p)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(TESTS / "workers" / worker), str(out_dir), *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = torchrun(TESTS / "workers" / worker, nproc, str(out_dir), *args, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{worker} failed with exit code {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-12000:]}"

@@ -166,6 +166,7 @@ def install() -> None:
     _patch_embedding_setup()
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing's writer syncs before saving
     from megatron.core.pipeline_parallel import schedules
 
     for name in (

@@ -1,0 +1,186 @@
+"""The pretraining entry point end to end (torchrun, gloo, several processes): a scored run's dumps,
+manifest and sample map; SIGKILLs at random points and resumes that end with exactly the values
+of the uninterrupted run; bad inputs that stop every rank before training starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from pretrain_common import accumulate_from_rows, prepare_data, read_rows, run_pretrain, tiny_config
+
+from launcher import launch
+
+pytestmark = [pytest.mark.megatron, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("pretrain"))
+
+
+def _ok(proc) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    return proc.stdout
+
+
+def _check_dump_consistency(run_dir, steps: int, global_batch: int, targets: list[str]) -> None:
+    """Every sample of every step appears exactly once per target; the accumulated values the
+    scorer carried (values/) equal the dump's rows summed in step order, bit for bit."""
+    rows = read_rows(run_dir)
+    assert rows.num_rows == steps * global_batch * len(targets)
+    for target in targets:
+        ids = np.sort(rows.filter(ds.field("target") == target)["sample_id"].to_numpy())
+        np.testing.assert_array_equal(ids, np.arange(steps * global_batch))
+    values = read_rows(run_dir, "values")
+    carried = dict(zip(zip(values["target"].to_pylist(), values["sample_id"].to_pylist()), values["value"].to_pylist()))
+    assert carried == accumulate_from_rows(rows)
+
+
+def test_scored_run_end_to_end(data_dir, tmp_path):
+    """TP=2 x PP=2 with a locally trained BPE, a held-out and a JSONL target, TensorBoard on."""
+    from inrun_megatron.data import open_sample_index, train_bpe
+    from inrun_megatron.data.indexed import preprocess, read_documents
+
+    corpus = data_dir.parent / "corpus.jsonl"
+    bpe = train_bpe((d.text for d in read_documents(corpus)), 320, tmp_path / "bpe" / "tokenizer.json")
+    preprocess([corpus], tmp_path / "bpe", bpe)
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("beta mu", "alpha kappa")))
+    config = tiny_config(
+        tmp_path / "bpe",
+        tmp_path / "run",
+        parallel={"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
+        training={"train_iters": 6, "global_batch_size": 8, "micro_batch_size": 2},
+        logging={"log_interval": 2, "tensorboard": True},
+        checkpoint={"save_interval": None},
+    )
+    config["data"]["tokenizer"] = {"type": "json", "path": str(tmp_path / "bpe" / "tokenizer.json")}
+    config["validation"]["targets"].append({"name": "mine", "jsonl": str(tmp_path / "mine.jsonl")})
+    out = _ok(run_pretrain(config, 4))
+    run = tmp_path / "run"
+
+    progress = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(progress) == 3 and "val heldout-a" in progress[-1] and "mine" in progress[-1]
+    assert "rows 96" in progress[-1]  # 6 steps x 8 sequences x 2 targets, all flushed
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "positive = the sample lowered the validation loss" in manifest["contract"]["sign"]
+    assert manifest["parallel_layout"]["pipeline_model_parallel_size"] == 2
+    assert manifest["versions"]["megatron_core"] and manifest["config"]["training"]["train_iters"] == 6
+    assert [t["name"] for t in manifest["validation_targets"]] == ["heldout-a", "mine"]
+    assert manifest["validation_targets"][1]["sequences"] == 2
+    _check_dump_consistency(run, 6, 8, ["heldout-a", "mine"])
+    steps = read_rows(run, "steps")
+    assert steps.num_rows == 12 and all(v > 0 for v in steps["validation_loss"].to_pylist())
+    rows = read_rows(run)
+    assert np.isfinite(rows["raw"].to_numpy()).all() and (rows["n_tokens"].to_numpy() == 32).all()
+
+    index = open_sample_index(run)  # the run directory alone maps ids back to text
+    table = index.lookup(np.arange(48))
+    assert set(table["source"].to_pylist()) == {"a", "b", "c"}
+    assert index.tokenizer.fingerprint == bpe.fingerprint and index.tokenizer.path.parent == run
+    assert index.text(5, max_chars=10_000) == bpe.detokenize(index.token_ids(5))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "validation/mine/loss", "scores/heldout-a/sum", "scores/mine/positive_fraction"} <= set(tags)
+    sums = [e.value for e in events.Scalars("scores/heldout-a/sum")]
+    per_step = rows.filter(ds.field("target") == "heldout-a")
+    expected = [
+        float(np.sum(per_step.filter(ds.field("step") == s)["value"].to_numpy(), dtype=np.float64)) for s in range(6)
+    ]
+    np.testing.assert_allclose(sums, expected, rtol=1e-5)  # TensorBoard stores float32
+
+
+def _kill_plan(rng: random.Random, steps: int, save_every: int) -> list[str]:
+    """Three kills at random points, each after the previous one's resume point: during a step
+    (after rows of steps past the last checkpoint were flushed), halfway through a flush, and
+    between writing a checkpoint and committing it."""
+    step_kill = rng.randrange(save_every + 2, 2 * save_every)  # resumes from the first checkpoint
+    resume = save_every
+    flush_kill = rng.randrange(resume + 1, steps - save_every, 2)  # flush_every=2: parts end on odd steps
+    resume = flush_kill // save_every * save_every  # the checkpoint after that step is not written yet
+    checkpoint_kill = rng.choice(range(resume + save_every, steps + 1, save_every))
+    return [f"step:{step_kill}", f"flush:{flush_kill}", f"checkpoint:{checkpoint_kill}"]
+
+
+def test_killed_runs_resume_to_the_same_values(data_dir, tmp_path):
+    seed = int(os.environ.get("INRUN_FAULT_SEED", "2026"))
+    steps, save_every = 24, 8
+    sections = dict(
+        training={"train_iters": steps}, scoring={"flush_every": 2}, checkpoint={"save_interval": save_every}
+    )
+    _ok(run_pretrain(tiny_config(data_dir, tmp_path / "reference", **sections), 4))
+    config = tiny_config(data_dir, tmp_path / "faulty", **sections)
+    run = tmp_path / "faulty"
+    plan = _kill_plan(random.Random(seed), steps, save_every)
+    where = f"kill plan {plan} (INRUN_FAULT_SEED={seed})"
+    for kill in plan:
+        proc = run_pretrain(config, 4, kill=kill)
+        point, _, at = kill.partition(":")
+        assert proc.returncode != 0 and f"KILLED {point} {at}" in proc.stdout, f"{where}: {proc.stderr[-3000:]}"
+        latest = int((run / "checkpoints" / "latest").read_text())
+        parts = [p for p in (run / "scores").rglob("part-*.parquet")]
+        if point == "step":  # rows of steps after the checkpoint were on disk when it died
+            assert max(int(p.name.split("-s")[2][:8]) for p in parts) >= latest, where
+        if point == "flush":  # a torn part is left; readers skip it
+            torn = list((run / "scores").rglob(".part-*.parquet.tmp"))
+            assert torn, where
+            with pytest.raises(Exception, match=r"(?i)parquet"):
+                pq.read_table(torn[0])
+            assert ds.dataset(run / "scores", format="parquet").to_table().num_rows > 0
+        if point == "checkpoint":  # written but never committed: latest still names the previous one
+            assert latest < int(at) and (run / "checkpoints" / f"iter_{int(at):07d}").is_dir(), where
+    out = _ok(run_pretrain(config, 4))
+    assert "resumed at step" in out
+
+    _check_dump_consistency(run, steps, 8, ["heldout-a"])
+    for stream in ("scores", "steps", "values"):
+        ours, reference = read_rows(run, stream).to_pylist(), read_rows(tmp_path / "reference", stream).to_pylist()
+        assert len(ours) == len(reference), f"{where}: {stream}"
+        for a, b in zip(ours, reference):
+            same = {k: a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k])) for k in a}
+            assert all(same.values()), f"{where}: {stream} row {a} != {b}"
+    resumed = json.loads((run / "manifest.json").read_text())["resumed_from"]
+    assert len(resumed) == 3, resumed
+
+
+def test_bad_inputs_stop_every_rank_before_training(data_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": "alpha " * 40}) + "\n")
+    run = tmp_path / "run"
+    config = tiny_config(data_dir, run, parallel={"tensor_model_parallel_size": 1})
+    config_path = tmp_path / "bad.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    cases = {
+        "missing data": ([f"data.sources.1.prefix={data_dir / 'nope'}"], f"{data_dir / 'nope'}.bin does not exist"),
+        "validation too long": (
+            [f"validation.targets=[{{name: long, jsonl: {tmp_path / 'long.jsonl'}}}]"],
+            "long.jsonl:1 has 240 tokens (plus the end-of-document token) but the sequence length is 32",
+        ),
+        "unwritable output": (
+            [f"output.run_dir={blocker / 'run'}"],
+            f"output.run_dir {blocker / 'run'} is not writable",
+        ),
+        "held-out too small": (["validation.targets.0.sequences=100000"], "its held-out split holds"),
+        "other tokenizer": (
+            [f"data.tokenizer={{type: json, path: {tmp_path / 'none.json'}}}"],
+            f"tokenizer file {tmp_path / 'none.json'} does not exist",
+        ),
+    }
+    ranks = launch("pretrain_bad_inputs.py", 2, tmp_path, str(config_path), json.dumps([o for o, _ in cases.values()]))
+    for i, (name, (_, message)) in enumerate(cases.items()):
+        assert [r[i]["code"] for r in ranks] == [2, 2], name
+        assert message in ranks[0][i]["stderr"], f"{name}: {ranks[0][i]['stderr']}"
+        assert message not in ranks[1][i]["stderr"], name  # printed once, by rank 0
+    assert not (run / "scores").exists() and not (run / "checkpoints").exists()

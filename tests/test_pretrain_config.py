@@ -1,0 +1,101 @@
+"""Run configs: the shipped ones load and fit their layouts; bad keys, values and layouts are
+refused by name before anything starts (the entry point exits with the message)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inrun_megatron.pretrain.config import ConfigError, check_layout, load_run_config, unresumable_changes
+from inrun_megatron.pretrain.train import main, padded_vocab_size, parameter_count
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# config, world size it is planned for, parameters (millions) with a GPT-2-sized tokenizer
+SHIPPED = [("demo-cpu", 4, None), ("gpt-125m", 8, 125), ("gpt-1.3b", 16, 1300), ("gpt-7b", 64, 7000)]
+
+
+@pytest.mark.parametrize(("name", "world", "millions"), SHIPPED)
+def test_shipped_configs_fit_their_layout(name, world, millions):
+    config = load_run_config(CONFIGS / f"{name}.yaml")
+    layout = check_layout(config, world)
+    assert layout.dp * layout.tp * layout.pp == world
+    if millions:
+        vocab = padded_vocab_size(50257, config.model.make_vocab_size_divisible_by, layout.tp)
+        assert parameter_count(config, vocab) == pytest.approx(millions * 1e6, rel=0.05)
+
+
+def _raw() -> dict:
+    return yaml.safe_load((CONFIGS / "demo-cpu.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.hiden_size=64"], "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
+        (["optimiser.lr=0.1"], "optimiser: unknown key; did you mean 'optimizer'?"),
+        (["training.train_iters=ten"], "training.train_iters: expected int, got 'ten'"),
+        (["data.sources.1.wieght=2"], "data.sources.1.wieght: unknown key; did you mean 'weight'?"),
+        (["data.sources.5.weight=2"], "data.sources.5 is not an item of a 3-item list"),
+        (["model.normalization=BatchNorm"], "model.normalization: 'BatchNorm' is not one of"),
+        (["parallel.tensor_model_parallel_size=8"], "must divide model.num_attention_heads (4)"),
+        (["parallel.tensor_model_parallel_size=3"], "must divide model.num_attention_heads (4)"),
+        (["validation.targets.0.source=wiki"], "validation.targets.0.source: 'wiki' is not one of data.sources"),
+        (["data.split=100,0,0"], "needs a validation part in data.split"),
+        (["optimizer.lr_warmup_iters=500"], "must be smaller than the decay length"),
+        (["scoring.flush_every=0"], "scoring.flush_every: must be positive"),
+        (["training.micro_batch_size"], "expected key=value"),
+    ],
+)
+def test_bad_configs_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_run_config(None, overrides, raw=_raw())
+    assert message in str(error.value)
+
+
+def test_overrides_reach_nested_keys_and_list_items():
+    overrides = ["data.sources.2.weight=0.5", "training.train_iters=70", "validation.targets=[]", "scoring.enabled=0"]
+    with pytest.raises(ConfigError, match=r"scoring\.enabled: expected bool, got 0"):
+        load_run_config(None, overrides, raw=_raw())
+    config = load_run_config(None, [*overrides[:3], "scoring.enabled=false"], raw=_raw())
+    assert config.data.sources[2].weight == 0.5 and config.training.train_iters == 70
+    assert config.validation.targets == [] and not config.scoring.enabled
+
+
+@pytest.mark.parametrize(
+    ("world", "message"),
+    [
+        (3, "world size (3 processes) is not divisible by tensor x pipeline parallel size (2 x 2 = 4)"),
+        (12, "global_batch_size (16) must be divisible by micro_batch_size x data-parallel size (4 x 3)"),
+    ],
+)
+def test_impossible_layouts(world, message):
+    with pytest.raises(ConfigError) as error:
+        check_layout(load_run_config(CONFIGS / "demo-cpu.yaml"), world)
+    assert message in str(error.value)
+
+
+def test_entry_point_stops_before_starting(monkeypatch, capsys):
+    """Config and layout errors stop every rank at once, before any process group exists."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(CONFIGS / "demo-cpu.yaml")])
+    assert stop.value.code == 2
+    assert "world size (3 processes) is not divisible" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(CONFIGS / "demo-cpu.yaml"), "model.num_attention_heads=3"])
+    assert "must be divisible by model.num_attention_heads (3)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    main(["--config", str(CONFIGS / "gpt-7b.yaml"), "--check", "--world-size", "64"])
+    assert '"dp": 8' in capsys.readouterr().out
+
+
+def test_resume_allows_only_harmless_changes():
+    old = load_run_config(CONFIGS / "demo-cpu.yaml").to_dict()
+    longer = load_run_config(CONFIGS / "demo-cpu.yaml", ["training.train_iters=400", "logging.log_interval=5"])
+    assert unresumable_changes(old, longer.to_dict()) == []
+    other = load_run_config(CONFIGS / "demo-cpu.yaml", ["optimizer.lr=0.1", "data.sources.0.weight=3"])
+    assert unresumable_changes(old, other.to_dict()) == ["data.sources", "optimizer.lr"]
