@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
+from common import free_port
 from launcher import TESTS, torchrun
 
 REPO = TESTS.parent
@@ -94,3 +98,28 @@ def accumulate_from_rows(rows: pa.Table) -> dict[tuple[str, int], float]:
             key = (targets[i], ids[i])
             totals[key] = totals.get(key, 0.0) + values[i]
     return totals
+
+
+def srun_like(script: Path, ntasks: int, *args: str, timeout: int = 900) -> list[subprocess.CompletedProcess]:
+    """Start ``ntasks`` processes the way ``srun`` does (``SLURM_PROCID``/``SLURM_NTASKS``/
+    ``SLURM_LOCALID``, ``MASTER_ADDR``/``MASTER_PORT`` from the batch script); wait for all."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    env["MASTER_PORT"] = str(free_port())
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH"), str(TESTS), str(REPO)] if p)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env=dict(env, SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(ntasks)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results

@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
-from pretrain_common import accumulate_from_rows, prepare_data, read_rows, run_pretrain, tiny_config
 
-from launcher import launch
+from launcher import TESTS
+from pretrain_common import accumulate_from_rows, prepare_data, read_rows, run_pretrain, srun_like, tiny_config
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
@@ -45,7 +46,7 @@ def _check_dump_consistency(run_dir, steps: int, global_batch: int, targets: lis
 
 
 def test_scored_run_end_to_end(data_dir, tmp_path):
-    """TP=2 x PP=2 with a locally trained BPE, a held-out and a JSONL target, TensorBoard on."""
+    """TP=2 x PP=2 in bf16 with a locally trained BPE, a held-out and a JSONL target, TensorBoard on."""
     from inrun_megatron.data import open_sample_index, train_bpe
     from inrun_megatron.data.indexed import preprocess, read_documents
 
@@ -56,6 +57,7 @@ def test_scored_run_end_to_end(data_dir, tmp_path):
     config = tiny_config(
         tmp_path / "bpe",
         tmp_path / "run",
+        model={"precision": "bf16"},
         parallel={"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
         training={"train_iters": 6, "global_batch_size": 8, "micro_batch_size": 2},
         logging={"log_interval": 2, "tensorboard": True},
@@ -155,6 +157,7 @@ def test_killed_runs_resume_to_the_same_values(data_dir, tmp_path):
 
 
 def test_bad_inputs_stop_every_rank_before_training(data_dir, tmp_path):
+    """Started the way srun starts tasks; every case stops both ranks with one message."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     (tmp_path / "long.jsonl").write_text(json.dumps({"text": "alpha " * 40}) + "\n")
@@ -178,7 +181,10 @@ def test_bad_inputs_stop_every_rank_before_training(data_dir, tmp_path):
             f"tokenizer file {tmp_path / 'none.json'} does not exist",
         ),
     }
-    ranks = launch("pretrain_bad_inputs.py", 2, tmp_path, str(config_path), json.dumps([o for o, _ in cases.values()]))
+    worker = TESTS / "workers" / "pretrain_bad_inputs.py"
+    procs = srun_like(worker, 2, str(tmp_path), str(config_path), json.dumps([o for o, _ in cases.values()]))
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-4000:] + procs[1].stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for i, (name, (_, message)) in enumerate(cases.items()):
         assert [r[i]["code"] for r in ranks] == [2, 2], name
         assert message in ranks[0][i]["stderr"], f"{name}: {ranks[0][i]['stderr']}"

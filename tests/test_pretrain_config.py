@@ -3,6 +3,7 @@ refused by name before anything starts (the entry point exits with the message).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,25 @@ def test_resume_allows_only_harmless_changes():
     assert unresumable_changes(old, longer.to_dict()) == []
     other = load_run_config(CONFIGS / "demo-cpu.yaml", ["optimizer.lr=0.1", "data.sources.0.weight=3"])
     assert unresumable_changes(old, other.to_dict()) == ["data.sources", "optimizer.lr"]
+
+
+def test_ranks_come_from_torchrun_deepspeed_or_srun(monkeypatch):
+    from inrun_megatron.pretrain.environment import read_process_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "0")  # so that monkeypatch restores what read_process_env() exports
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(ConfigError, match="under srun, export MASTER_ADDR"):
+        read_process_env()
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    env = read_process_env()
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 16, 1, "slurm")
+    assert os.environ["RANK"] == "5"  # for torch.distributed's env:// rendezvous
+    monkeypatch.setenv("RANK", "3")  # torchrun and the deepspeed launcher win over Slurm's variables
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert read_process_env().rank == 3

@@ -37,18 +37,20 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def corrupted_fraction(index, lookup) -> np.ndarray:
-    """Per looked-up sample: the fraction of its tokens that come from corrupted documents."""
-    flags = {}
+def corrupted_fractions(index, lookup) -> dict[str, np.ndarray]:
+    """Per corruption kind, per looked-up sample: the fraction of its tokens from such documents."""
+    kinds = {}
     for source in index.source_names:
         meta = index.documents(source).column("meta").to_pylist()
-        flags[source] = np.array([bool(m and json.loads(m).get("corrupted")) for m in meta])
+        kinds[source] = [json.loads(m).get("corrupted") if m else None for m in meta]
     rows = lookup.to_pylist()
-    out = np.zeros(len(rows))
+    out: dict[str, np.ndarray] = {}
     for i, row in enumerate(rows):
-        bad = flags[row["source"]][row["document_ids"]]
         tokens = np.asarray(row["document_tokens"], dtype=float)
-        out[i] = float((tokens * bad).sum() / tokens.sum())
+        for doc, n in zip(row["document_ids"], tokens):
+            kind = kinds[row["source"]][doc]
+            if kind:
+                out.setdefault(kind, np.zeros(len(rows)))[i] += n / tokens.sum()
     return out
 
 
@@ -65,7 +67,9 @@ def main() -> None:
     ids = np.unique(table["sample_id"].to_numpy())
     lookup = index.lookup(ids)
     sources = np.array(lookup["source"].to_pylist())
-    bad = corrupted_fraction(index, lookup) > 0.5
+    fractions = corrupted_fractions(index, lookup)
+    corrupted = sum(fractions.values())
+    bad, clean = corrupted > 0.5, corrupted == 0
     values = {}
     for target in targets:
         rows = table.filter(ds.field("target") == target)
@@ -93,10 +97,17 @@ def main() -> None:
         mask = sources == source
         cells = " ".join(f"{1e4 * values[t][mask].mean():>+12.3f}" for t in values)
         print(f"  {source:<12} {mask.sum():>9} {cells}")
-    print(f"\nplanted corruption: {bad.sum()} of {len(ids)} sequences are mostly from corrupted documents;")
-    print("AUROC of 'lower value = corrupted' (1.0 = every corrupted sequence below every clean one):")
+    print(f"\nplanted corruption: {bad.sum()} of {len(ids)} sequences are mostly from corrupted documents")
+    print("AUROC of 'lower value = corrupted' (1.0: every corrupted sequence below every other one; 0.5: chance)")
+    kinds = sorted(fractions)
+    print(f"  {'target':<12} {'all kinds':>10} " + " ".join(f"{k + ' vs clean':>18}" for k in kinds))
     for t in values:
-        print(f"  {t:<12} {auroc(-values[t], bad):.3f}")
+        per_kind = []
+        for k in kinds:
+            mostly = fractions[k] > 0.5
+            keep = mostly | clean
+            per_kind.append(f"{auroc(-values[t][keep], mostly[keep]):>18.3f}")
+        print(f"  {t:<12} {auroc(-values[t], bad):>10.3f} " + " ".join(per_kind))
     print(f"\nscore records: {run / 'scores'} (Parquet, one stream per data-parallel replica),")
     print(f"per-step table {run / 'steps'}, accumulated values {run / 'values'}, manifest {run / 'manifest.json'}")
 

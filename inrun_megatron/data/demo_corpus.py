@@ -7,8 +7,9 @@ download and is the same wherever the Python version is the same. Three sources:
 * ``code`` — chunks of standard-library modules;
 * ``docstrings`` — the docstrings of standard-library functions and classes.
 
-A fraction of each source's documents is **corrupted**: its words shuffled (``"shuffled"``) or
-replaced by random characters (``"random"``); the JSONL field ``corrupted`` says which. The
+A fraction of each source's documents is **corrupted**: its words shuffled (``"shuffled"``: word
+frequencies kept, order lost) or its characters replaced by random letters of other scripts
+(``"random"``: encoding garbage, tokens no clean text uses); the JSONL field ``corrupted`` says which. The
 corrupted documents sit in the first 90% of each source, so held-out slices taken from the end of
 a source (``data.split`` with up to 10% validation) stay clean.
 
@@ -21,7 +22,6 @@ import argparse
 import ast
 import json
 import random
-import string
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,26 +79,31 @@ def docstrings() -> Iterator[str]:
 SOURCES = {"prose": prose, "code": code, "docstrings": docstrings}
 
 
+#: Greek and Cyrillic letters: what mis-decoded bytes look like, and nothing the clean corpus uses.
+GARBAGE = [chr(c) for c in range(0x3B1, 0x3CA)] + [chr(c) for c in range(0x430, 0x450)]
+
+
 def corrupt(text: str, kind: str, rng: random.Random) -> str:
     if kind == "shuffled":
         words = text.split()
         rng.shuffle(words)
         return " ".join(words)
-    alphabet = string.ascii_letters + string.digits + string.punctuation + " " * 10
-    return "".join(rng.choice(alphabet) for _ in range(len(text)))
+    return "".join(c if c.isspace() else rng.choice(GARBAGE) for c in text)
 
 
 def build_corpus(path: str | Path, *, documents: int = DEFAULT_DOCUMENTS, corrupted: float = DEFAULT_CORRUPTED,
                  seed: int = 0) -> dict[str, int]:  # fmt: skip
     """Write the demo corpus as JSONL; returns documents per source."""
     rng = random.Random(seed)
+    chosen = {}
+    for source, pieces in SOURCES.items():
+        available = list(pieces())
+        if len(available) < documents:
+            raise ValueError(f"only {len(available)} {source} documents in this Python, need {documents}")
+        chosen[source] = [available[i] for i in sorted(rng.sample(range(len(available)), documents))]
     counts = {}
     with open(path, "w", encoding="utf-8") as f:
-        for source, pieces in SOURCES.items():
-            available = list(pieces())
-            if len(available) < documents:
-                raise ValueError(f"only {len(available)} {source} documents in this Python, need {documents}")
-            docs = [available[i] for i in sorted(rng.sample(range(len(available)), documents))]
+        for source, docs in chosen.items():
             n_bad = round(corrupted * documents)
             bad = set(rng.sample(range(int(documents * (1 - CLEAN_TAIL))), n_bad))
             for i, text in enumerate(docs):

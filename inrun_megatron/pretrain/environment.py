@@ -80,9 +80,11 @@ def init_distributed(env: ProcessEnv, layout: Layout, seed: int) -> torch.device
         from inrun_megatron.megatron import cpu_shims
 
         cpu_shims.install()
-    dist.init_process_group(
-        "nccl" if cuda else "gloo", rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(minutes=30)
-    )
+    if not dist.is_initialized():  # a wrapping script may have set it up already
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(
+            backend, rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(minutes=30)
+        )
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.initialize_model_parallel(
@@ -110,12 +112,8 @@ def agree_on_errors(env: ProcessEnv, check: Callable[[], object]):
         for rank, message in enumerate(errors):
             if message:
                 by_message.setdefault(message, []).append(rank)
-        lines = [
-            m if len(by_message) == 1 and len(r) == env.world_size else f"{m} (rank {_ranks(r)})"
-            for m, r in by_message.items()
-        ]
-        dist.destroy_process_group()
-        fail(env, "\n".join(lines))
+        everywhere = len(by_message) == 1 and len(next(iter(by_message.values()))) == env.world_size
+        fail(env, "\n".join(m if everywhere else f"{m} (rank {_ranks(r)})" for m, r in by_message.items()))
     return result
 
 

@@ -237,10 +237,10 @@ class Pretraining:
             for model in self.models:
                 model.cuda(torch.cuda.current_device())
         model_config = self.models[0].config
-        if half:  # megatron's mixed precision: half-precision compute, fp32 main params in the optimizer
-            self.models = [Float16Module(model_config, model) for model in self.models]
+        # megatron's mixed precision: half-precision compute, fp32 main params in the optimizer
+        compute = [Float16Module(model_config, model) for model in self.models] if half else self.models
         ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=c.parallel.use_distributed_optimizer)
-        self.chunks = [DistributedDataParallel(model_config, ddp_config, model) for model in self.models]
+        self.chunks = [DistributedDataParallel(model_config, ddp_config, model) for model in compute]
         model_config.finalize_model_grads_func = finalize_model_grads
         o = c.optimizer
         opt_config = OptimizerConfig(

@@ -38,7 +38,7 @@ def main() -> None:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         results.append({"code": code, "stderr": stderr.getvalue()})
-    torch.save(results, out_dir / f"rank{os.environ['RANK']}.pt")
+    torch.save(results, out_dir / f"rank{os.environ['RANK']}.pt")  # srun: set by the entry point
 
 
 if __name__ == "__main__":
