@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,13 @@ def megatron_datasets_module():
     """``megatron.core.datasets.indexed_dataset``, importable on a CPU-only machine too."""
     import torch
 
-    if not torch.cuda.is_available():
-        from inrun_megatron.megatron import cpu_shims
+    with warnings.catch_warnings():  # megatron warns on import about GPU kernels reading data never uses
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+        if not torch.cuda.is_available():
+            from inrun_megatron.megatron import cpu_shims
 
-        cpu_shims.install()  # megatron-core >= 0.17 needs its triton-only module stubbed first
-    from megatron.core.datasets import indexed_dataset
+            cpu_shims.install()  # megatron-core >= 0.17 needs its triton-only module stubbed first
+        from megatron.core.datasets import indexed_dataset
 
     return indexed_dataset
 

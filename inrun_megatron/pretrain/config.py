@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    """The GPT's shape (megatron names); see :class:`inrun_megatron.megatron.model.GPTShape`."""
+    """The GPT's shape, with the field names of :class:`inrun_megatron.megatron.model.GPTShape`
+    (megatron's names) plus the entry point's own: the vocabulary padding and the precision."""
 
     num_layers: int
     hidden_size: int

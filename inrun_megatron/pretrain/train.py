@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -211,21 +212,11 @@ class Pretraining:
         c = self.config
         m = c.model
         half = None if m.precision == "fp32" else m.precision
+        # the config's model section uses GPTShape's names; the rest is the entry point's own
+        shared = {f.name for f in dataclasses.fields(GPTShape)} & {f.name for f in dataclasses.fields(m)}
         shape = GPTShape(
-            num_layers=m.num_layers,
-            hidden_size=m.hidden_size,
-            num_attention_heads=m.num_attention_heads,
-            ffn_hidden_size=m.ffn_hidden_size,
+            **{name: getattr(m, name) for name in shared - {"vocab_size"}},
             vocab_size=vocab_size,
-            seq_length=m.seq_length,
-            normalization=m.normalization,
-            swiglu=m.swiglu,
-            add_bias_linear=m.add_bias_linear,
-            share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
-            position_embedding_type=m.position_embedding_type,
-            recompute=m.recompute,
-            dropout=m.dropout,
-            init_method_std=m.init_method_std,
             extra_config={
                 "sequence_parallel": c.parallel.sequence_parallel,
                 "bf16": half == "bf16",
@@ -243,16 +234,10 @@ class Pretraining:
         self.chunks = [DistributedDataParallel(model_config, ddp_config, model) for model in compute]
         model_config.finalize_model_grads_func = finalize_model_grads
         o = c.optimizer
+        megatron_options = {f.name for f in dataclasses.fields(OptimizerConfig)}  # most keys share names
         opt_config = OptimizerConfig(
             optimizer=o.type,
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps,
-            sgd_momentum=o.sgd_momentum,
-            clip_grad=o.clip_grad,
+            **{k: v for k, v in dataclasses.asdict(o).items() if k in megatron_options},
             use_distributed_optimizer=c.parallel.use_distributed_optimizer,
             bf16=half == "bf16",
             fp16=half == "fp16",
