@@ -175,11 +175,15 @@ def run_case(
     tp_rank: int = 0,
     tp_size: int = 1,
     n_val_batches: int = 2,
+    epoch_steps: int | None = None,
+    writer=None,
 ) -> dict:
     """Train ``steps`` plain-SGD steps of a canonical GPT; return per-step scores and checks.
 
     Returns ``{"raw": [{sample_id: raw}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum v,
-    <G, w_t - w_t+1>)], "losses": [...], "weights": {canonical name: local tensor}}``.
+    <G, w_t - w_t+1>)], "losses": [...], "weights": {canonical name: local tensor}}``. With
+    ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
+    ``ScoreWriter``, every step's records (and ``<g, G>`` as the step's batch_dot) are dumped too.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -195,7 +199,8 @@ def run_case(
     fb = get_forward_backward_func()
     out = {"raw": [], "efficiency": [], "sgd": [], "losses": []}
     for step in range(steps):
-        data = make_data(shape, n_micro, mbs, seed + 100 + step, first_id=1000 * step)
+        batch_index = step % epoch_steps if epoch_steps else step
+        data = make_data(shape, n_micro, mbs, seed + 100 + batch_index, first_id=1000 * batch_index)
         optimizer.zero_grad(set_to_none=True)
         kwargs = dict(
             forward_step_func=forward_step,
@@ -220,6 +225,12 @@ def run_case(
             out["efficiency"].append((sum(raw.values()), batch_dot))
             moved = {p: before[p] - p.detach() for p in model.parameters()}
             out["sgd"].append((float(records.values.sum()), model_dot(model, moved, g_val)))
+            if writer is not None:
+                from inrun_megatron.records import StepInfo
+
+                val_losses = scorer.validation_losses[-1]
+                info = StepInfo(step, lr, 1.0, False, val_losses, {scorer.targets[0].name: batch_dot})
+                writer.append(records, info)
     out["weights"] = {name: p.detach().clone() for p, name in canonical_names(model).items()}
     if scored:
         out["values"] = scorer.values()
