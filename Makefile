@@ -15,7 +15,7 @@ export OMP_NUM_THREADS ?= 1
 export GLOO_SOCKET_IFNAME ?= lo
 export DS_BUILD_OPS ?= 0
 
-.PHONY: venv test test-fast lint format demo bench clean
+.PHONY: venv test test-fast lint format demo bench bench-scores clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ demo: venv
 
 bench: venv
 	$(VENV)/bin/inrun-bench
+
+# inrun-scores on a synthetic dump of 10^8 rows (about 10 GiB of disk under runs/).
+bench-scores: venv
+	PATH=$(VENV)/bin:$$PATH $(VENV)/bin/inrun-scores bench --dir runs/bench-scores
 
 clean:
 	rm -rf $(VENV) .pytest_cache
