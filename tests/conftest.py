@@ -11,6 +11,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
+from inrun_megatron.megatron import cpu_shims
+
+cpu_shims.install()  # before any test module imports megatron-core
+
 
 @pytest.fixture(scope="session")
 def megatron_world():
