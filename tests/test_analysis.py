@@ -117,7 +117,7 @@ def test_real_run_summary_verify_and_top(real_run, capsys):
     efficiency = summary["targets"]["validation"]["efficiency"]
     assert efficiency["steps_measured"] == 6
     assert efficiency["max_rel_error"] <= 1e-9  # float64 run: sum of raw = <g_t, G_t> per step
-    assert efficiency["batch_dot_sum"] == pytest.approx(sum(dot for _, dot in result["efficiency"]), rel=1e-12)
+    assert efficiency["batch_dot_sum"] == pytest.approx(sum(e[1] for e in result["efficiency"]), rel=1e-12)
     value = summary["targets"]["validation"]["value"]
     assert value["total"] == pytest.approx(sum(result["values"].values()), rel=1e-9)
     assert value["negative"] == pytest.approx(np.mean([v < 0 for v in result["values"].values()]))
