@@ -5,6 +5,7 @@ nothing written)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,122 @@ def test_real_run_summary_verify_and_top(real_run, capsys):
         assert ids[0] == pick(values, key=values.get)
         assert ids == sorted(values, key=values.get, reverse=not flag)[:3]
         assert any("no data section" in note for note in answer["notes"])  # API-only run: no text
+
+
+# ---------------------------------------------------------------------------------------------
+# a real training run on indexed datasets (a data section: sources, documents, text)
+
+SOURCES = {
+    "prose": "the quick brown fox jumps over a lazy dog while cats sleep in the warm sun",
+    "code": "def main ( ) : return x + 1 if y else None # for i in range ( 10 ) : print ( i )",
+    "numbers": "one two three four five six seven eight nine ten 11 12 13 14 15 16",
+}
+
+
+@pytest.fixture(scope="module")
+def data_run(tmp_path_factory, megatron_world):
+    """Six scored steps of a GPT on a blend of three indexed sources, dumped with the run's data section."""
+    import random
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from inrun_megatron.data import train_bpe
+    from inrun_megatron.data.datasets import Source, batch_iterator, build_training_data
+    from inrun_megatron.data.indexed import preprocess
+    from inrun_megatron.data.validation_sets import TargetSpec, build_targets
+    from inrun_megatron.megatron import MegatronScorer
+    from inrun_megatron.megatron.model import GPTShape, build_gpt, gpt_forward_step
+    from inrun_megatron.records import StepInfo
+
+    root = tmp_path_factory.mktemp("data_run")
+    rng = random.Random(0)
+    docs = [
+        {"text": " ".join(rng.choice(words.split()) for _ in range(rng.randint(5, 40))), "source": name}
+        for _ in range(40)
+        for name, words in SOURCES.items()
+    ]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tokenizer = train_bpe([d["text"] for d in docs], 200, root / "tokenizer.json")
+    preprocess([root / "corpus.jsonl"], root / "indexed", tokenizer)
+    run = root / "run"
+    sources = [Source(name, str(root / "indexed" / name), 1.0) for name in SOURCES]
+    data = build_training_data(
+        sources, tokenizer, seq_length=16, seed=3, split="90,10,0", train_samples=48, cache_dir=run / "cache"
+    )
+    write_manifest(run, {"data": data.manifest_section(tokenizer.spec(), run)})
+    targets = build_targets(
+        [TargetSpec("prose", source="prose", sequences=4)], data, tokenizer, seq_length=16, micro_batch_size=4
+    )
+    model = build_gpt(GPTShape(vocab_size=tokenizer.vocab_size, seq_length=16))
+    scorer = MegatronScorer(model, targets)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    writer = ScoreWriter(run, dp_rank=0, flush_every=4)
+    batches = batch_iterator(data.train, consumed=0, micro_batch_size=4, dp_rank=0, dp_size=1)
+    for step in range(6):
+        optimizer.zero_grad()
+        scorer.forward_backward(
+            get_forward_backward_func(),
+            forward_step_func=gpt_forward_step,
+            data_iterator=iter([next(batches), next(batches)]),
+            model=model,
+            num_microbatches=2,
+            seq_length=16,
+            micro_batch_size=4,
+        )
+        optimizer.step()
+        records = scorer.end_step(lr=0.5)
+        writer.append(records, StepInfo(step, 0.5, 1.0, False, scorer.validation_losses[-1]))
+    writer.close()
+    scorer.detach()
+    from inrun_megatron.data import open_sample_index
+
+    return run, open_sample_index(run)
+
+
+@pytest.mark.megatron
+def test_top_shows_source_documents_and_text(data_run, tmp_path, capsys):
+    run, index = data_run
+    merge(ScoreDump.open(run), tmp_path / "merged")
+    for where in (run, tmp_path / "merged"):
+        answer = scores_cli("top", where, "-k", 5, "--bottom", "--text-chars", 60, capsys=capsys)
+        assert len(answer["samples"]) == 5 and not any("no data section" in n for n in answer["notes"])
+        ids = np.array([row["sample_id"] for row in answer["samples"]])
+        expected = index.lookup(ids).to_pylist()
+        for row, truth in zip(answer["samples"], expected):
+            assert row["source"] == truth["source"] and row["document_ids"] == truth["document_ids"]
+            assert row["text"] == index.text(row["sample_id"], max_chars=60) and len(row["text"]) > 5
+            words = re.split(r"\s+|<\|endoftext\|>", row["text"])[1:-1]  # the first and last may be cut
+            assert set(words) - {""} <= set(SOURCES[row["source"]].split())  # the text of its source
+
+
+@pytest.mark.megatron
+def test_by_source_sums_and_curves(data_run, tmp_path, capsys):
+    run, index = data_run
+    values = merged_values(merge(ScoreDump.open(run), tmp_path / "m") and tmp_path / "m")
+    ids = np.array(sorted(sid for _, sid in values))
+    source = dict(zip(ids.tolist(), index.lookup(ids).column("source").to_pylist()))
+    expected: dict[str, list[float]] = defaultdict(list)
+    for (_, sid), value in values.items():
+        expected[source[sid]].append(value)
+    answer = scores_cli("by-source", tmp_path / "m", capsys=capsys)
+    assert sorted(r["source"] for r in answer["sources"]) == sorted(SOURCES)
+    for row in answer["sources"]:
+        mine = np.array(expected[row["source"]])
+        assert row["samples"] == len(mine) and row["sum"] == pytest.approx(mine.sum(), rel=1e-12)
+        assert row["mean"] == pytest.approx(mine.mean(), rel=1e-12)
+        assert row["positive"] == pytest.approx((mine > 0).mean()) and row["negative"] == pytest.approx(
+            (mine < 0).mean()
+        )
+    curves = scores_cli("trajectory", run, "--by-source", capsys=capsys)["sources"]
+    for row in answer["sources"]:
+        assert curves[row["source"]]["cumulative"][-1] == pytest.approx(row["sum"], rel=1e-9)
+
+    exported = tmp_path / "values.csv"
+    scores_cli("export", run, "-o", exported, "--format", "csv", "--with-source", capsys=capsys)
+    table = pa.csv.read_csv(exported)
+    assert [source[s] for s in table["sample_id"].to_pylist()] == table["source"].to_pylist()
+    figures = scores_cli("plot", tmp_path / "m", "-o", tmp_path / "figures", capsys=capsys)["files"]
+    assert {Path(f).name for f in figures} >= {"sources.png", "source_curves.png"}
 
 
 # ---------------------------------------------------------------------------------------------

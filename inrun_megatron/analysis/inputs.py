@@ -129,6 +129,11 @@ class Scores:
             else:
                 from inrun_megatron.data import open_sample_index
 
+                if not (self.run_dir / MANIFEST).exists():
+                    raise DumpError(
+                        f"{self.path}: merged from {self.run_dir}, which is gone; sources, documents and text"
+                        " are read through that run directory's data section"
+                    )
                 self._index = open_sample_index(self.run_dir)
         return self._index
 
@@ -151,29 +156,19 @@ def _select(table: pa.Table, target: str | None, sample_ids: np.ndarray | None) 
 
 def describe_samples(index, sample_ids: np.ndarray, text_chars: int) -> dict[int, dict]:
     """Source, documents and a text snippet of a few samples, by sample id."""
-    table = index.lookup(np.asarray(sample_ids, dtype=np.int64))
-    found = {row["sample_id"]: row for row in table.to_pylist()}
-    out = {}
-    for sid in sample_ids.tolist():
-        row = found.get(sid)
-        if row is None:
-            raise DumpError(f"sample id {sid} is not in the run's data ({index}); is this the dataset of the run?")
-        out[sid] = {
+    rows = index.lookup(np.asarray(sample_ids, dtype=np.int64)).to_pylist()
+    return {
+        row["sample_id"]: {
             "source": row["source"],
-            "document_ids": list(row["document_ids"]),
-            "text": index.text(sid, max_chars=text_chars),
+            "document_ids": row["document_ids"],
+            "text": index.text(row["sample_id"], max_chars=text_chars),
         }
-    return out
+        for row in rows
+    }
 
 
 def sources_of(index, sample_ids: np.ndarray) -> np.ndarray:
     """Source name of each sample id (in order)."""
     unique, inverse = np.unique(np.asarray(sample_ids, dtype=np.int64), return_inverse=True)
-    table = index.lookup(unique)
-    order = np.argsort(table.column("sample_id").to_numpy())
-    found = table.column("sample_id").to_numpy()[order]
-    if len(found) != len(unique) or not np.array_equal(found, unique):
-        missing = np.setdiff1d(unique, found)[:5].tolist()
-        raise DumpError(f"sample ids {missing} are not in the run's data ({index}); is this the dataset of the run?")
-    names = table.column("source").to_numpy(zero_copy_only=False)[order]
+    names = index.lookup(unique).column("source").to_numpy(zero_copy_only=False)
     return names[inverse.reshape(-1)]
