@@ -133,6 +133,37 @@ def test_real_run_summary_verify_and_top(real_run, capsys):
         assert any("no data section" in note for note in answer["notes"])  # API-only run: no text
 
 
+@pytest.mark.megatron
+@pytest.mark.slow
+def test_data_parallel_run_with_clipping(tmp_path, capsys):
+    """Two DP replicas (megatron DDP, gradient clipping) each dump their shard; merged, they give
+    each replica's scorer values, and the efficiency identity holds across the shards."""
+    from inrun_megatron.megatron.model import GPTShape
+
+    from common import CASES, shape_to_json
+    from launcher import launch
+
+    run = tmp_path / "run"
+    shape = GPTShape(num_layers=2, **CASES["rmsnorm-gelu-bias-untied-recompute"])
+    options = dict(shape=shape_to_json(shape), n_micro=2, mbs=2, steps=4, lr=0.5, seed=9, epoch_steps=2)
+    options |= dict(ddp={}, clip_grad=0.05)
+    ranks = launch("score_dump.py", 2, tmp_path, str(run), json.dumps(options))
+    assert all(c < 1.0 for c in ranks[0]["clip_coef"])  # every step clipped
+    expected = {**ranks[0]["values"], **ranks[1]["values"]}
+    assert len(expected) == len(ranks[0]["values"]) + len(ranks[1]["values"]) == 16  # disjoint replicas
+
+    answer = scores_cli("merge", run, "-o", tmp_path / "merged", capsys=capsys)
+    assert answer["rows"] == 32 and answer["samples"] == {"validation": 16}
+    merged = merged_values(tmp_path / "merged")
+    assert {sid: v for (_, sid), v in merged.items()} == pytest.approx(expected, rel=1e-12, abs=0)
+    report = scores_cli("verify", run, capsys=capsys)
+    assert report["ok"] and report["checked"]["replicas"] == 2, report["problems"]
+    summary = scores_cli("summary", tmp_path / "merged", capsys=capsys)
+    efficiency = summary["targets"]["validation"]["efficiency"]
+    assert efficiency["steps_measured"] == 4 and efficiency["max_rel_error"] <= 1e-5  # fp32 scores
+    assert efficiency["batch_dot_sum"] == pytest.approx(sum(e[1] for e in ranks[0]["efficiency"]), rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # a real training run on indexed datasets (a data section: sources, documents, text)
 
