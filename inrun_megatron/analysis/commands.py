@@ -516,6 +516,8 @@ def curate(
     """
     if not drop_negative and not drop_fraction:
         raise ValueError("say what to drop: --drop-negative and/or --drop-fraction F")
+    if not 0.0 <= drop_fraction < 1.0:
+        raise ValueError(f"--drop-fraction must be in [0, 1), got {drop_fraction}")
     values = scores.values()
     target = values.target(target)
     threshold, ties = -np.inf, np.empty(0, dtype=np.int64)

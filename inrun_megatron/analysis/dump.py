@@ -219,10 +219,10 @@ def read_batches(path: Path, columns: list[str] | None, batch_rows: int = BATCH_
         raise _unreadable(path, e) from e
 
 
-def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A whole (small) Parquet file; an unreadable file is a :class:`DumpError` naming it."""
+def read_table(path: Path, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """A Parquet file (or its rows that pass ``filters``); an unreadable file is a :class:`DumpError` naming it."""
     try:
-        return pq.read_table(path, columns=columns, use_threads=False)
+        return pq.read_table(path, columns=columns, filters=filters, use_threads=False)
     except (pa.ArrowException, OSError) as e:
         raise _unreadable(path, e) from e
 

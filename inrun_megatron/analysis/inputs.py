@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from inrun_megatron.analysis.dump import DumpError, ScoreDump
+from inrun_megatron.analysis.dump import DumpError, ScoreDump, read_table
 from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.values import VALUES_FORMAT, MergedValues
@@ -30,6 +29,9 @@ NO_DATA = (
     "the run records no data section (scores written through the API, not by the pretraining entry point):"
     " sources, documents and text are not available"
 )
+
+
+_UNOPENED = object()
 
 
 class Scores:
@@ -51,7 +53,7 @@ class Scores:
         self.dump: ScoreDump | None = None
         self.merged: MergedValues | None = None
         self._temporary: Path | None = None
-        self._index = False
+        self._index = _UNOPENED
         if _format_of(self.path) == VALUES_FORMAT:
             self.merged = MergedValues.open(self.path)
         else:
@@ -99,7 +101,7 @@ class Scores:
         if self.merged is not None and self.merged.has_per_step:
             filters = [("sample_id", "in", sample_ids.tolist())] if sample_ids is not None else None
             for path in self.merged.parts("per_step"):
-                table = pq.read_table(path, columns=columns, filters=filters)
+                table = read_table(path, columns, filters)
                 yield from _select(table, target, None)
             return
         dump = self.dump if self.dump is not None else self._source_dump()
@@ -122,7 +124,7 @@ class Scores:
 
     def index(self):
         """The run's sample index (``inrun_megatron.data``), or None with a note if it has no data section."""
-        if self._index is False:
+        if self._index is _UNOPENED:
             self._index = None
             if not self.manifest.get("data"):
                 self.notes.append(NO_DATA)

@@ -175,6 +175,8 @@ def merge(
     reports duplicate (step, sample, target) rows instead of failing on them.
     """
     comm = comm or SerialComm()
+    if buckets is not None and buckets < 1:
+        raise ValueError(f"--buckets must be at least 1, got {buckets}")
     n_buckets = buckets or buckets_for(dump.num_rows, memory_bytes)
     out = None if out is None else Path(out)
     if out is not None and out.exists():
