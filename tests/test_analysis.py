@@ -386,6 +386,26 @@ def test_top_k_breaks_ties_by_sample_id():
     assert ids[select_best(values, ids, 10)].tolist() == [12, 13, 14, 11, 10, 15]
 
 
+def test_rank_correlations_handle_ties():
+    from inrun_megatron.analysis.stats import rank_correlations
+
+    a = np.array([1.0, 2, 2, 3, 3, 3, 4, 0.5])
+    b = np.array([2.0, 1, 2, 3, 4, 4, 4, 0.5])
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    sign = [np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]) for i, j in pairs]
+    tied_a = sum(a[i] == a[j] for i, j in pairs)
+    tied_b = sum(b[i] == b[j] for i, j in pairs)
+    tau_b = (sign.count(1) - sign.count(-1)) / np.sqrt((len(pairs) - tied_a) * (len(pairs) - tied_b))
+
+    def average_ranks(x):
+        return np.array([(x < v).sum() + ((x == v).sum() + 1) / 2 for v in x])
+
+    rho = np.corrcoef(average_ranks(a), average_ranks(b))[0, 1]
+    got = rank_correlations(a, b)
+    assert got["kendall_tau_b"] == pytest.approx(tau_b, rel=1e-12)
+    assert got["spearman"] == pytest.approx(rho, rel=1e-12)
+
+
 def test_compare_two_runs_and_two_targets(synthetic, tmp_path, capsys):
     merge(ScoreDump.open(synthetic), tmp_path / "a", buckets=3)
     same = scores_cli("compare", synthetic, tmp_path / "a", "--target", "web", "-k", 20, capsys=capsys)
