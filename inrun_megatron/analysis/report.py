@@ -57,7 +57,9 @@ def render(report: Report, as_json: bool, out: TextIO | None = None) -> None:
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console(file=out, width=max(Console(file=out).width, 100))
+    console = Console(file=out)
+    if not console.is_terminal:
+        console = Console(file=out, width=140)  # logs and pipes: no wrapping of wide tables
     for table in report.tables:
         rich = RichTable(title=table.title, title_justify="left", show_lines=False)
         for column in table.columns:
