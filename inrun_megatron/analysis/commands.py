@@ -23,7 +23,14 @@ from inrun_megatron.analysis.inputs import Scores, describe_samples, sources_of
 from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.report import Report, Table, plain, written
-from inrun_megatron.analysis.stats import distribution, overlap, rank_correlations, sample_stride, top_k
+from inrun_megatron.analysis.stats import (
+    CORRELATION_CAP,
+    distribution,
+    overlap,
+    rank_correlations,
+    sample_stride,
+    top_k,
+)
 
 
 def sign_of(scores: Scores) -> str:
@@ -404,14 +411,14 @@ def compare(a: Scores, b: Scores, *, target_a: str | None = None, target_b: str 
     ta, tb = va.target(target_a), vb.target(target_b or target_a)
     if va.root == vb.root and ta == tb:
         raise DumpError("compare needs two runs, or two targets of one run (--target-b)")
-    stride = sample_stride(max(va.samples[ta], vb.samples[tb]))
+    stride = sample_stride(max(va.samples[ta], vb.samples[tb]), CORRELATION_CAP)
     ids_a, val_a = va.arrays(ta, stride)
     ids_b, val_b = vb.arrays(tb, stride)
     common, ia, ib = np.intersect1d(ids_a, ids_b, assume_unique=True, return_indices=True)
     data = {
         "a": {"path": str(a.path), "target": ta, "samples": va.samples[ta]},
         "b": {"path": str(b.path), "target": tb, "samples": vb.samples[tb]},
-        "common_samples": len(common) * stride if stride > 1 else len(common),
+        "common_samples": len(common) * stride,  # an estimate when sampled
         "sampled": len(common) if stride > 1 else None,
         **rank_correlations(val_a[ia], val_b[ib]),
         "overlap": {},
@@ -425,7 +432,7 @@ def compare(a: Scores, b: Scores, *, target_a: str | None = None, target_b: str 
     rows = [
         ["Spearman rho", data["spearman"]],
         ["Kendall tau-b", data["kendall_tau_b"]],
-        ["samples in both", data["common_samples"]],
+        ["samples in both", f"~{data['common_samples']}" if stride > 1 else data["common_samples"]],
     ]
     rows += [[f"{name}-{n} overlap", f"{x:.1%}"] for name, o in data["overlap"].items() for n, x in o.items()]
     notes = [*a.notes, *b.notes]

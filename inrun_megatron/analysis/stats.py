@@ -15,8 +15,10 @@ import pyarrow as pa
 
 from inrun_megatron.analysis.values import hash_sample
 
-#: At most this many values are held to compute quantiles or rank correlations exactly.
+#: At most this many values are held to compute quantiles exactly (8 bytes each).
 EXACT_CAP = 20_000_000
+#: At most this many pairs are ranked for Spearman/Kendall (scipy needs about 200 bytes a pair).
+CORRELATION_CAP = 5_000_000
 
 
 def sample_stride(n: int, cap: int = EXACT_CAP) -> int:
