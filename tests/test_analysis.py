@@ -181,7 +181,7 @@ def data_run(tmp_path_factory, megatron_world):
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from inrun_megatron.data import train_bpe
+    from inrun_megatron.data import open_sample_index, train_bpe
     from inrun_megatron.data.datasets import Source, batch_iterator, build_training_data
     from inrun_megatron.data.indexed import preprocess
     from inrun_megatron.data.validation_sets import TargetSpec, build_targets
@@ -229,8 +229,6 @@ def data_run(tmp_path_factory, megatron_world):
         writer.append(records, StepInfo(step, 0.5, 1.0, False, scorer.validation_losses[-1]))
     writer.close()
     scorer.detach()
-    from inrun_megatron.data import open_sample_index
-
     return run, open_sample_index(run)
 
 
@@ -253,7 +251,8 @@ def test_top_shows_source_documents_and_text(data_run, tmp_path, capsys):
 @pytest.mark.megatron
 def test_by_source_sums_and_curves(data_run, tmp_path, capsys):
     run, index = data_run
-    values = merged_values(merge(ScoreDump.open(run), tmp_path / "m") and tmp_path / "m")
+    merge(ScoreDump.open(run), tmp_path / "m")
+    values = merged_values(tmp_path / "m")
     ids = np.array(sorted(sid for _, sid in values))
     source = dict(zip(ids.tolist(), index.lookup(ids).column("source").to_pylist()))
     expected: dict[str, list[float]] = defaultdict(list)
