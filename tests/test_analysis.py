@@ -604,3 +604,12 @@ def test_existing_output_is_left_alone(synthetic, tmp_path, capsys):
     assert "already exists" in err and (out / "mine.txt").read_text() == "keep me"
     with pytest.raises(DumpError, match="already exists"):
         merge(ScoreDump.open(synthetic), out)
+
+
+def test_a_merged_directory_is_not_a_dump(synthetic, tmp_path, capsys):
+    merge(ScoreDump.open(synthetic), tmp_path / "merged")
+    report = scores_cli("verify", tmp_path / "merged", capsys=capsys, expect=1)
+    assert "not an inrun_megatron.scores manifest (format 'inrun_megatron.values')" in report["problems"][0]
+    (tmp_path / "merged" / "values" / "part-b00000.parquet").unlink()
+    err = scores_cli("top", tmp_path / "merged", capsys=capsys, expect=2)
+    assert "part-b00000.parquet: missing" in err
