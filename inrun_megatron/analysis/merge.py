@@ -17,7 +17,8 @@ Under MPI (``comm`` an mpi4py communicator, e.g. ``mpirun -n 4 inrun-scores merg
 ``r`` reads a balanced share of the parts into its own spill files and reduces the buckets
 ``b`` with ``b % size == r``; spill and output directories must be on a file system every rank
 sees. Every sum runs in an order fixed by the data alone (sorted rows within a bucket; parts and
-buckets in their global order), so the output is byte-for-byte the same for any number of ranks.
+buckets in their global order), so the output is byte-for-byte the same for any number of ranks
+(the bucket count, from the row count and the memory budget or given, being the same).
 
 Nothing appears at the output path unless everything succeeded: all work happens in a hidden
 sibling directory that is renamed to the output at the end (and removed on failure). A failure
