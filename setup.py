@@ -20,11 +20,13 @@ setup(
         "dev": ["pytest", "ruff"],
         "pretrain": ["tokenizers"],
         "tensorboard": ["tensorboard"],
+        "analysis": ["rich", "matplotlib", "scipy"],
     },
     entry_points={
         "console_scripts": [
             "inrun-bench=inrun_megatron.bench:main",
             "inrun-preprocess=inrun_megatron.data.indexed:main",
+            "inrun-scores=inrun_megatron.analysis.cli:main",
         ]
     },
 )

@@ -347,6 +347,8 @@ def run_case(
     validation_split: str = "replicate",
     fp16_loss_scale: dict | None = None,
     validation: list[dict] | None = None,
+    epoch_steps: int | None = None,
+    writer=None,
 ) -> dict:
     """Train ``steps`` steps of a canonical GPT at the initialised parallel layout; return
     per-step scores and the DESIGN §1 identities.
@@ -364,6 +366,9 @@ def run_case(
     ``clip_coef``, ``skipped``, ``losses``, ``dp_traffic`` (elements reduced over the DP group
     during the forward/backward call) and ``fb_calls`` (calls of megatron's forward_backward_func);
     and the final ``weights`` by canonical name.
+    With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
+    ``ScoreWriter`` (on one rank per DP replica), every step's records are dumped too, with
+    ``<g, G>`` as the step's batch_dot.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -399,7 +404,8 @@ def run_case(
 
     out = {key: [] for key in ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls")}
     for step in range(steps):
-        data = make_data(shape, n_micro * dp_size, mbs, seed + 100 + step, first_id=1000 * step)
+        batch_index = step % epoch_steps if epoch_steps else step
+        data = make_data(shape, n_micro * dp_size, mbs, seed + 100 + batch_index, first_id=1000 * batch_index)
         local = data[dp_rank * n_micro : (dp_rank + 1) * n_micro]
         has_data = [
             get_attr_wrapped_model(c, "pre_process") or get_attr_wrapped_model(c, "post_process") for c in chunks
@@ -446,6 +452,12 @@ def run_case(
             out["efficiency"].append((float(sums[0]), batch_dot, batch_abs))
             moved = {p: before[p] - p.detach() for p in before}
             out["sgd"].append((float(sums[1]), model_dot(chunks, moved, g_val)[0]))
+            if writer is not None:
+                from inrun_megatron.records import StepInfo
+
+                val_losses, target = scorer.validation_losses[-1], scorer.targets[0].name
+                info = StepInfo(step, lr, out["clip_coef"][-1], out["skipped"][-1], val_losses, {target: batch_dot})
+                writer.append(records, info)
     out["weights"] = {name: p.detach().clone() for m in models for p, name in canonical_names(m).items()}
     out["n_params"] = sum(p.numel() for c in chunks for p in c.parameters())
     if scored:

@@ -12,7 +12,6 @@ states, and each data-parallel replica's scorer state (its step and accumulated 
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from inrun_megatron.records import atomic_write_bytes
 from inrun_megatron.scorer import Scorer
 
 LATEST = "latest"
@@ -132,12 +132,7 @@ def save_checkpoint(
     dist_checkpointing.save(_sharded_state_dict(models, optimizer, scheduler, scorer, state), str(target))
     dist.barrier()
     if dist.get_rank() == 0:
-        tmp = checkpoint_dir / (LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{state.iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, checkpoint_dir / LATEST)
+        atomic_write_bytes(checkpoint_dir / LATEST, f"{state.iteration}\n".encode())
     dist.barrier()
     return target
 

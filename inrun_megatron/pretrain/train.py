@@ -64,7 +64,7 @@ from inrun_megatron.pretrain.progress import (
     progress_line,
     value_statistics,
 )
-from inrun_megatron.records import MANIFEST, ScoreWriter, StepInfo, _atomic_write_table, read_manifest, write_manifest
+from inrun_megatron.records import MANIFEST, ScoreWriter, StepInfo, atomic_write_table, read_manifest, write_manifest
 
 VALUES_SCHEMA = pa.schema(
     [
@@ -535,7 +535,7 @@ class Pretraining:
         )
         directory = self.run_dir / "values"
         directory.mkdir(exist_ok=True)
-        _atomic_write_table(directory / f"dp{self.dp_rank:05d}.parquet", table)
+        atomic_write_table(directory / f"dp{self.dp_rank:05d}.parquet", table)
 
 
 # --------------------------------------------------------------------------------------

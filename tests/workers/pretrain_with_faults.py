@@ -50,7 +50,7 @@ def arm(point: str, step: int) -> None:
 
         MegatronScorer.end_optimizer_step = end_then_maybe_die
     elif point == "flush":
-        write = records._atomic_write_table
+        write = records.atomic_write_table
 
         def torn_write(path: Path, table):
             span = records.part_steps(path)
@@ -63,7 +63,7 @@ def arm(point: str, step: int) -> None:
                     die(point, step)  # the footer is never written
             return write(path, table)
 
-        records._atomic_write_table = torn_write
+        records.atomic_write_table = torn_write
     elif point == "checkpoint":
         save = dist_checkpointing.save
 
