@@ -96,10 +96,12 @@ def test_entry_point_stops_before_starting(monkeypatch, capsys):
 
 def test_resume_allows_only_harmless_changes():
     old = load_run_config(CONFIGS / "demo-cpu.yaml").to_dict()
-    longer = load_run_config(CONFIGS / "demo-cpu.yaml", ["training.train_iters=400", "logging.log_interval=5"])
-    assert unresumable_changes(old, longer.to_dict()) == []
-    other = load_run_config(CONFIGS / "demo-cpu.yaml", ["optimizer.lr=0.1", "data.sources.0.weight=3"])
-    assert unresumable_changes(old, other.to_dict()) == ["data.sources", "optimizer.lr"]
+    harmless = load_run_config(CONFIGS / "demo-cpu.yaml", ["scoring.flush_every=5", "logging.log_interval=5"])
+    assert unresumable_changes(old, harmless.to_dict()) == []
+    other = load_run_config(
+        CONFIGS / "demo-cpu.yaml", ["optimizer.lr=0.1", "data.sources.0.weight=3", "training.train_iters=400"]
+    )
+    assert unresumable_changes(old, other.to_dict()) == ["data.sources", "optimizer.lr", "training.train_iters"]
 
 
 def test_ranks_come_from_torchrun_deepspeed_or_srun(monkeypatch):

@@ -239,9 +239,3 @@ def stack_items(items: Sequence[dict[str, torch.Tensor]], batch_size: int) -> li
             chunk.append(pad)
         batches.append({k: torch.stack([torch.as_tensor(it[k]) for it in chunk]) for k in chunk[0]})
     return batches
-
-
-def heldout_sequence_count(data: TrainingData, source: str) -> int:
-    """How many distinct sequences a source's held-out split holds (one epoch)."""
-    ds = data.heldout.get(source)
-    return 0 if ds is None else len(ds)

@@ -174,8 +174,9 @@ CHOICES = {
     "scoring.projection_dtype": (None, "float32", "float64"),
 }
 
-#: Sections a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = ("training.train_iters", "checkpoint", "logging", "scoring.flush_every", "data.num_workers")
+#: Sections a resumed run may change; everything else must match the checkpoint. Not the number
+#: of steps: megatron sizes (and so shuffles) its datasets by it, which would remap sample ids.
+RESUMABLE_CHANGES = ("checkpoint", "logging", "scoring.flush_every", "data.num_workers")
 
 
 # --------------------------------------------------------------------------------------

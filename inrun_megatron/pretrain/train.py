@@ -454,17 +454,17 @@ class Pretraining:
     def train(self) -> None:
         c = self.config
         total, interval = c.training.train_iters, IntervalStats()
-        tokens_per_step = c.training.global_batch_size * c.model.seq_length
         while self.iteration < total:
             times = StepTimes()
             start = time.perf_counter()
             losses, records = self.train_step(times)
+            lr = float(self.optimizer.param_groups[0]["lr"]) if records is None else float(records.columns["lr"][0])
             step_stats = None
             if records is not None and self.writer is not None:
                 columns = records.columns
                 info = StepInfo(
                     step=int(columns["step"][0]),
-                    lr=float(columns["lr"][0]),
+                    lr=lr,
                     clip_coef=float(columns["clip_coef"][0]),
                     skipped=bool(columns["skipped"][0]),
                     validation_losses=self.scorer.validation_losses[-1],
@@ -477,33 +477,42 @@ class Pretraining:
             save_interval = c.checkpoint.save_interval
             if self.iteration == total or (save_interval and self.iteration % save_interval == 0):
                 self.save()
-            if self.is_writer:
+            if self.is_writer:  # the last pipeline stage has the loss
                 loss_sum, loss_tokens = mean_loss(losses, self.dp_group)
                 validation = self.scorer.validation_losses[-1] if self.scorer else {}
                 interval.add(times, loss_sum, loss_tokens, validation)
-                if self.is_logger:
-                    self._log(interval, step_stats, tokens_per_step)
+                if self.sink is not None:
+                    self._log_scalars(times, loss_sum / max(loss_tokens, 1.0), lr, validation, step_stats)
                 if self.iteration % c.logging.log_interval == 0 or self.iteration == total:
+                    if self.is_logger:
+                        print(self._progress(interval), flush=True)
                     interval = IntervalStats()
 
-    def _log(self, interval: IntervalStats, step_stats: dict | None, tokens_per_step: int) -> None:
+    def _rows_written(self) -> int:
+        """Score rows durably written by every replica (each writes as many per step)."""
+        return self.writer.rows_written * self.layout.dp if self.writer else 0
+
+    def _progress(self, interval: IntervalStats) -> str:
         c = self.config
-        rows = self.writer.rows_written * self.layout.dp if self.writer else 0
-        if self.sink is not None:
-            scalars = {"train/loss": interval.loss_sum / max(interval.loss_tokens, 1.0)}
-            scalars["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
-            for name, value in interval.validation_losses.items():
-                scalars[f"validation/{name}/loss"] = value
-            for target, stats in (step_stats or {}).items():
-                for key, value in stats.items():
-                    scalars[f"scores/{target}/{key}"] = value
-            scalars["scores/rows_written"] = rows
-            self.sink.log(self.iteration, scalars)
-        if self.iteration % c.logging.log_interval == 0 or self.iteration == c.training.train_iters:
-            line = progress_line(
-                self.iteration, c.training.train_iters, interval, tokens_per_step, rows, self.scorer is not None
-            )
-            print(line, flush=True)
+        tokens_per_step = c.training.global_batch_size * c.model.seq_length
+        return progress_line(
+            self.iteration, c.training.train_iters, interval, tokens_per_step, self._rows_written(), bool(self.scorer)
+        )
+
+    def _log_scalars(self, times: StepTimes, loss: float, lr: float, validation: dict, step_stats: dict | None) -> None:
+        c = self.config
+        scalars = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/tokens_per_second": c.training.global_batch_size * c.model.seq_length / times.step,
+            "scores/rows_written": self._rows_written(),
+        }
+        for name, value in validation.items():
+            scalars[f"validation/{name}/loss"] = value
+        for target, stats in (step_stats or {}).items():
+            for key, value in stats.items():
+                scalars[f"scores/{target}/{key}"] = value
+        self.sink.log(self.iteration, scalars)
 
     # ------------------------------------------------------------------ end
 
