@@ -119,7 +119,10 @@ def test_killed_runs_resume_to_the_same_values(data_dir, tmp_path):
     seed = int(os.environ.get("INRUN_FAULT_SEED", "2026"))
     steps, save_every = 24, 8
     sections = dict(
-        training={"train_iters": steps}, scoring={"flush_every": 2}, checkpoint={"save_interval": save_every}
+        parallel={"use_distributed_optimizer": True},  # its state is sharded over DP in the checkpoint
+        training={"train_iters": steps},
+        scoring={"flush_every": 2},
+        checkpoint={"save_interval": save_every},
     )
     _ok(run_pretrain(tiny_config(data_dir, tmp_path / "reference", **sections), 4))
     config = tiny_config(data_dir, tmp_path / "faulty", **sections)

@@ -96,7 +96,8 @@ def test_entry_point_stops_before_starting(monkeypatch, capsys):
 
 def test_resume_allows_only_harmless_changes():
     old = load_run_config(CONFIGS / "demo-cpu.yaml").to_dict()
-    harmless = load_run_config(CONFIGS / "demo-cpu.yaml", ["scoring.flush_every=5", "logging.log_interval=5"])
+    moved = ["output.run_dir=/elsewhere/demo", "scoring.flush_every=5", "logging.log_interval=5"]
+    harmless = load_run_config(CONFIGS / "demo-cpu.yaml", moved)
     assert unresumable_changes(old, harmless.to_dict()) == []
     other = load_run_config(
         CONFIGS / "demo-cpu.yaml", ["optimizer.lr=0.1", "data.sources.0.weight=3", "training.train_iters=400"]

@@ -137,18 +137,55 @@ def save_checkpoint(
     return target
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """megatron's distributed optimizer builds its load template from its own state, which torch's
+    Adam (megatron's fallback without apex/Transformer Engine) only creates at its first step.
+    Create it with megatron's own zero-gradient step, as megatron does before loading FSDP
+    checkpoints; the checkpoint then overwrites every value that step touched (model weights
+    included, which are loaded after it)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        initialize = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
+        if initialize is not None and not inner.optimizer.state:
+            initialize()
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Give torch Adam's per-parameter ``step`` the checkpoint's value, one tensor per parameter.
+
+    megatron keeps that step in the param groups of its checkpoint, but loading the distributed
+    optimizer's ``dp_reshardable`` state then copies every per-parameter state from the load
+    template, ``step`` included, so it would restart from the template's count (and megatron puts
+    one shared tensor in every parameter's state, which torch's Adam increments once per
+    parameter). Without apex/Transformer Engine megatron uses torch's Adam, whose bias correction
+    depends on that step; with their fused Adam the state holds no step.
+    """
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(inners) == 1 else [loaded[i] for i in range(len(inners))]
+    for inner, state in zip(inners, states):
+        groups = state.get("optimizer", {}).get("param_groups", []) if isinstance(state, dict) else []
+        steps = {float(g["step"]) for g in groups if "step" in g}
+        if len(steps) != 1 or not hasattr(inner, "optimizer"):
+            continue
+        step = steps.pop()
+        for param_state in inner.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = torch.tensor(step, dtype=param_state["step"].dtype)
+
+
 def load_checkpoint(
     checkpoint_dir: Path, iteration: int, models: list[torch.nn.Module], optimizer, scheduler, scorer: Scorer | None
 ) -> TrainingState:
     """Restore everything :func:`save_checkpoint` saved; returns the training state."""
     source = iteration_dir(checkpoint_dir, iteration)
     common = dist_checkpointing.load_common_state_dict(str(source))
+    _materialize_optimizer_state(optimizer)
     template = _sharded_state_dict(models, optimizer, scheduler, scorer, None)
     loaded = dist_checkpointing.load(template, str(source))
     for i, model in enumerate(models):
         model.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"])
     with torch.no_grad():  # the fp32 distributed optimizer's main params are views of the model's
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     _set_rng_state(loaded["rng_state"])
     if scorer is not None:

@@ -174,9 +174,10 @@ CHOICES = {
     "scoring.projection_dtype": (None, "float32", "float64"),
 }
 
-#: Sections a resumed run may change; everything else must match the checkpoint. Not the number
-#: of steps: megatron sizes (and so shuffles) its datasets by it, which would remap sample ids.
-RESUMABLE_CHANGES = ("checkpoint", "logging", "scoring.flush_every", "data.num_workers")
+#: Sections a resumed run may change (``output``: a run directory may be moved); everything else
+#: must match the checkpoint. Not the number of steps: megatron sizes (and so shuffles) its
+#: datasets by it, which would remap sample ids.
+RESUMABLE_CHANGES = ("output", "checkpoint", "logging", "scoring.flush_every", "data.num_workers")
 
 
 # --------------------------------------------------------------------------------------
