@@ -146,7 +146,8 @@ def norm_site(scorer: Scorer, name: str, module: torch.nn.Module, *, batch_dim: 
     params = tuple(p for p in (module.weight, getattr(module, "bias", None)) if p is not None)
     if not params:
         return []
-    if tuple(module.normalized_shape) != (params[0].shape[-1],) or params[0].dim() != 1:
+    weight_shape = tuple(getattr(params[0], "ds_shape", params[0].shape))  # ZeRO-3 partitions hide the shape
+    if tuple(module.normalized_shape) != weight_shape:
         raise NotImplementedError(f"{name}: only norms over the last dimension are supported")
     sequence_parallel = any(getattr(p, "sequence_parallel", False) for p in params)
     site = NormSite(

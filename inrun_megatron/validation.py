@@ -42,6 +42,24 @@ def loss_mask_of(batch: Batch) -> torch.Tensor:
     return torch.ones_like(batch["labels"], dtype=torch.float32) if mask is None else mask
 
 
+def make_batch(
+    tokens: torch.Tensor, sample_ids: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """A training batch from ``tokens [b, s+1]``: inputs, next-token labels, mask, positions.
+
+    The batch format every adapter, entry point and test uses (framework independent).
+    """
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    b, s = inputs.shape
+    return {
+        "tokens": inputs,
+        "labels": labels,
+        "loss_mask": torch.ones(b, s) if loss_mask is None else loss_mask.float(),
+        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+        "sample_ids": sample_ids,
+    }
+
+
 def as_targets(validation: Sequence[Batch] | Mapping[str, Sequence[Batch]]) -> list[ValidationTarget]:
     """Accept one validation set (a list of batches, named ``"validation"``) or a dict of them."""
     if isinstance(validation, Mapping):

@@ -50,14 +50,6 @@ def check_megatron_version(allow_untested: bool = False, version: str = MEGATRON
     )
 
 
-def clip_coefficient(grad_norm: float | None, max_norm: float) -> float:
-    """The factor megatron's optimizer multiplied the gradient by (1.0 when it did not clip)."""
-    if grad_norm is None or not max_norm:
-        return 1.0
-    coef = max_norm / (float(grad_norm) + 1.0e-6)
-    return coef if coef < 1.0 else 1.0
-
-
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The model inside megatron's DDP / Float16Module wrappers."""
     while hasattr(chunk, "module") and not isinstance(chunk, LanguageModule):

@@ -1,0 +1,172 @@
+"""DeepSpeed test cases, shared by the pytest process (the single-process reference) and the
+multi-process workers: the same model, data and loop at every layout.
+
+Step ``t`` trains on the ``gas * dp`` micro-batches ``make_data(..., seed + 100 + t)``; data-
+parallel rank ``r`` takes micro-batches ``r, r + dp, ...``, so a single process with
+``gas * dp`` accumulation steps trains on exactly the same global batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
+
+from common import free_port, make_data
+
+
+def init_deepspeed() -> None:
+    """DeepSpeed on the (possibly 1-rank) gloo world; its shared-memory op (a 30 s JIT build) skipped."""
+    import deepspeed
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:  # the pytest process: a world of one
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def ds_config(*, stage: int, gas: int, mbs: int, clip: float, dtype: str = "fp32") -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "initial_scale_power": 8},
+        "steps_per_print": 10**9,
+    }
+
+
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full value by name (ZeRO-3 partitions gathered)."""
+    import deepspeed
+
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: p.detach().clone().double() for name, p in params.items()}
+
+
+def batch_dot(scorer, grads: dict) -> float:
+    """``<a, G>`` over every scored parameter once (tied weights once); ``grads[param]`` full."""
+    total = 0.0
+    for p in scorer.grads.params():
+        total += float((grads[p].double() * scorer.grads[p][0].double()).sum())
+    return total
+
+
+def validation_pass_isolation(scorer) -> dict:
+    """Run a validation pass alone and report what it did to DeepSpeed's state."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from inrun_megatron.deepspeed.validation_pass import run_validation_pass
+
+    params = list(scorer.engine.module.parameters())
+    fired = []
+    handles = [p.register_post_accumulate_grad_hook(lambda p: fired.append(p)) for p in params]
+    grads = [p.grad for p in params]
+    partitions = [p.ds_tensor.clone() for p in params if hasattr(p, "ds_tensor")]
+    run_validation_pass(scorer)
+    for h in handles:
+        h.remove()
+    zero3 = [p for p in params if hasattr(p, "ds_tensor")]
+    return {
+        "accumulate_grad_hooks_fired": len(fired),
+        "grads_untouched": all(p.grad is g for p, g in zip(params, grads)),
+        "partitions_unchanged": all(torch.equal(p.ds_tensor, t) for p, t in zip(zero3, partitions)),
+        "parameters_released": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in zero3),
+        "zero3_parameters": len(zero3),
+    }
+
+
+def _masked_mean(model, batch):
+    losses = lm_token_losses(model, batch)
+    mask = batch["loss_mask"].to(losses)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def run_deepspeed_case(
+    shape: LMShape,
+    *,
+    stage: int,
+    gas: int,
+    mbs: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    clip: float = 1.0,
+    split: bool = False,
+    scored: bool = True,
+    dtype: str = "fp32",
+    n_val_batches: int = 3,
+    keep_gradients: bool = False,
+) -> dict:
+    """Train ``steps`` plain-SGD steps under DeepSpeed; return per-step scores and identity checks.
+
+    Returns ``{"raw": [{sample_id: raw}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum v,
+    <G, w_t - w_t+1>)], "clip": [c_t], "losses": [...], "weights": {name: full tensor}}``, and
+    for ZeRO-3 the store's memory counts; ``keep_gradients`` adds step 0's ``G`` by name.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from inrun_megatron import ScoringConfig
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+
+    dp, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(seed)
+    model = TransformerLM(shape)
+    config = ds_config(stage=stage, gas=gas, mbs=mbs, clip=clip, dtype=dtype)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=config)
+    validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
+    scoring = ScoringConfig(validation_split="split" if split else "replicate")
+    scorer = DeepSpeedScorer(engine, validation, lm_token_losses, scoring) if scored else None
+    names = {p: n for n, p in engine.module.named_parameters()}
+    out = {"raw": [], "efficiency": [], "sgd": [], "clip": [], "losses": []}
+    for step in range(steps):
+        data = make_data(shape, gas * dp, mbs, seed + 100 + step, first_id=1000 * step)[rank::dp]
+        if not scored:
+            losses = []
+            for batch in data:
+                loss = _masked_mean(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss))
+            out["losses"].append(losses)
+            continue
+        if step == 0:
+            out["isolation"] = validation_pass_isolation(scorer)
+        out["losses"].append(scorer.forward_backward(data))
+        if keep_gradients and step == 0:
+            out["G"] = {names[p]: scorer.grads[p][0].clone() for p in scorer.grads.params()}
+            if stage == 3:
+                out["G_memory"] = dict(
+                    peak=scorer.grads.peak_full_numel, full=scorer.grads.full_numel, local=scorer.grads.local_numel
+                )
+        g = {p: safe_get_full_grad(p) for p in scorer.grads.params()}
+        dot = batch_dot(scorer, g)
+        before = full_weights(engine.module)
+        engine.step()
+        records = scorer.end_step()
+        after = full_weights(engine.module)
+        c = records.columns
+        raw = dict(zip(c["sample_id"].tolist(), c["raw"].tolist()))
+        everyone = [None] * dp
+        dist.all_gather_object(everyone, raw)
+        total_raw = sum(sum(r.values()) for r in everyone)
+        out["raw"].append(raw)
+        out["efficiency"].append((total_raw, dot))
+        out["clip"].append(float(c["clip_coef"][0]))
+        moved = {p: before[names[p]] - after[names[p]] for p in scorer.grads.params()}
+        out["sgd"].append((lr * float(c["clip_coef"][0]) * total_raw, batch_dot(scorer, moved)))
+    out["weights"] = full_weights(engine.module)
+    if scored:
+        out["values"] = scorer.values()
+        scorer.detach()
+    engine.destroy()
+    return out
