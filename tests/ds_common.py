@@ -30,7 +30,7 @@ def init_deepspeed() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def ds_config(*, stage: int, gas: int, mbs: int, clip: float, dtype: str = "fp32") -> dict:
+def ds_config(*, stage: int, gas: int, mbs: int, clip: float, dtype: str = "fp32", fp16_scale_power: int = 8) -> dict:
     return {
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": gas,
@@ -38,18 +38,24 @@ def ds_config(*, stage: int, gas: int, mbs: int, clip: float, dtype: str = "fp32
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == "bf16"},
-        "fp16": {"enabled": dtype == "fp16", "initial_scale_power": 8},
+        "fp16": {"enabled": dtype == "fp16", "initial_scale_power": fp16_scale_power, "hysteresis": 1},
         "steps_per_print": 10**9,
     }
 
 
 def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's full value by name (ZeRO-3 partitions gathered)."""
+    """Every parameter's full value by name: the optimizer's fp32 master copy where there is one
+    (half precision), ZeRO-3 partitions gathered."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     params = dict(module.named_parameters())
+    out = {}
     with deepspeed.zero.GatheredParameters(list(params.values())):
-        return {name: p.detach().clone().double() for name, p in params.items()}
+        for name, p in params.items():
+            master = safe_get_full_fp32_param(p)
+            out[name] = (p if master is None else master).detach().clone().double()
+    return out
 
 
 def batch_dot(scorer, grads: dict) -> float:
@@ -105,11 +111,14 @@ def run_deepspeed_case(
     dtype: str = "fp32",
     n_val_batches: int = 3,
     keep_gradients: bool = False,
+    fp16_scale_power: int = 8,
 ) -> dict:
     """Train ``steps`` plain-SGD steps under DeepSpeed; return per-step scores and identity checks.
 
-    Returns ``{"raw": [{sample_id: raw}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum v,
-    <G, w_t - w_t+1>)], "clip": [c_t], "losses": [...], "weights": {name: full tensor}}``, and
+    Returns ``{"raw": [{sample_id: raw}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum of
+    values, <G, w_t - w_t+1>)], "clip": [c_t], "skipped": [...], "losses": [...], "weights":
+    {name: full tensor}}`` (efficiency and ``abs_raw``, the sum of |raw| over the global batch, only
+    for applied steps: a skipped step's raw is NaN), and
     for ZeRO-3 the store's memory counts; ``keep_gradients`` adds step 0's ``G`` by name.
     """
     import deepspeed
@@ -121,13 +130,13 @@ def run_deepspeed_case(
     dp, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(seed)
     model = TransformerLM(shape)
-    config = ds_config(stage=stage, gas=gas, mbs=mbs, clip=clip, dtype=dtype)
+    config = ds_config(stage=stage, gas=gas, mbs=mbs, clip=clip, dtype=dtype, fp16_scale_power=fp16_scale_power)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=config)
     validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
     scoring = ScoringConfig(validation_split="split" if split else "replicate")
     scorer = DeepSpeedScorer(engine, validation, lm_token_losses, scoring) if scored else None
     names = {p: n for n, p in engine.module.named_parameters()}
-    out = {"raw": [], "efficiency": [], "sgd": [], "clip": [], "losses": []}
+    out = {"raw": [], "efficiency": [], "abs_raw": [], "sgd": [], "clip": [], "skipped": [], "losses": []}
     for step in range(steps):
         data = make_data(shape, gas * dp, mbs, seed + 100 + step, first_id=1000 * step)[rank::dp]
         if not scored:
@@ -148,7 +157,8 @@ def run_deepspeed_case(
                 out["G_memory"] = dict(
                     peak=scorer.grads.peak_full_numel, full=scorer.grads.full_numel, local=scorer.grads.local_numel
                 )
-        g = {p: safe_get_full_grad(p) for p in scorer.grads.params()}
+        loss_scale = float(engine.optimizer.loss_scale) if dtype == "fp16" else 1.0  # ZeRO keeps grads scaled
+        g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
         dot = batch_dot(scorer, g)
         before = full_weights(engine.module)
         engine.step()
@@ -157,13 +167,16 @@ def run_deepspeed_case(
         c = records.columns
         raw = dict(zip(c["sample_id"].tolist(), c["raw"].tolist()))
         everyone = [None] * dp
-        dist.all_gather_object(everyone, raw)
-        total_raw = sum(sum(r.values()) for r in everyone)
+        dist.all_gather_object(everyone, (raw, float(records.values.sum())))
+        skipped = bool(c["skipped"][0])
         out["raw"].append(raw)
-        out["efficiency"].append((total_raw, dot))
+        out["skipped"].append(skipped)
+        if not skipped:
+            out["efficiency"].append((sum(sum(r.values()) for r, _ in everyone), dot))
+            out["abs_raw"].append(sum(sum(abs(v) for v in r.values()) for r, _ in everyone))
         out["clip"].append(float(c["clip_coef"][0]))
         moved = {p: before[names[p]] - after[names[p]] for p in scorer.grads.params()}
-        out["sgd"].append((lr * float(c["clip_coef"][0]) * total_raw, batch_dot(scorer, moved)))
+        out["sgd"].append((sum(v for _, v in everyone), batch_dot(scorer, moved)))
     out["weights"] = full_weights(engine.module)
     if scored:
         out["values"] = scorer.values()

@@ -41,7 +41,11 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
         dict(shape=dict(MODELS[c["model"]], dropout=c.get("dropout", 0.0)), stage=c["stage"], split=c["split"], **RUN)
         for c in CASES + EQUIVALENCE_ONLY
     ]
-    ranks = launch("deepspeed_zero.py", DP, tmp_path, json.dumps(payload))
+    outputs = launch("deepspeed_zero.py", DP, tmp_path, json.dumps(payload))
+    ranks = [out["cases"] for out in outputs]
+    # Bad input on one rank is refused on every rank before any collective work (no hang).
+    assert "rank(s) [1] rejected their input" in outputs[0]["rejection"], outputs[0]["rejection"]
+    assert "has no 'sample_ids'" in outputs[1]["rejection"], outputs[1]["rejection"]
     references = {m: _reference(m) for m in {c["model"] for c in CASES}}
     for ref in references.values():  # the reference itself satisfies the identities
         for total, dot in ref["efficiency"] + ref["sgd"]:
@@ -76,3 +80,31 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
                 assert memory["local"] * DP <= memory["full"] + DP * len(ref["G"]), memory  # 1/DP, up to padding
                 # Partitions plus the most ever gathered at once stay below one full copy of G.
                 assert memory["local"] + memory["peak"] < memory["full"], f"{name}: a rank held all of G: {memory}"
+
+
+@pytest.mark.megatron
+def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, tmp_path):
+    """megatron-core TP=2 layers in DeepSpeed engines at DP=2, every ZeRO stage, against the
+    single-process Megatron adapter on the same global batches (no clipping: plain SGD)."""
+    from inrun_megatron.megatron.model import GPTShape
+
+    from common import CASES as GPT_CASES
+    from common import run_case, shape_to_json
+
+    shape = GPTShape(num_layers=2, **GPT_CASES["rmsnorm-swiglu-nobias-tied-recompute"])
+    run = dict(gas=2, mbs=2, steps=2, lr=0.5, seed=21)
+    cases = [dict(shape=shape_to_json(shape), stage=s, **run) for s in (0, 1, 2, 3)]
+    ranks = launch("deepspeed_tp.py", 4, tmp_path, json.dumps(dict(tp=2, cases=cases)))
+    reference = run_case(shape, n_micro=run["gas"] * DP, mbs=run["mbs"], steps=run["steps"], lr=run["lr"], seed=21)
+    for i, case in enumerate(cases):
+        name = f"TP=2 x DP=2 ZeRO-{case['stage']}"
+        for rank in ranks:
+            got = rank[i]
+            assert not got["changed_by_scoring"], f"{name}: scoring changed {got['changed_by_scoring']}"
+            for total, dot in got["efficiency"]:
+                assert total == pytest.approx(dot, rel=1e-5), f"{name}: efficiency"
+        for step in range(run["steps"]):
+            # TP ranks of one DP replica hold the same (TP-reduced) scores; DP replicas own different samples.
+            assert ranks[0][i]["raw"][step] == ranks[1][i]["raw"][step], f"{name}: TP ranks disagree"
+            ours = {sid: raw for rank in ranks for sid, raw in rank[i]["raw"][step].items()}
+            assert _relative_error(ours, reference["raw"][step]) <= 1e-4, f"{name} step {step}"

@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
 from inrun_megatron.megatron import layers
+from inrun_megatron.megatron.scorer import check_megatron_version
 
 if TYPE_CHECKING:
     from inrun_megatron.deepspeed.scorer import DeepSpeedScorer
@@ -46,6 +47,7 @@ class MegatronMPU:
 
 def attach(scorer: DeepSpeedScorer) -> dict[type, SiteBuilder]:
     """Prepare ``scorer`` for megatron layers; return the site builders to use."""
+    check_megatron_version(scorer.config.allow_untested_megatron)
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError(
             "megatron-core layers need megatron's parallel state: call"

@@ -49,8 +49,8 @@ LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 SUPPORTED = (
     "Supported: a DeepSpeedEngine from deepspeed.initialize(model=...) with ZeRO stage 0, 1, 2 or 3 (no offload),"
-    " gradient accumulation, gradient clipping, fp32/bf16/fp16, and tensor parallelism from megatron-core layers"
-    " (mpu=inrun_megatron.deepspeed.MegatronMPU())."
+    " gradient accumulation, gradient clipping, fp32, bf16, fp16 (with ZeRO stage >= 1), and tensor parallelism"
+    " from megatron-core layers (mpu=inrun_megatron.deepspeed.MegatronMPU())."
 )
 
 
@@ -87,7 +87,7 @@ def refuse_unsupported(engine) -> None:
     refused = [name for name, on in checks.items() if on]
     if refused:
         raise NotImplementedError(
-            f"inrun_megatron cannot score this DeepSpeed engine: {'; '.join(refused)} is not supported. {SUPPORTED}"
+            f"inrun_megatron cannot score this DeepSpeed engine; unsupported: {'; '.join(refused)}. {SUPPORTED}"
         )
 
 

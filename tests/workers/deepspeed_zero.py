@@ -14,6 +14,34 @@ from ds_common import init_deepspeed, run_deepspeed_case
 from inrun_megatron.deepspeed.model import LMShape
 
 
+def rejection_on_one_rank() -> str:
+    """Rank 1 passes micro-batches without sample ids: every rank must raise, none may hang."""
+    import deepspeed
+    from ds_common import ds_config
+
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import TransformerLM, lm_token_losses
+
+    from common import make_data
+
+    shape = LMShape()
+    model = TransformerLM(shape)
+    config = ds_config(stage=3, gas=1, mbs=2, clip=1.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    scorer = DeepSpeedScorer(engine, make_data(shape, 2, 2, 1, first_id=10**6), lm_token_losses)
+    batches = make_data(shape, 2, 2, 2)[dist.get_rank() :: 2]
+    if dist.get_rank() == 1:
+        batches = [{k: v for k, v in b.items() if k != "sample_ids"} for b in batches]
+    try:
+        scorer.forward_backward(batches)
+    except ValueError as e:
+        return str(e)
+    finally:
+        scorer.detach()
+        engine.destroy()
+    return "accepted"
+
+
 def main() -> None:
     out_dir, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     init_deepspeed()
@@ -29,7 +57,7 @@ def main() -> None:
             scored["changed_by_scoring"].append(f"losses {plain['losses']} -> {scored['losses']}")
         del scored["weights"]
         results.append(scored)
-    torch.save(results, out_dir / f"rank{dist.get_rank()}.pt")
+    torch.save({"cases": results, "rejection": rejection_on_one_rank()}, out_dir / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 
