@@ -100,7 +100,14 @@ class TapSite(Site):
         step = self.scorer.step_scores
         microbatch = step.next_microbatch(self)
         if self.counted_here:
-            step.add(microbatch, self.partial(grad, *saved))
+            partial = self.partial(grad, *saved)
+            if partial.shape[1] != step.totals.shape[2]:
+                raise RuntimeError(
+                    f"layer {self.name} computed an output for {partial.shape[1]} sequences in a micro-batch of"
+                    f" {step.totals.shape[2]}: an output broadcast over the batch (e.g. position embeddings looked"
+                    " up without a batch dimension) has no per-sequence gradient; give its input a batch dimension"
+                )
+            step.add(microbatch, partial)
 
     def partial(self, grad: torch.Tensor, *saved: torch.Tensor) -> torch.Tensor:
         """The ``[K, B]`` partial scores of one microbatch."""
@@ -116,8 +123,12 @@ class TapSite(Site):
 
 
 def tap_module_output(scorer: Scorer, site: TapSite, module: torch.nn.Module) -> None:
-    """Tap ``module``'s output, saving its first positional input."""
-    scorer.add_hook(module.register_forward_hook(lambda _m, args, output: site.tap(output, args[0])))
+    """Tap ``module``'s output, saving its input (the first argument, or ``input=`` as torch names it)."""
+
+    def hook(_module, args, kwargs, output):
+        return site.tap(output, args[0] if args else kwargs["input"])
+
+    scorer.add_hook(module.register_forward_hook(hook, with_kwargs=True))
 
 
 @dataclass(eq=False)

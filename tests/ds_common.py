@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
+from inrun_megatron.distributed import free_port
 
-from common import free_port, make_data
+from common import make_data
 
 
 def init_deepspeed() -> None:
@@ -58,12 +59,16 @@ def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def batch_dot(scorer, grads: dict) -> float:
-    """``<a, G>`` over every scored parameter once (tied weights once); ``grads[param]`` full."""
-    total = 0.0
+def batch_dot(scorer, grads: dict, target: int = 0) -> float:
+    """``<a, G>`` of one target over every scored parameter once (tied weights once, tensor-parallel
+    duplicates on one rank, shards summed over the model-parallel group); ``grads[param]`` full."""
+    total = torch.zeros((), dtype=torch.float64)
     for p in scorer.grads.params():
-        total += float((grads[p].double() * scorer.grads[p][0].double()).sum())
-    return total
+        if scorer.counts(p):
+            total += (grads[p].double() * scorer.grads[p][target].double()).sum()
+    if scorer.engine.mpu is not None:
+        dist.all_reduce(total, group=scorer.engine.mpu.get_model_parallel_group())
+    return float(total)
 
 
 def validation_pass_isolation(scorer) -> dict:
@@ -90,10 +95,86 @@ def validation_pass_isolation(scorer) -> dict:
     }
 
 
-def _masked_mean(model, batch):
-    losses = lm_token_losses(model, batch)
-    mask = batch["loss_mask"].to(losses)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+def masked_mean(token_losses):
+    """The training loss DeepSpeedScorer uses by default, for the unscored loop."""
+
+    def loss(model, batch):
+        losses = token_losses(model, batch)
+        mask = batch["loss_mask"].to(losses)
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+    return loss
+
+
+def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradients: bool = False) -> dict:
+    """``steps`` optimizer steps: scored, or (``scorer=None``) DeepSpeed's plain loop.
+
+    Returns ``{"raw": [{target: {sample_id: raw}}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum
+    of values, <G, w_t - w_t+1>)], "clip": [c_t], "skipped": [...], "losses": [...], "weights":
+    {name: full tensor}}``; efficiency, ``abs_raw`` (the sum of |raw|) and sgd have one entry per
+    step and target (efficiency and ``abs_raw`` only for applied steps: a skipped step's raw is
+    NaN), sums over the global batch. ZeRO-3 adds the store's memory counts; ``keep_gradients`` adds
+    step 0's ``G`` as ``{(target, parameter name): G}``. Plain SGD makes the SGD identity exact.
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    dp_group = engine.data_parallel_group
+    names = {p: n for n, p in engine.module.named_parameters()}
+    out = {"raw": [], "efficiency": [], "abs_raw": [], "sgd": [], "clip": [], "skipped": [], "losses": []}
+    for step in range(steps):
+        data = batches_of_step(step)
+        if scorer is None:
+            losses = []
+            for batch in data:
+                loss = loss_fn(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss))
+            out["losses"].append(losses)
+            continue
+        targets = [t.name for t in scorer.targets]
+        if step == 0:
+            out["isolation"] = validation_pass_isolation(scorer)
+        out["losses"].append(scorer.forward_backward(data, loss_fn))
+        if keep_gradients and step == 0:
+            if scorer.zero_stage == 3:
+                store = scorer.grads
+                out["G_memory"] = dict(peak=store.peak_full_numel, full=store.full_numel, local=store.local_numel)
+            out["G"] = {}
+            for p in scorer.grads.params():
+                g = scorer.grads[p]
+                out["G"].update({(t, names[p]): g[k].clone() for k, t in enumerate(targets)})
+        loss_scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0  # ZeRO keeps grads scaled
+        g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
+        dots = [batch_dot(scorer, g, k) for k in range(len(targets))]
+        before = full_weights(engine.module)
+        engine.step()
+        records = scorer.end_step()
+        after = full_weights(engine.module)
+        c = records.columns
+        raw = {t: {} for t in targets}
+        values = dict.fromkeys(targets, 0.0)
+        for t, sid, r, v in zip(c["target"], c["sample_id"].tolist(), c["raw"].tolist(), records.values):
+            raw[t][sid] = r
+            values[t] += float(v)
+        everyone = [None] * dist.get_world_size(dp_group)
+        dist.all_gather_object(everyone, (raw, values), group=dp_group)
+        skipped = bool(c["skipped"][0])
+        out["raw"].append(raw)
+        out["skipped"].append(skipped)
+        out["clip"].append(float(c["clip_coef"][0]))
+        moved = {p: before[names[p]] - after[names[p]] for p in scorer.grads.params()}
+        for k, t in enumerate(targets):
+            if not skipped:
+                out["efficiency"].append((sum(sum(r[t].values()) for r, _ in everyone), dots[k]))
+                out["abs_raw"].append(sum(sum(abs(x) for x in r[t].values()) for r, _ in everyone))
+            out["sgd"].append((sum(v[t] for _, v in everyone), batch_dot(scorer, moved, k)))
+    out["weights"] = full_weights(engine.module)
+    if scorer is not None:
+        out["values"] = scorer.values()
+        scorer.detach()
+    engine.destroy()
+    return out
 
 
 def run_deepspeed_case(
@@ -110,19 +191,13 @@ def run_deepspeed_case(
     scored: bool = True,
     dtype: str = "fp32",
     n_val_batches: int = 3,
+    n_targets: int = 1,
     keep_gradients: bool = False,
     fp16_scale_power: int = 8,
 ) -> dict:
-    """Train ``steps`` plain-SGD steps under DeepSpeed; return per-step scores and identity checks.
-
-    Returns ``{"raw": [{sample_id: raw}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum of
-    values, <G, w_t - w_t+1>)], "clip": [c_t], "skipped": [...], "losses": [...], "weights":
-    {name: full tensor}}`` (efficiency and ``abs_raw``, the sum of |raw| over the global batch, only
-    for applied steps: a skipped step's raw is NaN), and
-    for ZeRO-3 the store's memory counts; ``keep_gradients`` adds step 0's ``G`` by name.
-    """
+    """:func:`train` of the plain-PyTorch LM under DeepSpeed (plain SGD, clipping at ``clip``);
+    ``n_targets=2`` adds a second validation set, ``held-out``."""
     import deepspeed
-    from deepspeed.utils import safe_get_full_grad
 
     from inrun_megatron import ScoringConfig
     from inrun_megatron.deepspeed import DeepSpeedScorer
@@ -132,54 +207,25 @@ def run_deepspeed_case(
     model = TransformerLM(shape)
     config = ds_config(stage=stage, gas=gas, mbs=mbs, clip=clip, dtype=dtype, fp16_scale_power=fp16_scale_power)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=config)
-    validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
+    validation = {"validation": make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)}
+    if n_targets == 2:
+        validation["held-out"] = make_data(shape, n_val_batches, 2, seed + 2, first_id=2 * 10**6)
     scoring = ScoringConfig(validation_split="split" if split else "replicate")
     scorer = DeepSpeedScorer(engine, validation, lm_token_losses, scoring) if scored else None
-    names = {p: n for n, p in engine.module.named_parameters()}
-    out = {"raw": [], "efficiency": [], "abs_raw": [], "sgd": [], "clip": [], "skipped": [], "losses": []}
-    for step in range(steps):
-        data = make_data(shape, gas * dp, mbs, seed + 100 + step, first_id=1000 * step)[rank::dp]
-        if not scored:
-            losses = []
-            for batch in data:
-                loss = _masked_mean(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                losses.append(float(loss))
-            out["losses"].append(losses)
-            continue
-        if step == 0:
-            out["isolation"] = validation_pass_isolation(scorer)
-        out["losses"].append(scorer.forward_backward(data))
-        if keep_gradients and step == 0:
-            out["G"] = {names[p]: scorer.grads[p][0].clone() for p in scorer.grads.params()}
-            if stage == 3:
-                out["G_memory"] = dict(
-                    peak=scorer.grads.peak_full_numel, full=scorer.grads.full_numel, local=scorer.grads.local_numel
-                )
-        loss_scale = float(engine.optimizer.loss_scale) if dtype == "fp16" else 1.0  # ZeRO keeps grads scaled
-        g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
-        dot = batch_dot(scorer, g)
-        before = full_weights(engine.module)
-        engine.step()
-        records = scorer.end_step()
-        after = full_weights(engine.module)
-        c = records.columns
-        raw = dict(zip(c["sample_id"].tolist(), c["raw"].tolist()))
-        everyone = [None] * dp
-        dist.all_gather_object(everyone, (raw, float(records.values.sum())))
-        skipped = bool(c["skipped"][0])
-        out["raw"].append(raw)
-        out["skipped"].append(skipped)
-        if not skipped:
-            out["efficiency"].append((sum(sum(r.values()) for r, _ in everyone), dot))
-            out["abs_raw"].append(sum(sum(abs(v) for v in r.values()) for r, _ in everyone))
-        out["clip"].append(float(c["clip_coef"][0]))
-        moved = {p: before[names[p]] - after[names[p]] for p in scorer.grads.params()}
-        out["sgd"].append((sum(v for _, v in everyone), batch_dot(scorer, moved)))
-    out["weights"] = full_weights(engine.module)
-    if scored:
-        out["values"] = scorer.values()
-        scorer.detach()
-    engine.destroy()
-    return out
+
+    def batches_of_step(step: int) -> list:
+        return make_data(shape, gas * dp, mbs, seed + 100 + step, first_id=1000 * step)[rank::dp]
+
+    return train(engine, scorer, batches_of_step, steps, masked_mean(lm_token_losses), keep_gradients=keep_gradients)
+
+
+def with_training_equivalence(run, **case) -> dict:
+    """``run(scored=True, **case)``, plus ``changed_by_scoring``: what differs from the unscored run
+    (weights by name, losses); the weights themselves are dropped."""
+    scored, plain = run(scored=True, **case), run(scored=False, **case)
+    changed = [n for n, w in plain["weights"].items() if not torch.equal(w, scored["weights"][n])]
+    if plain["losses"] != scored["losses"]:
+        changed.append(f"losses {plain['losses']} -> {scored['losses']}")
+    scored["changed_by_scoring"] = changed
+    del scored["weights"]
+    return scored

@@ -53,19 +53,22 @@ PRECISION_CASES = [
     [(m, s, "fp32") for m in MODELS for s in (0, 1, 2, 3)] + PRECISION_CASES,
 )
 def test_scores_match_brute_force(deepspeed_world, model, stage, dtype):
+    """Every sample's score and G of every target against one backward per sample (the GPT cases
+    score two validation sets at once)."""
     from inrun_megatron.deepspeed import DeepSpeedScorer
     from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
 
     shape = LMShape(**MODELS[model])
     engine = _engine(shape, stage=stage, gas=3, dtype=dtype)
-    validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
+    validation = {"validation": make_data(shape, 2, 2, seed=6, first_id=10**6)}
+    if model == "gpt-untied":
+        validation["held-out"] = make_data(shape, 1, 3, seed=7, first_id=2 * 10**6)
     train = make_data(shape, 3, 2, seed=5)
     scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
     scorer.forward_backward(train)
-    stored = {name: scorer.grads[p][0].clone() for name, p in engine.module.named_parameters()}
+    stored = {name: scorer.grads[p].clone() for name, p in engine.module.named_parameters()}
     engine.step()
-    records = scorer.end_step(lr=1.0)
-    ours = dict(zip(records.columns["sample_id"].tolist(), records.columns["raw"].tolist()))
+    c = scorer.end_step(lr=1.0).columns
     scorer.detach()
 
     # The reference: the same initial weights in a plain module, one backward per sample.
@@ -77,17 +80,19 @@ def test_scores_match_brute_force(deepspeed_world, model, stage, dtype):
             for p in reference_model.parameters():
                 p.copy_(p.to(half))
     tol = TOLERANCE[dtype]
-    g_val = oracle.validation_gradient(reference_model, validation, lm_token_losses)
-    for name, g in g_val.items():
-        err = float((stored[name] - g).abs().max()) / float(g.abs().max())
-        assert err <= (1e-5 if half is None else tol), f"{name}: G differs by {err:.2e}"
-    reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, g_val)
-    assert sorted(ours) == sorted(reference)
-    scale = max(abs(v) for v in reference.values())
-    errors = {sid: abs(ours[sid] - reference[sid]) / scale for sid in reference}
-    print(f"{model} ZeRO-{stage} {dtype}: max relative error vs brute force {max(errors.values()):.2e}")
-    assert max(errors.values()) <= tol, errors
-    assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)
+    for k, (target, batches) in enumerate(validation.items()):
+        g_val = oracle.validation_gradient(reference_model, batches, lm_token_losses)
+        for name, g in g_val.items():
+            err = float((stored[name][k] - g).abs().max()) / float(g.abs().max())
+            assert err <= (1e-5 if half is None else tol), f"{target} {name}: G differs by {err:.2e}"
+        reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, g_val)
+        ours = {int(sid): r for t, sid, r in zip(c["target"], c["sample_id"], c["raw"]) if t == target}
+        assert sorted(ours) == sorted(reference)
+        scale = max(abs(v) for v in reference.values())
+        errors = {sid: abs(ours[sid] - reference[sid]) / scale for sid in reference}
+        print(f"{model} ZeRO-{stage} {dtype} {target}: max relative error vs brute force {max(errors.values()):.2e}")
+        assert max(errors.values()) <= tol, errors
+        assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)
 
 
 @pytest.mark.parametrize("stage,dtype", [(0, "bf16"), (3, "bf16"), (1, "fp16"), (3, "fp16")])
@@ -111,7 +116,7 @@ def test_mixed_precision_identities_and_skipped_steps(deepspeed_world, stage, dt
     applied = [i for i, skipped in enumerate(result["skipped"]) if not skipped]
     for i, (raw, (value, change)) in enumerate(zip(result["raw"], result["sgd"])):
         if i not in applied:
-            assert all(v != v for v in raw.values()) and value == 0.0 and change == 0.0
+            assert all(v != v for v in raw["validation"].values()) and value == 0.0 and change == 0.0
     assert len(result["efficiency"]) == len(applied)
     for i, (total, dot), scale in zip(applied, result["efficiency"], result["abs_raw"]):
         assert abs(total - dot) <= tol * scale, f"step {i}: efficiency"
@@ -206,3 +211,16 @@ def test_bad_step_input_is_rejected_before_any_work(deepspeed_world):
     assert sorted(records.columns["sample_id"].tolist()) == [0, 1, 2, 3]
     with pytest.raises(RuntimeError, match="needs a scored forward"):
         scorer.end_step()
+
+
+def test_readme_training_loop_runs(deepspeed_world, monkeypatch, capsys):
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    block = readme.split("<!-- deepspeed-loop")[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(repo)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    values = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(values) == list(range(12)) and all(v == v for v in values.values())

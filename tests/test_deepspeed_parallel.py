@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 
 DP = 2
 RUN = dict(gas=2, mbs=2, steps=2, lr=0.5, seed=3)  # gradient accumulation, clipping at DeepSpeed's default 1.0
+TARGETS = {"llama-tied": 1, "gpt-untied": 2}  # the GPT cases score two validation sets at once
 CASES = [dict(model="llama-tied", stage=s, split=split) for s in (0, 1, 2, 3) for split in (False, True)]
 CASES += [dict(model="gpt-untied", stage=1, split=False), dict(model="gpt-untied", stage=3, split=True)]
 # Dropout: the validation pass must leave every RNG stream as it found it (no single-process twin).
@@ -27,18 +28,58 @@ def _reference(model: str) -> dict:
     """The same global batches in one process: DP=1 with DP times the accumulation steps."""
     from inrun_megatron.deepspeed.model import LMShape
 
-    return run_deepspeed_case(LMShape(**MODELS[model]), stage=0, **dict(RUN, gas=RUN["gas"] * DP), keep_gradients=True)
+    run = dict(RUN, gas=RUN["gas"] * DP)
+    return run_deepspeed_case(LMShape(**MODELS[model]), stage=0, n_targets=TARGETS[model], keep_gradients=True, **run)
 
 
-def _relative_error(ours: dict, ref: dict) -> float:
-    assert sorted(ours) == sorted(ref)
-    scale = max(abs(v) for v in ref.values())
-    return max(abs(ours[s] - ref[s]) for s in ref) / scale
+def _relative_error(ranks: list, i: int, step: int, ref: dict) -> float:
+    """Largest difference of the case's per-sample scores (all DP ranks, every target) from the
+    reference's, relative to the reference's largest score of that target."""
+    worst = 0.0
+    for target, expected in ref.items():
+        ours = {sid: raw for rank in ranks for sid, raw in rank[i]["raw"][step][target].items()}
+        assert sorted(ours) == sorted(expected)
+        scale = max(abs(v) for v in expected.values())
+        worst = max(worst, max(abs(ours[s] - expected[s]) for s in expected) / scale)
+    return worst
+
+
+def _residuals(got: dict, lr: float) -> tuple[float, float]:
+    """Largest efficiency and SGD identity residuals, relative to the size of what is summed
+    (sum of |raw| over the global batch; times lr * clip for the SGD identity): sums of scores of
+    either sign can cancel, so relative to the sum itself a residual says nothing."""
+    per_step = len(got["raw"][0])  # one entry per step and target
+    efficiency = max(abs(t - d) / a for (t, d), a in zip(got["efficiency"], got["abs_raw"]))
+    sgd = max(
+        abs(t - d) / (lr * got["clip"][j // per_step] * a)
+        for j, ((t, d), a) in enumerate(zip(got["sgd"], got["abs_raw"]))
+    )
+    return efficiency, sgd
+
+
+def _assert_rank_result(name: str, got: dict, stage: int, lr: float) -> str:
+    """What every rank shows in every case: training unchanged by scoring, DeepSpeed's state
+    untouched by the validation pass, and the efficiency and SGD identities (returned as text)."""
+    assert not got["changed_by_scoring"], f"{name}: scoring changed {got['changed_by_scoring']}"
+    iso = got["isolation"]
+    assert iso["accumulate_grad_hooks_fired"] == 0 and iso["grads_untouched"], f"{name}: {iso}"
+    assert iso["partitions_unchanged"] and iso["parameters_released"], f"{name}: {iso}"
+    assert (iso["zero3_parameters"] > 0) == (stage == 3), f"{name}: {iso}"
+    efficiency, sgd = _residuals(got, lr)
+    assert efficiency <= 1e-5, f"{name}: efficiency identity off by {efficiency:.1e}"
+    assert sgd <= 1e-4, f"{name}: SGD identity off by {sgd:.1e}"
+    return f"efficiency residual {efficiency:.1e}, SGD residual {sgd:.1e}"
 
 
 def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
     payload = [
-        dict(shape=dict(MODELS[c["model"]], dropout=c.get("dropout", 0.0)), stage=c["stage"], split=c["split"], **RUN)
+        dict(
+            shape=dict(MODELS[c["model"]], dropout=c.get("dropout", 0.0)),
+            stage=c["stage"],
+            split=c["split"],
+            n_targets=TARGETS[c["model"]],
+            **RUN,
+        )
         for c in CASES + EQUIVALENCE_ONLY
     ]
     outputs = launch("deepspeed_zero.py", DP, tmp_path, json.dumps(payload))
@@ -48,38 +89,42 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
     assert "has no 'sample_ids'" in outputs[1]["rejection"], outputs[1]["rejection"]
     references = {m: _reference(m) for m in {c["model"] for c in CASES}}
     for ref in references.values():  # the reference itself satisfies the identities
-        for total, dot in ref["efficiency"] + ref["sgd"]:
-            assert total == pytest.approx(dot, rel=1e-5)
+        efficiency, sgd = _residuals(ref, RUN["lr"])
+        assert efficiency <= 1e-5 and sgd <= 1e-4, (efficiency, sgd)
     for i, case in enumerate(CASES + EQUIVALENCE_ONLY):
         name = f"ZeRO-{case['stage']} {case['model']} {'split' if case['split'] else 'replicated'} validation"
+        residuals = [_assert_rank_result(name, rank[i], case["stage"], RUN["lr"]) for rank in ranks]
         for rank in ranks:
-            got = rank[i]
-            assert not got["changed_by_scoring"], f"{name}: scoring changed {got['changed_by_scoring']}"
-            iso = got["isolation"]
-            assert iso["accumulate_grad_hooks_fired"] == 0 and iso["grads_untouched"], f"{name}: {iso}"
-            assert iso["partitions_unchanged"] and iso["parameters_released"], f"{name}: {iso}"
-            assert iso["zero3_parameters"] == (len(got["G"]) if case["stage"] == 3 else 0), name
-            for total, dot in got["efficiency"]:
-                assert total == pytest.approx(dot, rel=1e-5), f"{name}: efficiency"
-            for total, change in got["sgd"]:
-                assert total == pytest.approx(change, rel=1e-4), f"{name}: SGD identity"
-            assert min(got["clip"]) < 1.0, f"{name}: clipping at 1.0 should be active in some step: {got['clip']}"
+            assert min(rank[i]["clip"]) < 1.0, f"{name}: clipping at 1.0 should be active in some step"
         if case in EQUIVALENCE_ONLY:
             continue
         ref = references[case["model"]]
+        errors = []
         for step in range(RUN["steps"]):
-            ours = {sid: raw for rank in ranks for sid, raw in rank[i]["raw"][step].items()}
-            assert _relative_error(ours, ref["raw"][step]) <= 1e-4, f"{name} step {step}"
+            errors.append(_relative_error(ranks, i, step, ref["raw"][step]))
+            assert errors[-1] <= 1e-4, f"{name} step {step}: {errors[-1]:.2e} from the single-process scores"
             assert ranks[0][i]["clip"][step] == pytest.approx(ref["clip"][step], rel=1e-5), f"{name}: clip_coef"
+        print(f"{name}: max relative error vs single process {max(errors):.2e}, {residuals[0]}")
         for rank in ranks:  # G on each rank (ZeRO-3: partitions gathered layer by layer) = the full G
-            for pname, g in ref["G"].items():
-                assert torch.allclose(rank[i]["G"][pname], g, rtol=0, atol=1e-5 * float(g.abs().max())), pname
+            for key, g in ref["G"].items():
+                assert torch.allclose(rank[i]["G"][key], g, rtol=0, atol=1e-5 * float(g.abs().max())), key
         if case["stage"] == 3:
             for rank in ranks:
                 memory = rank[i]["G_memory"]
                 assert memory["local"] * DP <= memory["full"] + DP * len(ref["G"]), memory  # 1/DP, up to padding
-                # Partitions plus the most ever gathered at once stay below one full copy of G.
+                # Partitions plus the most ever gathered at once stay below one full copy of G; what is
+                # gathered is one layer's G, plus the previous one that the collective library may still
+                # hold (gloo keeps a collective's tensors until the next collective).
                 assert memory["local"] + memory["peak"] < memory["full"], f"{name}: a rank held all of G: {memory}"
+                per_parameter = {}  # the store gathers all targets of a parameter at once
+                for (_, pname), g in ref["G"].items():
+                    per_parameter[pname] = per_parameter.get(pname, 0) + g.numel()
+                two_largest = sum(sorted(per_parameter.values())[-2:])
+                assert memory["peak"] <= two_largest, f"{name}: gathered more than a layer at a time: {memory}"
+            fractions = [
+                (r[i]["G_memory"]["local"] + r[i]["G_memory"]["peak"]) / r[i]["G_memory"]["full"] for r in ranks
+            ]
+            print(f"{name}: G held per rank at most {max(fractions):.3f} of the full G ({ranks[0][i]['G_memory']})")
 
 
 @pytest.mark.megatron
@@ -98,13 +143,11 @@ def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, 
     reference = run_case(shape, n_micro=run["gas"] * DP, mbs=run["mbs"], steps=run["steps"], lr=run["lr"], seed=21)
     for i, case in enumerate(cases):
         name = f"TP=2 x DP=2 ZeRO-{case['stage']}"
-        for rank in ranks:
-            got = rank[i]
-            assert not got["changed_by_scoring"], f"{name}: scoring changed {got['changed_by_scoring']}"
-            for total, dot in got["efficiency"]:
-                assert total == pytest.approx(dot, rel=1e-5), f"{name}: efficiency"
+        residuals = [_assert_rank_result(name, rank[i], case["stage"], run["lr"]) for rank in ranks]
+        errors = []
         for step in range(run["steps"]):
             # TP ranks of one DP replica hold the same (TP-reduced) scores; DP replicas own different samples.
             assert ranks[0][i]["raw"][step] == ranks[1][i]["raw"][step], f"{name}: TP ranks disagree"
-            ours = {sid: raw for rank in ranks for sid, raw in rank[i]["raw"][step].items()}
-            assert _relative_error(ours, reference["raw"][step]) <= 1e-4, f"{name} step {step}"
+            errors.append(_relative_error(ranks, i, step, {"validation": reference["raw"][step]}))
+            assert errors[-1] <= 1e-4, f"{name} step {step}: {errors[-1]:.2e} from the single-process scores"
+        print(f"{name}: max relative error vs single process {max(errors):.2e}, {residuals[0]}")

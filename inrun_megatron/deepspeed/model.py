@@ -133,12 +133,25 @@ class TransformerLM(nn.Module):
         self.output_layer = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         if shape.share_embeddings_and_output_weights:
             self.output_layer.weight = self.embedding.weight
+        self.init_method_std = shape.init_method_std
+        self.init_weights()
+        self.to(shape.params_dtype)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Weights ~ N(0, init_method_std), biases 0, norm weights 1.
+
+        Built under ``deepspeed.zero.Init`` the parameters are already partitioned when this runs in
+        ``__init__``; call it again inside ``deepspeed.zero.GatheredParameters(list(model.parameters()),
+        modifier_rank=0)`` to give the model the same weights as without ZeRO-3.
+        """
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif "norm" not in name:  # norms keep their ones
-                nn.init.normal_(p, std=shape.init_method_std)
-        self.to(shape.params_dtype)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, std=self.init_method_std)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None:

@@ -145,6 +145,8 @@ class DeepSpeedScorer(Scorer):
         self.zero_stage = int(engine.zero_optimization_stage())
         check_targets(self.targets, vocab_size or _vocab_size(engine.module))
         self._check_validation_split()
+        for target in self.targets:  # moved to the model's device once, not every step
+            target.batches = [_on_device(b, engine.device) for b in target.batches]
         self._lr: float | None = None
         self._global_steps_at_forward: int | None = None
         self._fp32_clip_norm: float | None = None
@@ -210,7 +212,7 @@ class DeepSpeedScorer(Scorer):
         if self.zero_stage == 3 and self.config.validation_split == "split":
             rounds = -(-len(target.batches) // self.dp_size)
             weighted += [(batches[0], 0.0)] * (rounds - len(batches))
-        return [(_on_device(b, self.engine.device), w) for b, w in weighted]
+        return weighted
 
     def fp16_loss_scale(self) -> float:
         """DeepSpeed's current fp16 loss scale (1.0 unless fp16)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from ds_common import init_deepspeed, run_deepspeed_case
+from ds_common import init_deepspeed, run_deepspeed_case, with_training_equivalence
 
 from inrun_megatron.deepspeed.model import LMShape
 
@@ -48,15 +48,7 @@ def main() -> None:
     results = []
     for case in cases:
         shape = LMShape(**case.pop("shape"))
-        scored = run_deepspeed_case(shape, keep_gradients=True, **case)
-        plain = run_deepspeed_case(shape, scored=False, **case)
-        scored["changed_by_scoring"] = [
-            n for n, w in plain["weights"].items() if not torch.equal(w, scored["weights"][n])
-        ]
-        if plain["losses"] != scored["losses"]:
-            scored["changed_by_scoring"].append(f"losses {plain['losses']} -> {scored['losses']}")
-        del scored["weights"]
-        results.append(scored)
+        results.append(with_training_equivalence(run_deepspeed_case, shape=shape, keep_gradients=True, **case))
     torch.save({"cases": results, "rejection": rejection_on_one_rank()}, out_dir / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
