@@ -213,6 +213,12 @@ class TorchEmbeddingSite(TapSite):
     embedding: torch.nn.Embedding | None = None
 
     def partial(self, grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() < 2:
+            raise RuntimeError(
+                f"{self.name} was looked up with indices of shape {tuple(ids.shape)}, without a batch dimension;"
+                " its output is broadcast over the batch and has no per-sequence gradient: look it up with"
+                " [batch, seq] ids (e.g. position_ids expanded to the batch)"
+            )
         return rules.embedding_scores(
             ids, grad, self.grads[self.embedding.weight], batch_dim=0, projection_dtype=self.projection_dtype
         )

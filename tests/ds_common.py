@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
+from inrun_megatron.deepspeed.scorer import masked_token_mean
 from inrun_megatron.distributed import free_port
 
 from common import make_data
@@ -93,17 +94,6 @@ def validation_pass_isolation(scorer) -> dict:
         "parameters_released": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in zero3),
         "zero3_parameters": len(zero3),
     }
-
-
-def masked_mean(token_losses):
-    """The training loss DeepSpeedScorer uses by default, for the unscored loop."""
-
-    def loss(model, batch):
-        losses = token_losses(model, batch)
-        mask = batch["loss_mask"].to(losses)
-        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
-
-    return loss
 
 
 def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradients: bool = False) -> dict:
@@ -216,7 +206,9 @@ def run_deepspeed_case(
     def batches_of_step(step: int) -> list:
         return make_data(shape, gas * dp, mbs, seed + 100 + step, first_id=1000 * step)[rank::dp]
 
-    return train(engine, scorer, batches_of_step, steps, masked_mean(lm_token_losses), keep_gradients=keep_gradients)
+    return train(
+        engine, scorer, batches_of_step, steps, masked_token_mean(lm_token_losses), keep_gradients=keep_gradients
+    )
 
 
 def with_training_equivalence(run, **case) -> dict:

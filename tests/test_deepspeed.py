@@ -224,3 +224,52 @@ def test_readme_training_loop_runs(deepspeed_world, monkeypatch, capsys):
     exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
     values = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(values) == list(range(12)) and all(v == v for v in values.values())
+
+
+class _TinyLM(torch.nn.Module):
+    """Embedding, a Linear called with ``input=`` and an output projection; optionally a position
+    embedding looked up without a batch dimension and broadcast over the batch (GPT-2 code does)."""
+
+    vocab_size = 64
+
+    def __init__(self, broadcast_positions: bool):
+        super().__init__()
+        self.broadcast_positions = broadcast_positions
+        self.embedding = torch.nn.Embedding(64, 16)
+        self.position_embedding = torch.nn.Embedding(16, 16)
+        self.hidden = torch.nn.Linear(16, 16)
+        self.output_layer = torch.nn.Linear(16, 64)
+
+    def forward(self, tokens, position_ids):
+        positions = torch.arange(tokens.shape[1]) if self.broadcast_positions else position_ids
+        x = self.embedding(tokens) + self.position_embedding(positions)
+        return self.output_layer(torch.tanh(self.hidden(input=x)))
+
+
+@pytest.mark.parametrize("broadcast_positions", [False, True])
+def test_torch_layers_keyword_inputs_and_broadcast_embeddings(deepspeed_world, broadcast_positions):
+    import deepspeed
+
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import LMShape, lm_token_losses
+
+    torch.manual_seed(0)
+    model = _TinyLM(broadcast_positions)
+    config = ds_config(stage=0, gas=1, mbs=2, clip=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    shape = LMShape()
+    validation, train = make_data(shape, 2, 2, seed=1, first_id=10**6), make_data(shape, 1, 2, seed=2)
+    scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
+    if broadcast_positions:  # one output shared by the batch has no per-sequence gradient: refused, not summed
+        with pytest.raises(RuntimeError, match="position_embedding was looked up with indices of shape \\(16,\\)"):
+            scorer.forward_backward(train)
+        return
+    scorer.forward_backward(train)
+    engine.step()
+    c = scorer.end_step(lr=1.0).columns
+    torch.manual_seed(0)
+    reference_model = _TinyLM(broadcast_positions)
+    g_val = oracle.validation_gradient(reference_model, validation, lm_token_losses)
+    reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, g_val)
+    scale = max(abs(v) for v in reference.values())
+    assert all(abs(r - reference[int(s)]) <= 1e-4 * scale for s, r in zip(c["sample_id"], c["raw"]))

@@ -102,6 +102,18 @@ def _vocab_size(module: torch.nn.Module) -> int:
     )
 
 
+def masked_token_mean(token_losses: TokenLosses) -> LossFn:
+    """The default training loss: the mean of ``token_losses`` over a micro-batch's loss-masked
+    tokens (what Hugging Face causal LMs return)."""
+
+    def loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        losses = token_losses(model, batch)
+        mask = loss_mask_of(batch).to(losses)
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+    return loss
+
+
 def _is_megatron_model(module: torch.nn.Module) -> bool:
     return any(type(m).__module__.startswith("megatron.core.") for m in module.modules())
 
@@ -230,12 +242,6 @@ class DeepSpeedScorer(Scorer):
     # ----------------------------------------------------------------------------------
     # per-step work
 
-    def masked_mean_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The default training loss: mean of ``token_losses`` over the micro-batch's loss-masked tokens."""
-        losses = self.token_losses(model, batch)
-        mask = loss_mask_of(batch).to(losses)
-        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
-
     def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn | None = None) -> list[float]:
         """Run one optimizer step's micro-steps with scoring; leave the optimizer step to the caller.
 
@@ -247,14 +253,15 @@ class DeepSpeedScorer(Scorer):
         micro-batch losses.
         """
         engine = self.engine
-        micro_batches = [_on_device(b, engine.device) for b in micro_batches]
+        micro_batches = list(micro_batches)
         sample_ids = self._check_step_input(micro_batches)
+        micro_batches = [_on_device(b, engine.device) for b in micro_batches]
         self._fp32_clip_norm = None
         validation_losses = run_validation_pass(self)
         lrs = set(engine.get_lr())
         self._lr = lrs.pop() if len(lrs) == 1 else None
         self._global_steps_at_forward = engine.global_steps
-        loss_fn = loss_fn or self.masked_mean_loss
+        loss_fn = loss_fn or masked_token_mean(self.token_losses)
         n_micro, mbs = sample_ids.shape
         applied = torch.zeros(n_micro, dtype=torch.float64)
         losses = []

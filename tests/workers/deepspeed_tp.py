@@ -17,7 +17,7 @@ from inrun_megatron.megatron import cpu_shims
 
 cpu_shims.install()
 
-from ds_common import ds_config, init_deepspeed, masked_mean, train, with_training_equivalence  # noqa: E402
+from ds_common import ds_config, init_deepspeed, train, with_training_equivalence  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 
 from common import load_canonical_weights, make_data, shape_from_json, token_losses  # noqa: E402
@@ -27,6 +27,7 @@ def run(shape, *, stage: int, gas: int, mbs: int, steps: int, lr: float, seed: i
     import deepspeed
 
     from inrun_megatron.deepspeed import DeepSpeedScorer, MegatronMPU
+    from inrun_megatron.deepspeed.scorer import masked_token_mean
     from inrun_megatron.megatron.model import build_gpt
 
     tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
@@ -45,7 +46,7 @@ def run(shape, *, stage: int, gas: int, mbs: int, steps: int, lr: float, seed: i
     def batches_of_step(step: int) -> list:
         return make_data(shape, gas * dp, mbs, seed + 100 + step, first_id=1000 * step)[dp_rank::dp]
 
-    return train(engine, scorer, batches_of_step, steps, masked_mean(token_losses))
+    return train(engine, scorer, batches_of_step, steps, masked_token_mean(token_losses))
 
 
 def main() -> None:
