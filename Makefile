@@ -15,12 +15,12 @@ export OMP_NUM_THREADS ?= 1
 export GLOO_SOCKET_IFNAME ?= lo
 export DS_BUILD_OPS ?= 0
 
-.PHONY: venv test test-fast lint format demo bench clean
+.PHONY: venv test test-fast lint format demo bench bench-scores clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0 numpy
-	$(PIP) install -q -c constraints.txt -e '.[megatron,deepspeed,mpi,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[megatron,deepspeed,mpi,dev,pretrain,tensorboard,analysis]'
 	$(PIP) install -q --no-deps --ignore-requires-python --target $(MCORE019) megatron-core==$(MCORE019_VERSION)
 	touch $(STAMP)
 
@@ -47,6 +47,10 @@ demo: venv
 
 bench: venv
 	$(VENV)/bin/inrun-bench
+
+# inrun-scores on a synthetic dump of 10^8 rows (about 10 GiB of disk under runs/).
+bench-scores: venv
+	PATH=$(VENV)/bin:$$PATH $(VENV)/bin/inrun-scores bench --dir runs/bench-scores
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,6 +18,15 @@ setup(
         "deepspeed": ["deepspeed>=0.19"],
         "mpi": ["mpi4py>=4", "openmpi>=5"],
         "dev": ["pytest", "ruff"],
+        "pretrain": ["tokenizers"],
+        "tensorboard": ["tensorboard"],
+        "analysis": ["rich", "matplotlib", "scipy"],
     },
-    entry_points={"console_scripts": ["inrun-bench=inrun_megatron.bench:main"]},
+    entry_points={
+        "console_scripts": [
+            "inrun-bench=inrun_megatron.bench:main",
+            "inrun-preprocess=inrun_megatron.data.indexed:main",
+            "inrun-scores=inrun_megatron.analysis.cli:main",
+        ]
+    },
 )

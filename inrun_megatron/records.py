@@ -79,7 +79,17 @@ def part_steps(path: Path) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+#: Parquet key-value metadata of every part, so that a part moved into another run is recognised.
+META_RUN_ID = b"inrun_megatron.run_id"
+META_SCHEMA_VERSION = b"inrun_megatron.schema_version"
+
+
+def part_metadata(run_id: str, schema_version: int = SCHEMA_VERSION) -> dict[bytes, bytes]:
+    return {META_RUN_ID: run_id.encode(), META_SCHEMA_VERSION: b"%d" % schema_version}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see either the old file or all of the new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -88,7 +98,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    """Write a Parquet file atomically (``<name>.tmp``, fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp, compression="zstd")
     with open(tmp, "rb") as f:
@@ -109,23 +120,27 @@ def write_manifest(run_dir: str | Path, manifest: Mapping[str, Any]) -> dict:
         "step_columns": {f.name: str(f.type) for f in STEP_SCHEMA},
         **{k: v for k, v in manifest.items() if k != "run_id"},
     }
-    _atomic_write_bytes(run_dir / MANIFEST, json.dumps(full, indent=2, sort_keys=True, default=str).encode())
+    atomic_write_bytes(run_dir / MANIFEST, json.dumps(full, indent=2, sort_keys=True, default=str).encode())
     return full
 
 
-def read_manifest(run_dir: str | Path) -> dict:
+def read_manifest(
+    run_dir: str | Path, *, expected_format: str = "inrun_megatron.scores", expected_version: int = SCHEMA_VERSION
+) -> dict:
+    """The manifest of a score dump (or, with ``expected_format``, of a directory derived from one)."""
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest; is {run_dir} an inrun_megatron run directory?")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt manifest ({e})") from e
-    if manifest.get("format") != "inrun_megatron.scores":
-        raise ValueError(f"{path}: not an inrun_megatron score manifest")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path}: not an {expected_format} manifest (format {found!r})")
+    if manifest.get("schema_version") != expected_version:
         raise ValueError(
-            f"{path}: schema version {manifest.get('schema_version')}, this inrun_megatron reads {SCHEMA_VERSION}"
+            f"{path}: schema version {manifest.get('schema_version')}, this inrun_megatron reads {expected_version}"
         )
     return manifest
 
@@ -179,15 +194,11 @@ class _PartStream:
                 continue
             table = pq.read_table(path)
             kept = table.filter(pc.less_equal(table["step"], step))
-            _atomic_write_table(self.directory / part_name(span[0], step), self._with_meta(kept))
+            atomic_write_table(self.directory / part_name(span[0], step), self._with_meta(kept))
             path.unlink()
 
     def _with_meta(self, table: pa.Table) -> pa.Table:
-        meta = {
-            b"inrun_megatron.run_id": self.run_id.encode(),
-            b"inrun_megatron.schema_version": b"%d" % SCHEMA_VERSION,
-        }
-        return table.replace_schema_metadata(meta)
+        return table.replace_schema_metadata(part_metadata(self.run_id))
 
     def append(self, step: int, table: pa.Table) -> None:
         if self.steps and step <= self.steps[-1]:
@@ -199,7 +210,7 @@ class _PartStream:
         if not self.pending:
             return
         table = pa.concat_tables(self.pending)
-        _atomic_write_table(self.directory / part_name(self.steps[0], self.steps[-1]), self._with_meta(table))
+        atomic_write_table(self.directory / part_name(self.steps[0], self.steps[-1]), self._with_meta(table))
         self.pending, self.steps = [], []
 
 

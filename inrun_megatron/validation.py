@@ -134,6 +134,10 @@ class GradientStore:
     def params(self) -> list[torch.nn.Parameter]:
         return list(self._grads)
 
+    def values(self) -> list[torch.Tensor]:
+        """Every stored ``[K, *param.shape]`` gradient."""
+        return list(self._grads.values())
+
     def target(self, k: int) -> dict[torch.nn.Parameter, torch.Tensor]:
         """Views of target k's gradient, per parameter."""
         return {p: g[k] for p, g in self._grads.items()}

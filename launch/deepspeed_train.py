@@ -113,15 +113,15 @@ def build_model(args, ds_config: dict):
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
                 model.init_weights()
         return model, lm_token_losses, None
+    if not torch.cuda.is_available():  # before megatron-core is first imported
+        from inrun_megatron.megatron import cpu_shims
+
+        cpu_shims.install()
     from megatron.core import parallel_state, tensor_parallel
 
     from inrun_megatron.deepspeed import MegatronMPU
     from inrun_megatron.megatron.model import GPTShape, build_gpt
 
-    if not torch.cuda.is_available():
-        from inrun_megatron.megatron import cpu_shims
-
-        cpu_shims.install()
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     # GPT-2 style; on the CPU megatron draws each weight whole, so every TP size trains the same model.

@@ -7,6 +7,7 @@ TP=4 run and the single-process reference train identical weights.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
@@ -32,6 +33,24 @@ CASES = {
     ),
     "rmsnorm-gelu-bias-untied-recompute": dict(normalization="RMSNorm", recompute=True),
 }
+
+
+#: Unit roundoff of megatron's half-precision compute dtypes: rounding moves x by at most u*|x|.
+UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
+
+
+def efficiency_error(
+    efficiency: tuple[float, float, float], *, tol: float | None = None, precision: str | None = None
+) -> float:
+    """``|sum raw - <g, G>|`` in units of what the arithmetic allows (<= 1 passes).
+
+    In fp32/fp64 (``precision`` None) ``tol * |<g, G>|``. In bf16/fp16 the optimizer's gradient ``g`` is a sum of
+    gradients rounded to the compute dtype while the scores are exact products of the same
+    activations, so the two sides may differ by rounding ``g``: ``u * sum |g_i G_i|``.
+    """
+    total, batch_dot, batch_abs = efficiency
+    allowed = tol * abs(batch_dot) if precision is None else UNIT_ROUNDOFF[precision] * batch_abs
+    return abs(total - batch_dot) / allowed
 
 
 def canonical_names(model: torch.nn.Module) -> dict[torch.nn.Parameter, str]:
@@ -120,7 +139,12 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Per-token losses ``[b, s]``; float64 models compute their cross-entropy in float64."""
+    """Per-token losses ``[b, s]`` (hidden states on a stage without the output layer); float64
+    models compute their cross-entropy in float64."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    if not get_attr_wrapped_model(model, "post_process"):
+        return model(batch["tokens"], batch["position_ids"], None)
     if next(model.parameters()).dtype == torch.float64:
         logits = model(batch["tokens"], batch["position_ids"], None)
         return vocab_parallel_cross_entropy(logits, batch["labels"])
@@ -128,33 +152,177 @@ def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def forward_step(data_iterator, model):
-    """Megatron forward step over :func:`token_losses` with megatron's default loss."""
+    """Megatron forward step over :func:`token_losses` with megatron's default loss. Pipeline
+    stages that need no data (neither tokens nor labels) get ``data_iterator=None``."""
     import functools
 
     from inrun_megatron.megatron.model import masked_token_loss
 
+    if data_iterator is None:
+        return model(None, None, None), functools.partial(masked_token_loss, None)
     batch = next(data_iterator)
     return token_losses(model, batch), functools.partial(masked_token_loss, batch["loss_mask"])
 
 
-def model_dot(model: torch.nn.Module, a: dict, b: dict) -> float:
-    """``<a, b>`` over every parameter of ``model``, each tensor-parallel duplicate counted once,
-    summed over the model-parallel group (the right-hand sides of the DESIGN §1 identities)."""
+def scored_forward_backward(scorer, model: torch.nn.Module, shape: GPTShape, train: list[dict]) -> list:
+    """``scorer.forward_backward`` over ``train`` for a single-process model."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return scorer.forward_backward(
+        get_forward_backward_func(),
+        forward_step_func=forward_step,
+        data_iterator=iter(train),
+        model=model,
+        num_microbatches=len(train),
+        seq_length=shape.seq_length,
+        micro_batch_size=int(train[0]["tokens"].shape[0]),
+    )
+
+
+def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], validation) -> tuple:
+    """One scored forward/backward of a single-process model (no optimizer step), closed with
+    ``lr=1``; returns the detached scorer (its ``grads`` hold ``G``) and the step's records."""
+    from inrun_megatron.megatron import MegatronScorer
+
+    scorer = MegatronScorer(model, validation)
+    scored_forward_backward(scorer, model, shape, train)
+    records = scorer.end_step(lr=1.0)
+    scorer.detach()
+    return scorer, records
+
+
+def model_dot(chunks: list[torch.nn.Module], a: dict, b: dict) -> tuple[float, float]:
+    """``(<a, b>, sum |a_i b_i|)`` over every parameter of the model, each counted once:
+    tensor-parallel duplicates on one TP rank, the last stage's copy of a tied embedding not at
+    all; summed over the model-parallel group (the right-hand sides of the DESIGN §1 identities;
+    the second number bounds how far rounding ``a`` moves the first)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
-    total = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if param_is_not_tensor_parallel_duplicate(p) and a.get(p) is not None:
-            total += (a[p].double() * b[p].double()).sum()
+    total = torch.zeros(2, dtype=torch.float64)
+    for p in _counted_params(chunks):
+        if a.get(p) is not None:
+            _add_dot(total, a[p], b[p])
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return float(total)
+    return float(total[0]), float(total[1])
 
 
-def optimizer_grads(model: torch.nn.Module) -> dict:
-    """The gradient the optimizer sees: megatron DDP's ``main_grad``, else ``.grad``."""
-    return {p: (p.main_grad if hasattr(p, "main_grad") else p.grad) for p in model.parameters()}
+def _add_dot(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    products = a.double() * b.double()
+    total[0] += products.sum()
+    total[1] += products.abs().sum()
+
+
+def _counted_params(chunks: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    return [
+        p
+        for chunk in chunks
+        for p in chunk.parameters()
+        if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p)
+    ]
+
+
+def optimizer_gradient_dot(chunks: list[torch.nn.Module], other: dict) -> tuple[float, float]:
+    """:func:`model_dot` of ``g`` and ``other``, with ``g`` the gradient the optimizer sees (after megatron's gradient
+    reduction). Under the distributed optimizer each DP rank holds only its shard of every
+    gradient bucket, so the dot product is summed over the shards of the DP ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel
+
+    ddp = [c for c in chunks if isinstance(c, DistributedDataParallel)]
+    if not ddp or not ddp[0].ddp_config.use_distributed_optimizer:
+        grads = {p: (p.main_grad if hasattr(p, "main_grad") else p.grad) for c in chunks for p in c.parameters()}
+        return model_dot(chunks, grads, other)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    counted = set(_counted_params(chunks))
+    total = torch.zeros(2, dtype=torch.float64)
+    for chunk in ddp:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            for bucket in buffer.buckets:
+                shard = bucket.grad_data.numel() // dp
+                lo = bucket.grad_data.storage_offset() + dp_rank * shard
+                for p in bucket.params_list:
+                    if p not in counted:
+                        continue
+                    start = p.main_grad.storage_offset()
+                    a, b = max(lo, start) - start, min(lo + shard, start + p.numel()) - start
+                    if a < b:
+                        _add_dot(total, p.main_grad.reshape(-1)[a:b], other[p].reshape(-1)[a:b])
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return float(total[0]), float(total[1])
+
+
+@contextlib.contextmanager
+def data_parallel_traffic():
+    """Count the elements all-reduced or reduce-scattered over the data-parallel group (megatron
+    DDP's gradient reduction, the scorer's own reductions) while the context is open."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.distributed import param_and_grad_buffer
+
+    dp_ranks = dist.get_process_group_ranks(parallel_state.get_data_parallel_group(with_context_parallel=True))
+    count = [0]
+
+    def counting(collective, input_position: int):
+        def wrapper(*args, group=None, **kwargs):
+            if group is not None and dist.get_process_group_ranks(group) == dp_ranks:
+                count[0] += args[input_position].numel()
+            return collective(*args, group=group, **kwargs)
+
+        return wrapper
+
+    all_reduce, reduce_scatter = dist.all_reduce, param_and_grad_buffer.dist_reduce_scatter_func
+    dist.all_reduce = counting(all_reduce, 0)
+    param_and_grad_buffer.dist_reduce_scatter_func = counting(reduce_scatter, 1)
+    try:
+        yield count
+    finally:
+        dist.all_reduce, param_and_grad_buffer.dist_reduce_scatter_func = all_reduce, reduce_scatter
+
+
+def _megatron_training(
+    models: list[torch.nn.Module], ddp: dict, optimizer: str, lr: float, clip_grad: float, fp16_loss_scale: dict
+):
+    """Wrap chunks in megatron's Float16Module (bf16/fp16 configs) and DDP and build megatron's
+    optimizer, as megatron's training loop does."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    from inrun_megatron.megatron import cpu_shims
+
+    config = models[0].config
+    ddp_config = DistributedDataParallelConfig(**ddp)
+    if config.fp16 or config.bf16:
+        models = [Float16Module(config, m) for m in models]
+    chunks = [DistributedDataParallel(config, ddp_config, m) for m in models]
+    if ddp_config.overlap_grad_reduce:
+        config.no_sync_func = [c.no_sync for c in chunks]
+        config.grad_sync_func = [c.start_grad_sync for c in chunks]
+        if len(chunks) == 1:
+            config.no_sync_func, config.grad_sync_func = config.no_sync_func[0], config.grad_sync_func[0]
+    config.finalize_model_grads_func = finalize_model_grads
+    opt_config = OptimizerConfig(
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=0.0,
+        sgd_momentum=0.0,
+        clip_grad=clip_grad,
+        use_distributed_optimizer=ddp_config.use_distributed_optimizer,
+        fp16=config.fp16,
+        bf16=config.bf16,
+        params_dtype=torch.float16 if config.fp16 else torch.bfloat16 if config.bf16 else config.params_dtype,
+        **fp16_loss_scale,
+    )
+    with cpu_shims.CudaToCpuMode():
+        opt = get_megatron_optimizer(opt_config, chunks)
+    config.grad_scale_func = opt.scale_loss
+    return chunks, opt
 
 
 def run_case(
@@ -166,55 +334,126 @@ def run_case(
     lr: float,
     seed: int,
     scored: bool = True,
-    tp_rank: int = 0,
-    tp_size: int = 1,
     n_val_batches: int = 2,
+    ddp: dict | None = None,
+    optimizer: str = "sgd",
+    clip_grad: float = 0.0,
+    validation_split: str = "replicate",
+    fp16_loss_scale: dict | None = None,
+    validation: list[dict] | None = None,
+    epoch_steps: int | None = None,
+    writer=None,
 ) -> dict:
-    """Train ``steps`` plain-SGD steps of a canonical GPT; return per-step scores and checks.
+    """Train ``steps`` steps of a canonical GPT at the initialised parallel layout; return
+    per-step scores and the DESIGN §1 identities.
 
-    Returns ``{"raw": [{sample_id: raw}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum v,
-    <G, w_t - w_t+1>)], "losses": [...], "weights": {canonical name: local tensor}}``.
+    Each DP rank trains ``n_micro`` microbatches of the step's ``n_micro * DP`` (so a DP=1 run
+    with ``n_micro * DP`` microbatches is its single-process reference). ``ddp=None`` trains the
+    bare model with torch SGD; otherwise the chunks are wrapped in megatron DDP with these
+    ``DistributedDataParallelConfig`` options and trained by megatron's ``optimizer`` ("sgd" or
+    "adam"), clipping at ``clip_grad`` (0: off); bf16/fp16 configs (``shape.extra_config``) add
+    megatron's ``Float16Module`` and mixed-precision optimizer (``fp16_loss_scale``: its loss-scale
+    options). ``validation`` replaces the default validation batches.
+
+    Returns per step: ``raw`` ``{sample_id: raw}`` of this DP rank's samples, ``efficiency``
+    ``(sum raw, <g, G>, sum |g_i G_i|)`` and ``sgd`` ``(sum v, <G, w_t - w_t+1>)`` over the global batch,
+    ``clip_coef``, ``skipped``, ``losses``, ``dp_traffic`` (elements reduced over the DP group
+    during the forward/backward call) and ``fb_calls`` (calls of megatron's forward_backward_func);
+    and the final ``weights`` by canonical name.
+    With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
+    ``ScoreWriter`` (on one rank per DP replica), every step's records are dumped too, with
+    ``<g, G>`` as the step's batch_dot.
     """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_attr_wrapped_model
 
-    from inrun_megatron.megatron import MegatronScorer, cpu_shims
-    from inrun_megatron.megatron.model import build_gpt
+    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.megatron import MegatronScorer, clip_coefficient, cpu_shims
+    from inrun_megatron.megatron.model import build_gpt_chunks
 
+    tp_rank, tp_size = (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     cpu_shims.seed(seed)
-    model = build_gpt(shape)
-    load_canonical_weights(model, seed, tp_rank, tp_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
-    scorer = MegatronScorer(model, validation) if scored else None
-    fb = get_forward_backward_func()
-    out = {"raw": [], "efficiency": [], "sgd": [], "losses": []}
+    models = build_gpt_chunks(shape)
+    for model in models:
+        load_canonical_weights(model, seed, tp_rank, tp_size)
+    if ddp is None:
+        chunks, opt = models, torch.optim.SGD([p for m in models for p in m.parameters()], lr=lr)
+    else:
+        chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {})
+    if validation is None:
+        validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
+    config = ScoringConfig(validation_split=validation_split)
+    scorer = MegatronScorer(chunks, validation, config) if scored else None
+    fb_calls = [0]
+
+    def fb(**kwargs):
+        fb_calls[0] += 1
+        return get_forward_backward_func()(**kwargs)
+
+    out = {key: [] for key in ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls")}
     for step in range(steps):
-        data = make_data(shape, n_micro, mbs, seed + 100 + step, first_id=1000 * step)
-        optimizer.zero_grad(set_to_none=True)
+        batch_index = step % epoch_steps if epoch_steps else step
+        data = make_data(shape, n_micro * dp_size, mbs, seed + 100 + batch_index, first_id=1000 * batch_index)
+        local = data[dp_rank * n_micro : (dp_rank + 1) * n_micro]
+        has_data = [
+            get_attr_wrapped_model(c, "pre_process") or get_attr_wrapped_model(c, "post_process") for c in chunks
+        ]
+        iterators = [iter(local) if needed else None for needed in has_data]
+        if ddp is not None:
+            for chunk in chunks:
+                chunk.zero_grad_buffer()
+        opt.zero_grad()
         kwargs = dict(
             forward_step_func=forward_step,
-            data_iterator=iter(data),
-            model=model,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=n_micro,
             seq_length=shape.seq_length,
             micro_batch_size=mbs,
         )
-        losses = scorer.forward_backward(fb, **kwargs) if scored else fb(**kwargs)
-        out["losses"].append(torch.stack([x["lm loss"] for x in losses]).tolist())
+        fb_calls[0] = 0
+        with data_parallel_traffic() as traffic:
+            losses = scorer.forward_backward(fb, **kwargs) if scored else fb(**kwargs)
+        out["dp_traffic"].append(traffic[0])
+        out["fb_calls"].append(fb_calls[0])
+        out["losses"].append([x["lm loss"].tolist() for x in losses])
         if scored:
             g_val = scorer.grads.target(0)
-            before = {p: p.detach().clone() for p in model.parameters()}
-            batch_dot = model_dot(model, optimizer_grads(model), g_val)
-        optimizer.step()
+            before = {p: p.detach().clone() for c in chunks for p in c.parameters()}
+            loss_scale = 1.0 if ddp is None else float(opt.get_loss_scale())
+            batch_dot, batch_abs = (x / loss_scale for x in optimizer_gradient_dot(chunks, g_val))
+        if ddp is None:
+            opt.step()
+            result = (True, None, None)
+        else:
+            with cpu_shims.CudaToCpuMode():
+                result = opt.step()
+        out["clip_coef"].append(clip_coefficient(result[1], clip_grad))
+        out["skipped"].append(not result[0])
         if scored:
-            records = scorer.end_step(lr=lr)
+            records = scorer.end_step(lr=lr) if ddp is None else scorer.end_optimizer_step(opt, result)
             c = records.columns
             raw = dict(zip(c["sample_id"].tolist(), c["raw"].tolist()))
             out["raw"].append(raw)
-            out["efficiency"].append((sum(raw.values()), batch_dot))
-            moved = {p: before[p] - p.detach() for p in model.parameters()}
-            out["sgd"].append((float(records.values.sum()), model_dot(model, moved, g_val)))
-    out["weights"] = {name: p.detach().clone() for p, name in canonical_names(model).items()}
+            sums = torch.tensor([sum(raw.values()), float(records.values.sum())], dtype=torch.float64)
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+            out["efficiency"].append((float(sums[0]), batch_dot, batch_abs))
+            moved = {p: before[p] - p.detach() for p in before}
+            out["sgd"].append((float(sums[1]), model_dot(chunks, moved, g_val)[0]))
+            if writer is not None:
+                from inrun_megatron.records import StepInfo
+
+                val_losses, target = scorer.validation_losses[-1], scorer.targets[0].name
+                info = StepInfo(step, lr, out["clip_coef"][-1], out["skipped"][-1], val_losses, {target: batch_dot})
+                writer.append(records, info)
+    out["weights"] = {name: p.detach().clone() for m in models for p, name in canonical_names(m).items()}
+    out["n_params"] = sum(p.numel() for c in chunks for p in c.parameters())
     if scored:
         out["values"] = scorer.values()
         scorer.detach()

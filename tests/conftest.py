@@ -12,6 +12,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from inrun_megatron.megatron import cpu_shims
+
+cpu_shims.install()  # before any test module imports megatron-core
+
 
 @pytest.fixture(scope="session")
 def megatron_world():

@@ -8,6 +8,7 @@ under test (megatron's cross-entropy backward works in place; recomputation forb
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -31,6 +32,11 @@ def dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(sum((a[n].double() * b[n].double()).sum() for n in a))
 
 
+def abs_dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """``sum |a_i b_i|``: bounds how far rounding each ``a_i`` can move ``dot(a, b)``."""
+    return float(sum((a[n].double() * b[n].double()).abs().sum() for n in a))
+
+
 def validation_gradient(model: torch.nn.Module, batches: Sequence[dict], token_losses: TokenLosses) -> dict:
     """Gradient of the mean per-token (masked) loss over every validation batch."""
     n_tokens = sum(float(b["loss_mask"].sum()) for b in batches)
@@ -43,9 +49,11 @@ def per_sample_raw(
     token_losses: TokenLosses,
     g_val: dict[str, torch.Tensor],
     dp_size: int = 1,
-) -> dict[int, float]:
-    """``<grad l_z, G>`` for every sample, with megatron's default normalisation of l_z:
-    masked token-loss sum / (tokens in the microbatch * microbatches * DP size)."""
+    combine: Callable[[dict, dict], Any] = dot,
+) -> dict[int, Any]:
+    """``combine(grad l_z, G)`` (default ``<grad l_z, G>``) for every sample, with megatron's
+    default normalisation of l_z: masked token-loss sum / (tokens in the microbatch *
+    microbatches * DP size)."""
     out = {}
     n_micro = len(microbatches)
     for batch in microbatches:
@@ -55,5 +63,5 @@ def per_sample_raw(
             def loss_z(batch=batch, j=j):
                 return (token_losses(model, batch)[j] * batch["loss_mask"][j]).sum() / denom
 
-            out[int(sid)] = dot(gradients(model, loss_z), g_val)
+            out[int(sid)] = combine(gradients(model, loss_z), g_val)
     return out

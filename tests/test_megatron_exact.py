@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import oracle
-from common import CASES, forward_step, load_canonical_weights, make_data, run_case, token_losses
+from common import CASES, load_canonical_weights, make_data, run_case, score_one_step, token_losses
 
 pytestmark = pytest.mark.megatron
 
@@ -23,9 +23,6 @@ def _shape(case: str, dtype: torch.dtype):
 @pytest.mark.parametrize("n_micro", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
 def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import build_gpt
 
     shape = _shape(case, dtype)
@@ -33,19 +30,8 @@ def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
     load_canonical_weights(model, seed=3)
     train = make_data(shape, n_micro, 3, seed=5)
     validation = make_data(shape, 2, 2, seed=6, first_id=10**6)  # 4 validation sequences
-    scorer = MegatronScorer(model, validation)
-    scorer.forward_backward(
-        get_forward_backward_func(),
-        forward_step_func=forward_step,
-        data_iterator=iter(train),
-        model=model,
-        num_microbatches=n_micro,
-        seq_length=shape.seq_length,
-        micro_batch_size=3,
-    )
-    records = scorer.end_step(lr=1.0)
+    scorer, records = score_one_step(model, shape, train, validation)
     ours = dict(zip(records.columns["sample_id"].tolist(), records.columns["raw"].tolist()))
-    scorer.detach()
 
     g_val = oracle.validation_gradient(model, validation, token_losses)
     store = {name: scorer.grads[p][0] for name, p in model.named_parameters()}
@@ -67,7 +53,7 @@ def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
 def test_efficiency_and_sgd_identities(megatron_world, case):
     shape = _shape(case, torch.float64)
     result = run_case(shape, n_micro=3, mbs=2, steps=3, lr=0.5, seed=11)
-    for total, batch_dot in result["efficiency"]:
+    for total, batch_dot, _ in result["efficiency"]:
         assert total == pytest.approx(batch_dot, rel=1e-9, abs=1e-12)
     for total_value, weight_change in result["sgd"]:
         assert total_value == pytest.approx(weight_change, rel=1e-9, abs=1e-12)
@@ -88,3 +74,28 @@ def test_scoring_changes_no_loss_gradient_or_weight(megatron_world, case):
     assert plain["losses"] == scored["losses"]
     for name, w in plain["weights"].items():
         assert torch.equal(w, scored["weights"][name]), name
+
+
+def test_several_targets_are_scored_separately(megatron_world):
+    """Each named validation set gets its own G and scores, equal to a run scored on it alone."""
+
+    from inrun_megatron.megatron.model import build_gpt
+
+    shape = _shape("layernorm-gelu-bias-untied", torch.float64)
+    model = build_gpt(shape)
+    load_canonical_weights(model, seed=4)
+    train = make_data(shape, 2, 2, seed=8)
+    targets = {"web": make_data(shape, 1, 2, seed=9), "code": make_data(shape, 2, 1, seed=10)}
+
+    def scores(validation):
+        c = score_one_step(model, shape, train, validation)[1].columns
+        for p in model.parameters():
+            p.grad = None
+        return {(t, s): r for t, s, r in zip(c["target"], c["sample_id"].tolist(), c["raw"].tolist())}
+
+    both = scores(targets)
+    alone = {**scores({"web": targets["web"]}), **scores({"code": targets["code"]})}
+    assert sorted(both) == sorted(alone) and len(both) == 8
+    for key, value in alone.items():
+        assert both[key] == pytest.approx(value, rel=1e-12, abs=1e-15)
+    assert both[("web", 0)] != pytest.approx(both[("code", 0)], rel=1e-3)

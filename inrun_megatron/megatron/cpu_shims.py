@@ -144,6 +144,14 @@ def _patch_causal_masks() -> None:
             setattr(module, name, patched)
 
 
+def _patch_embedding_setup() -> None:
+    """With tied embeddings under pipeline parallelism, the last stage's copy of the embedding is
+    all-reduced at construction after ``weight.data.cuda()``."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _in_cpu_mode(LanguageModule.setup_embeddings_and_output_layer)
+
+
 def install() -> None:
     """Apply every CPU patch once. Call before building megatron models."""
     global _installed
@@ -155,6 +163,7 @@ def install() -> None:
     _patch_memory_buffer()
     _patch_rng_tracker()
     _patch_causal_masks()
+    _patch_embedding_setup()
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
     from megatron.core.pipeline_parallel import schedules

@@ -6,8 +6,7 @@ Usage (a complete loop is in the README)::
     for step in range(n_steps):
         losses = scorer.forward_backward(get_forward_backward_func(), forward_step_func=...,
                                          data_iterator=..., model=model_chunks, ...)
-        ok, grad_norm, _ = optimizer.step()
-        scorer.end_step(lr=lr, clip_coef=clip_coefficient(grad_norm, max_norm), skipped=not ok)
+        scorer.end_optimizer_step(optimizer, optimizer.step())  # lr, clip coefficient, skipped
     scorer.values("validation")   # {sample_id: accumulated value}
     scorer.detach()
 
@@ -32,7 +31,8 @@ from megatron.core.utils import get_model_config
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron import layers
 from inrun_megatron.megatron.validation_pass import run_validation_pass
-from inrun_megatron.scorer import Scorer
+from inrun_megatron.scorer import Scorer, clip_coefficient
+from inrun_megatron.scores import StepRecords
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 
 #: megatron-core release lines the Megatron adapter is tested against.
@@ -98,7 +98,7 @@ class MegatronScorer(Scorer):
         self.models = [_unwrap(c) for c in self.chunks]
         self._refuse_unsupported()
         check_targets(self.targets, vocab_size=self.models[0].vocab_size)
-        self._check_validation_split()
+        self._check_validation_batches()
         layers.install_linear_patch()
         self.on_detach(layers.remove_linear_patch)
         roots = [(f"chunk{i}" if len(self.models) > 1 else "", m) for i, m in enumerate(self.models)]
@@ -112,15 +112,23 @@ class MegatronScorer(Scorer):
     # attach-time checks and site construction
 
     def _refuse_unsupported(self) -> None:
+        """Refuse, before any work, the setups whose scores would be wrong, naming the setup."""
         config = get_model_config(self.chunks[0])
-        if parallel_state.get_context_parallel_world_size() > 1:
-            raise NotImplementedError("context parallelism is not supported yet; use context_parallel_size=1")
-        if getattr(config, "num_moe_experts", None):
-            raise NotImplementedError("mixture-of-experts models are not supported yet")
-        if getattr(config, "calculate_per_token_loss", False):
-            raise NotImplementedError("calculate_per_token_loss=True is not supported yet")
-        if getattr(config, "fp16", False) or getattr(config, "bf16", False):
-            raise NotImplementedError("fp16/bf16 megatron models are not supported yet; use float32")
+        refused = {
+            "context parallelism": parallel_state.get_context_parallel_world_size() > 1,
+            "mixture-of-experts models (num_moe_experts)": bool(getattr(config, "num_moe_experts", None)),
+            "multi-token prediction (mtp_num_layers)": bool(getattr(config, "mtp_num_layers", None)),
+            "calculate_per_token_loss=True": bool(getattr(config, "calculate_per_token_loss", False)),
+            "fp8/fp4 training": bool(getattr(config, "fp8", None) or getattr(config, "fp4", None)),
+            "Megatron-FSDP (use_megatron_fsdp)": any(
+                getattr(getattr(c, "ddp_config", None), "use_megatron_fsdp", False) for c in self.chunks
+            ),
+        }
+        for what, present in refused.items():
+            if present:
+                raise NotImplementedError(
+                    f"inrun_megatron does not support {what} yet; the supported layouts are listed in the README"
+                )
         has_ddp = any(isinstance(c, DistributedDataParallel) for c in self.chunks)
         if parallel_state.get_data_parallel_world_size() > 1 and not has_ddp:
             raise NotImplementedError(
@@ -130,15 +138,27 @@ class MegatronScorer(Scorer):
             if not isinstance(m, LanguageModule):
                 raise TypeError(f"expected megatron GPT-style model chunks, got {type(m).__name__}")
 
-    def _check_validation_split(self) -> None:
-        if self.config.validation_split != "split":
-            return
-        dp = parallel_state.get_data_parallel_world_size()
+    def _check_validation_batches(self) -> None:
+        """Each rank's share of every target must be a microbatch count the schedule accepts."""
+        split = self.config.validation_split == "split"
+        dp = parallel_state.get_data_parallel_world_size() if split else 1
+        config = get_model_config(self.chunks[0])
+        group = config.microbatch_group_size_per_vp_stage if len(self.chunks) > 1 else None
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
         for t in self.targets:
-            if len(t.batches) < dp:
+            counts = {len(t.batches[r::dp]) for r in range(dp)}
+            if min(counts) == 0:
                 raise ValueError(
                     f"validation target {t.name!r} has {len(t.batches)} batches, fewer than the {dp} data-parallel"
                     " ranks it is split over; use validation_split='replicate' or more batches"
+                )
+            if group is not None and any(n < group or 0 < n % group < pp for n in counts):
+                raise ValueError(
+                    f"validation target {t.name!r}: the interleaved pipeline schedule runs microbatches in groups"
+                    f" of {group} (microbatch_group_size_per_vp_stage) on {pp} pipeline stages, so each rank needs"
+                    f" at least {group} validation batches, and a remainder of 0 or at least {pp} when the count"
+                    f" is not a multiple of {group}; the ranks get {sorted(counts)}. Give the target more"
+                    " (or fewer) batches, or use validation_split='replicate'"
                 )
 
     def counts(self, param: torch.nn.Parameter) -> bool:
@@ -169,7 +189,8 @@ class MegatronScorer(Scorer):
         config = get_model_config(self.chunks[0])
         if config.grad_scale_func is None:
             return 1.0
-        return float(config.grad_scale_func(torch.ones(1)))
+        # A 0-dim tensor mixes with the optimizer's scale tensor on any device.
+        return float(config.grad_scale_func(torch.ones((), device=self.grads.params()[0].device)))
 
     def _gradient_scale(self) -> float:
         """Factor between the summed per-microbatch output gradients and the optimizer's gradient.
@@ -180,6 +201,23 @@ class MegatronScorer(Scorer):
         if any(isinstance(c, DistributedDataParallel) for c in self.chunks):
             scale /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
         return scale
+
+    def end_optimizer_step(self, optimizer, step_result: tuple) -> StepRecords:
+        """Close the step from megatron's optimizer and what its ``step()`` returned.
+
+        Reads the learning rate the update used (call this before the LR scheduler steps), the
+        clipping coefficient from the returned gradient norm and ``clip_grad``, and records a
+        skipped update (fp16 overflow) as skipped.
+        """
+        update_successful, grad_norm, _ = step_result
+        lrs = {float(group["lr"]) for group in optimizer.param_groups}
+        if len(lrs) != 1:
+            raise ValueError(
+                f"the optimizer's parameter groups use different learning rates {sorted(lrs)}; a value"
+                " lr * clip_coef * raw needs one learning rate per step. Pass the one you want to end_step(lr=...)"
+            )
+        clip_coef = clip_coefficient(grad_norm, optimizer.config.clip_grad)
+        return self.end_step(lr=lrs.pop(), clip_coef=clip_coef, skipped=not update_successful)
 
     def local_validation_batches(self, target) -> list[Batch]:
         if self.config.validation_split == "replicate":

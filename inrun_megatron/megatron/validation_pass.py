@@ -8,6 +8,9 @@ Runs the user's forward step on the validation batches through the same
 * megatron DDP's gradient synchronisation held off (no DP all-reduce: a replicated validation
   set needs none, a split one is reduced once, by us, on ``G`` itself);
 * a loss whose gradient is exactly the validation loss ``sum(mask * CE) / N_val_tokens``;
+* the training run's loss scale (fp16), removed again from ``G``; if the validation gradient
+  overflows at that scale, the pass is repeated at a smaller one, so that an fp16 step whose
+  update is applied always gets finite scores;
 
 then moves the gradients into the :class:`~inrun_megatron.validation.GradientStore` and clears
 the gradient buffers, leaving them as they were before.
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -65,9 +67,14 @@ def _ddp_chunks(chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
     return [c for c in chunks if isinstance(c, DistributedDataParallel)]
 
 
+#: Factor by which the loss scale shrinks when the validation gradient overflows in fp16.
+RESCALE_ON_OVERFLOW = 8.0
+
+
 @contextlib.contextmanager
-def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter]):
-    """Eval mode, saved RNG, no gradient sync or finalisation, and plain ``.grad`` stashed."""
+def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter], loss_scale: float):
+    """Eval mode, saved RNG, no gradient sync or finalisation, losses scaled by ``loss_scale``,
+    and plain ``.grad`` stashed."""
     config = get_model_config(chunks[0])
     modes = [(m, m.training) for c in chunks for m in c.modules()]
     rng_cpu = torch.get_rng_state()
@@ -75,7 +82,8 @@ def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter]):
     tracker = tensor_parallel.get_cuda_rng_tracker()
     tracker_states = tracker.get_states()
     saved_config = {
-        name: getattr(config, name) for name in ("no_sync_func", "grad_sync_func", "finalize_model_grads_func")
+        name: getattr(config, name)
+        for name in ("no_sync_func", "grad_sync_func", "finalize_model_grads_func", "grad_scale_func")
     }
     stashed_grads = {p: p.grad for p in params}
     for p in params:
@@ -86,6 +94,7 @@ def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter]):
         config.no_sync_func = contextlib.nullcontext
         config.grad_sync_func = None
         config.finalize_model_grads_func = None
+        config.grad_scale_func = None if loss_scale == 1.0 else functools.partial(torch.mul, other=loss_scale)
         with contextlib.ExitStack() as no_sync:
             for ddp in _ddp_chunks(chunks):
                 no_sync.enter_context(ddp.no_sync())
@@ -183,13 +192,41 @@ def _backward_target(
     return torch.stack(sums).sum().double() if sums else torch.zeros((), dtype=torch.float64)
 
 
+def _finite_everywhere(scorer: MegatronScorer, losses: torch.Tensor) -> bool:
+    """Whether the losses and ``G`` are finite on every rank (one collective: all ranks agree)."""
+    finite = bool(torch.isfinite(losses).all()) and all(bool(torch.isfinite(g).all()) for g in scorer.grads.values())
+    bad = torch.tensor(0.0 if finite else 1.0, device=losses.device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)
+
+
 def run_validation_pass(
     scorer: MegatronScorer, forward_backward_func: Callable, forward_step_func: Callable, model
 ) -> dict[str, float]:
     """Fill ``scorer.grads`` with ``G`` of every target at the current weights; return the losses."""
     loss_scale = scorer.loss_scale()
+    while True:
+        losses = _validation_gradients(scorer, forward_backward_func, forward_step_func, model, loss_scale)
+        finite = _finite_everywhere(scorer, losses)
+        if finite or loss_scale == 1.0:
+            break
+        loss_scale = max(loss_scale / RESCALE_ON_OVERFLOW, 1.0)
+    result = {t.name: float(v) / t.n_loss_tokens for t, v in zip(scorer.targets, losses)}
+    if not finite:
+        raise FloatingPointError(
+            f"non-finite validation loss or gradient (losses {result}) at step {scorer.step}: no score was"
+            " computed and the training gradients were left untouched; check the validation data and the"
+            " model's numerics"
+        )
+    return result
+
+
+def _validation_gradients(
+    scorer: MegatronScorer, forward_backward_func: Callable, forward_step_func: Callable, model, loss_scale: float
+) -> torch.Tensor:
+    """One validation pass with losses scaled by ``loss_scale``; returns each target's loss sum."""
     loss_sums = []
-    with _isolated(scorer.chunks, scorer.grads.params()):
+    with _isolated(scorer.chunks, scorer.grads.params(), loss_scale):
         for k, target in enumerate(scorer.targets):
             batches = scorer.local_validation_batches(target)
             loss_sums.append(
@@ -201,11 +238,4 @@ def run_validation_pass(
     dist.all_reduce(losses, group=parallel_state.get_pipeline_model_parallel_group())
     if scorer.config.validation_split == "split":
         dist.all_reduce(losses, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    result = {t.name: float(v) / t.n_loss_tokens for t, v in zip(scorer.targets, losses)}
-    bad = {name: v for name, v in result.items() if not math.isfinite(v)}
-    if bad:
-        raise FloatingPointError(
-            f"non-finite validation loss {bad} at step {scorer.step}: no score was computed and the training"
-            " gradients were left untouched; check the validation data and the model's numerics"
-        )
-    return result
+    return losses

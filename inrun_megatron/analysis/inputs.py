@@ -1,0 +1,176 @@
+"""What a command is pointed at: a score dump or a merged directory, and the run's sample index.
+
+Commands that need accumulated values accept either; a dump is merged on the fly into a
+temporary directory (removed afterwards), so that ``inrun-scores top RUN`` works on a fresh run
+and ``inrun-scores merge RUN -o OUT`` once makes later commands on ``OUT`` fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from inrun_megatron.analysis.dump import DumpError, ScoreDump, read_table
+from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
+from inrun_megatron.analysis.progress import SILENT, Progress
+from inrun_megatron.analysis.values import VALUES_FORMAT, MergedValues
+from inrun_megatron.records import MANIFEST
+
+ROW_COLUMNS = ["sample_id", "step", "value", "raw", "skipped"]
+
+NO_DATA = (
+    "the run records no data section (scores written through the API, not by the pretraining entry point):"
+    " sources, documents and text are not available"
+)
+
+
+_UNOPENED = object()
+
+
+class Scores:
+    """A command's input; use as a context manager so that temporary merges are removed."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        memory_bytes: int = DEFAULT_MEMORY,
+        work_dir: str | Path | None = None,
+        progress: Progress = SILENT,
+    ):
+        self.path = Path(path)
+        self.memory_bytes = memory_bytes
+        self.work_dir = work_dir
+        self.progress = progress
+        self.notes: list[str] = []
+        self.dump: ScoreDump | None = None
+        self.merged: MergedValues | None = None
+        self._temporary: Path | None = None
+        self._index = _UNOPENED
+        if _format_of(self.path) == VALUES_FORMAT:
+            self.merged = MergedValues.open(self.path)
+        else:
+            self.dump = ScoreDump.open(self.path)
+
+    def __enter__(self) -> Scores:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            self._temporary = None
+
+    @property
+    def manifest(self) -> dict:
+        """The score dump's manifest (for a merged directory, the one it was merged from)."""
+        return self.dump.manifest if self.dump is not None else self.merged.source_manifest
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dump.root if self.dump is not None else self.merged.source_dir
+
+    def values(self) -> MergedValues:
+        """Accumulated values; a dump is merged into a temporary directory first."""
+        if self.merged is None:
+            self._temporary = Path(tempfile.mkdtemp(prefix="inrun-scores-", dir=self.work_dir))
+            out = self._temporary / "merged"
+            merge(self.dump, out, memory_bytes=self.memory_bytes, progress=self.progress, work_dir=self._temporary)
+            self.merged = MergedValues.open(out)
+            self.notes.append(
+                f"merged {self.dump.num_rows} score rows on the fly; `inrun-scores merge {self.path} -o OUT` once"
+                " and point commands at OUT to skip this"
+            )
+        return self.merged
+
+    def rows(self, target: str | None = None, sample_ids: np.ndarray | None = None) -> Iterator[pa.Table]:
+        """Per-step rows (``ROW_COLUMNS`` plus ``target``) of one target or all, optionally of some samples.
+
+        From a merged directory's ``per_step`` parts when it has them, else from the dump.
+        """
+        columns = ["target", *ROW_COLUMNS]
+        if self.merged is not None and self.merged.has_per_step:
+            filters = [("sample_id", "in", sample_ids.tolist())] if sample_ids is not None else None
+            for path in self.merged.parts("per_step"):
+                table = read_table(path, columns, filters)
+                yield from _select(table, target, None)
+            return
+        dump = self.dump if self.dump is not None else self._source_dump()
+        with self.progress.task("reading score rows", dump.num_rows) as advance:
+            for _, batch in dump.batches(columns):
+                advance(batch.num_rows)
+                yield from _select(pa.Table.from_batches([batch]), target, sample_ids)
+
+    def _source_dump(self) -> ScoreDump:
+        source = self.merged.source_dir
+        if not (source / MANIFEST).exists():
+            raise DumpError(
+                f"{self.path}: merged without --per-step and its dump {source} is gone; per-step rows need either"
+                " the dump or a merge with --per-step"
+            )
+        dump = ScoreDump.open(source)
+        if dump.run_id != self.merged.run_id:
+            raise DumpError(f"{source}: holds run {dump.run_id}, but {self.path} was merged from {self.merged.run_id}")
+        return dump
+
+    def index(self):
+        """The run's sample index (``inrun_megatron.data``), or None with a note if it has no data section."""
+        if self._index is _UNOPENED:
+            self._index = None
+            if not self.manifest.get("data"):
+                self.notes.append(NO_DATA)
+            else:
+                from inrun_megatron.data import open_sample_index
+
+                if not (self.run_dir / MANIFEST).exists():
+                    raise DumpError(
+                        f"{self.path}: merged from {self.run_dir}, which is gone; sources, documents and text"
+                        " are read through that run directory's data section"
+                    )
+                self._index = open_sample_index(self.run_dir)
+        return self._index
+
+
+def _format_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None  # ScoreDump.open explains what is wrong
+
+
+def _select(table: pa.Table, target: str | None, sample_ids: np.ndarray | None) -> Iterator[pa.Table]:
+    if target is not None:
+        table = table.filter(pc.equal(table.column("target"), target))
+    if sample_ids is not None:
+        table = table.filter(np.isin(table.column("sample_id").to_numpy(), sample_ids))
+    if table.num_rows:
+        yield table
+
+
+def describe_samples(index, sample_ids: np.ndarray, text_chars: int) -> dict[int, dict]:
+    """Source, documents and a text snippet of a few samples, by sample id."""
+    rows = index.lookup(np.asarray(sample_ids, dtype=np.int64)).to_pylist()
+    return {
+        row["sample_id"]: {
+            "source": row["source"],
+            "document_ids": row["document_ids"],
+            "text": index.text(row["sample_id"], max_chars=text_chars),
+        }
+        for row in rows
+    }
+
+
+def sources_of(index, sample_ids: np.ndarray) -> np.ndarray:
+    """Source name of each sample id (in order)."""
+    unique, inverse = np.unique(np.asarray(sample_ids, dtype=np.int64), return_inverse=True)
+    names = index.lookup(unique).column("source").to_numpy(zero_copy_only=False)
+    return names[inverse.reshape(-1)]

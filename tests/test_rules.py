@@ -1,0 +1,109 @@
+"""Per-layer score rules against per-sample gradients materialised by autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inrun_megatron import rules
+
+K = 2  # validation targets
+
+
+def _per_sample_grads(loss_per_sample, params):
+    """``[B][param]`` gradients, one autograd call per sample (the brute-force definition)."""
+    out = []
+    for loss in loss_per_sample:
+        out.append(torch.autograd.grad(loss, params, retain_graph=True))
+    return out
+
+
+def _reference(grads_per_sample, g_targets):
+    """``[K, B]``: <per-sample grad, G_k> summed over parameters."""
+    return torch.tensor(
+        [
+            [sum(float((g * G[k]).sum()) for g, G in zip(grads, g_targets)) for grads in grads_per_sample]
+            for k in range(K)
+        ],
+        dtype=torch.float64,
+    )
+
+
+def _layout(t, batch_dim):
+    """Move the sample dim of a ``[B, T, d]`` tensor to ``batch_dim``."""
+    return t if batch_dim == 0 else t.transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_dim", [0, 1])
+@pytest.mark.parametrize(("d_in", "d_out"), [(6, 4), (4, 7)])  # both projection sides
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(batch_dim, d_in, d_out, bias, monkeypatch):
+    monkeypatch.setattr(rules, "CHUNK_BYTES", 64)  # force several token chunks
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 5
+    x = torch.randn(B, T, d_in, generator=g, dtype=torch.float64)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    bvec = torch.randn(d_out, generator=g, dtype=torch.float64, requires_grad=True)
+    y = x @ w.t() + (bvec if bias else 0)
+    upstream = torch.randn(B, T, d_out, generator=g, dtype=torch.float64)
+    params = [w, bvec] if bias else [w]
+    grads = _per_sample_grads([(y[j] * upstream[j]).sum() for j in range(B)], params)
+    G = [torch.randn(K, *p.shape, generator=g, dtype=torch.float64) for p in params]
+    got = rules.linear_scores(
+        _layout(x, batch_dim), _layout(upstream, batch_dim), G[0], G[1] if bias else None, batch_dim=batch_dim
+    )
+    torch.testing.assert_close(got, _reference(grads, G), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_half_precision_is_projected_in_float32():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 16, generator=g).bfloat16()
+    upstream = torch.randn(2, 8, 12, generator=g).bfloat16()
+    G = torch.randn(K, 12, 16, generator=g)
+    got = rules.linear_scores(x, upstream, G, batch_dim=0)
+    exact = torch.einsum("btd,bto,kod->kb", x.double(), upstream.double(), G.double())
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_offset", [0, 5])  # a vocabulary shard holding rows [5, 15)
+def test_embedding(row_offset, monkeypatch):
+    monkeypatch.setattr(rules, "CHUNK_BYTES", 64)
+    g = torch.Generator().manual_seed(2)
+    B, T, V, h = 3, 6, 20, 4
+    ids = torch.randint(0, V, (B, T), generator=g)
+    table = torch.randn(V, h, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(B, T, h, generator=g, dtype=torch.float64)
+    out = table[ids]
+    grads = _per_sample_grads([(out[j] * upstream[j]).sum() for j in range(B)], [table])
+    G_full = torch.randn(K, V, h, generator=g, dtype=torch.float64)
+    rows = 10 if row_offset else V
+    G_local = G_full[:, row_offset : row_offset + rows]
+    got = rules.embedding_scores(ids, upstream, G_local, batch_dim=0, row_offset=row_offset)
+    G_masked = torch.zeros_like(G_full)
+    G_masked[:, row_offset : row_offset + rows] = G_local  # only local rows count on this shard
+    torch.testing.assert_close(got, _reference(grads, [G_masked]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "layer_norm_no_bias", "rms_norm"])
+def test_norms(kind):
+    g = torch.Generator().manual_seed(3)
+    T, B, h = 5, 3, 8  # megatron layout: batch_dim=1
+    x = torch.randn(T, B, h, generator=g, dtype=torch.float64)
+    gamma = (1 + 0.1 * torch.randn(h, generator=g, dtype=torch.float64)).requires_grad_()
+    beta = torch.randn(h, generator=g, dtype=torch.float64, requires_grad=True)
+    eps = 1e-5
+    if kind == "rms_norm":
+        y = torch.nn.functional.rms_norm(x, (h,), gamma, eps)
+        params = [gamma]
+    else:
+        with_bias = kind == "layer_norm"
+        y = torch.nn.functional.layer_norm(x, (h,), gamma, beta if with_bias else None, eps)
+        params = [gamma, beta] if with_bias else [gamma]
+    upstream = torch.randn(T, B, h, generator=g, dtype=torch.float64)
+    grads = _per_sample_grads([(y[:, j] * upstream[:, j]).sum() for j in range(B)], params)
+    G = [torch.randn(K, h, generator=g, dtype=torch.float64) for _ in params]
+    if kind == "rms_norm":
+        got = rules.rms_norm_scores(x, upstream, G[0], eps=eps, batch_dim=1)
+    else:
+        got = rules.layer_norm_scores(x, upstream, G[0], G[1] if len(G) > 1 else None, eps=eps, batch_dim=1)
+    torch.testing.assert_close(got, _reference(grads, G), rtol=1e-12, atol=1e-12)
