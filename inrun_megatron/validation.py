@@ -9,7 +9,8 @@ depend on how the set is cut into microbatches or spread over data-parallel rank
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,24 @@ def make_batch(
         "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
         "sample_ids": sample_ids,
     }
+
+
+@contextlib.contextmanager
+def evaluation_state(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) inside; training modes and every RNG state restored afterwards,
+    so the training pass draws exactly the random numbers it would draw without scoring."""
+    modes = [(m, m.training) for m in module.modules()]
+    rng_cpu = torch.get_rng_state()
+    rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        torch.set_rng_state(rng_cpu)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state_all(rng_cuda)
 
 
 def as_targets(validation: Sequence[Batch] | Mapping[str, Sequence[Batch]]) -> list[ValidationTarget]:

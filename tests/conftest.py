@@ -1,4 +1,4 @@
-"""Single-process megatron tests run inside the pytest process on a 1-rank gloo group."""
+"""Single-process megatron and DeepSpeed tests run inside the pytest process on a 1-rank gloo group."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 DP = 2
 RUN = dict(gas=2, mbs=2, steps=2, lr=0.5, seed=3)  # gradient accumulation, clipping at DeepSpeed's default 1.0
 TARGETS = {"llama-tied": 1, "gpt-untied": 2}  # the GPT cases score two validation sets at once
+LAYERS = 4  # deep enough that one layer's G is a small part of the model's
 CASES = [dict(model="llama-tied", stage=s, split=split) for s in (0, 1, 2, 3) for split in (False, True)]
 CASES += [dict(model="gpt-untied", stage=1, split=False), dict(model="gpt-untied", stage=3, split=True)]
 # Dropout: the validation pass must leave every RNG stream as it found it (no single-process twin).
@@ -29,7 +30,9 @@ def _reference(model: str) -> dict:
     from inrun_megatron.deepspeed.model import LMShape
 
     run = dict(RUN, gas=RUN["gas"] * DP)
-    return run_deepspeed_case(LMShape(**MODELS[model]), stage=0, n_targets=TARGETS[model], keep_gradients=True, **run)
+    return run_deepspeed_case(
+        LMShape(**MODELS[model], num_layers=LAYERS), stage=0, n_targets=TARGETS[model], keep_gradients=True, **run
+    )
 
 
 def _relative_error(ranks: list, i: int, step: int, ref: dict) -> float:
@@ -74,7 +77,7 @@ def _assert_rank_result(name: str, got: dict, stage: int, lr: float) -> str:
 def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
     payload = [
         dict(
-            shape=dict(MODELS[c["model"]], dropout=c.get("dropout", 0.0)),
+            shape=dict(MODELS[c["model"]], num_layers=LAYERS, dropout=c.get("dropout", 0.0)),
             stage=c["stage"],
             split=c["split"],
             n_targets=TARGETS[c["model"]],
@@ -112,15 +115,16 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
             for rank in ranks:
                 memory = rank[i]["G_memory"]
                 assert memory["local"] * DP <= memory["full"] + DP * len(ref["G"]), memory  # 1/DP, up to padding
-                # Partitions plus the most ever gathered at once stay below one full copy of G; what is
-                # gathered is one layer's G, plus the previous one that the collective library may still
-                # hold (gloo keeps a collective's tensors until the next collective).
+                # Partitions plus the most ever gathered at once stay below one full copy of G. What is
+                # gathered is one layer's G, plus what the collective library has not let go of yet: gloo
+                # runs a process group's collectives on two worker threads, each of which can still hold
+                # the tensors of the collective it finished last.
                 assert memory["local"] + memory["peak"] < memory["full"], f"{name}: a rank held all of G: {memory}"
                 per_parameter = {}  # the store gathers all targets of a parameter at once
                 for (_, pname), g in ref["G"].items():
                     per_parameter[pname] = per_parameter.get(pname, 0) + g.numel()
-                two_largest = sum(sorted(per_parameter.values())[-2:])
-                assert memory["peak"] <= two_largest, f"{name}: gathered more than a layer at a time: {memory}"
+                three_largest = sum(sorted(per_parameter.values())[-3:])
+                assert memory["peak"] <= three_largest, f"{name}: gathered more than a layer at a time: {memory}"
             fractions = [
                 (r[i]["G_memory"]["local"] + r[i]["G_memory"]["peak"]) / r[i]["G_memory"]["full"] for r in ranks
             ]

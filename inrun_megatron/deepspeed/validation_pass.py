@@ -13,36 +13,16 @@ complete set of full gradients (that matters under ZeRO-3).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from inrun_megatron.validation import loss_mask_of
+from inrun_megatron.validation import evaluation_state, loss_mask_of
 
 if TYPE_CHECKING:
     from inrun_megatron.deepspeed.scorer import DeepSpeedScorer
-
-
-@contextlib.contextmanager
-def _evaluation_state(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) inside; training modes and every RNG state restored afterwards,
-    so the training pass draws exactly the random numbers it would draw without scoring."""
-    modes = [(m, m.training) for m in module.modules()]
-    rng_cpu = torch.get_rng_state()
-    rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        torch.set_rng_state(rng_cpu)
-        if rng_cuda is not None:
-            torch.cuda.set_rng_state_all(rng_cuda)
 
 
 def _placeholder(grad: torch.Tensor) -> torch.Tensor:
@@ -86,7 +66,7 @@ def _validation_pass(scorer: DeepSpeedScorer, scale: float) -> dict[str, float]:
     loss_sums = []
     handles = [p.register_hook(lambda grad, p=p: take(p, grad)) for p in params]
     try:
-        with _evaluation_state(module):
+        with evaluation_state(module):
             for k, target in enumerate(scorer.targets):
                 current["target"] = k
                 total = torch.zeros((), dtype=torch.float64, device=engine.device)
