@@ -62,13 +62,14 @@ def make_batch(
 
 
 @contextlib.contextmanager
-def evaluation_state(module: torch.nn.Module) -> Iterator[None]:
+def evaluation_state(*modules: torch.nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) inside; training modes and every RNG state restored afterwards,
     so the training pass draws exactly the random numbers it would draw without scoring."""
-    modes = [(m, m.training) for m in module.modules()]
+    modes = [(m, m.training) for module in modules for m in module.modules()]
     rng_cpu = torch.get_rng_state()
     rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    module.eval()
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:
