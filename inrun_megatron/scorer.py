@@ -21,6 +21,18 @@ from inrun_megatron.sites import Site, SiteBuilder
 from inrun_megatron.validation import Batch, GradientStore, as_targets
 
 
+def clip_coefficient(grad_norm: float | None, max_norm: float) -> float:
+    """The factor gradient clipping multiplied the gradient by (1.0 when it did not clip).
+
+    Megatron's optimizer and every DeepSpeed optimizer clip with the same rule,
+    ``min(1, max_norm / (norm + 1e-6))`` on the global norm of the unclipped gradient.
+    """
+    if grad_norm is None or not max_norm:
+        return 1.0
+    coef = max_norm / (float(grad_norm) + 1.0e-6)
+    return coef if coef < 1.0 else 1.0
+
+
 @dataclass
 class PendingStep:
     raw: torch.Tensor  # [K, M, B] float64, fully reduced and scaled
@@ -98,7 +110,11 @@ class Scorer:
                         " or build the model from supported layers."
                     )
         params = {id(p): p for site in self.sites for p in site.params}
-        self.grads = GradientStore(params.values(), len(self.targets))
+        self.grads = self.make_gradient_store(list(params.values()))
+
+    def make_gradient_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
+        """The store of ``G`` for ``params``; adapters whose parameters are sharded override it."""
+        return GradientStore(params, len(self.targets))
 
     def add_hook(self, handle) -> None:
         self._hooks.append(handle)

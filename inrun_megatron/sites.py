@@ -100,7 +100,14 @@ class TapSite(Site):
         step = self.scorer.step_scores
         microbatch = step.next_microbatch(self)
         if self.counted_here:
-            step.add(microbatch, self.partial(grad, *saved))
+            partial = self.partial(grad, *saved)
+            if partial.shape[1] != step.totals.shape[2]:
+                raise RuntimeError(
+                    f"layer {self.name} computed an output for {partial.shape[1]} sequences in a micro-batch of"
+                    f" {step.totals.shape[2]}: an output broadcast over the batch (e.g. position embeddings looked"
+                    " up without a batch dimension) has no per-sequence gradient; give its input a batch dimension"
+                )
+            step.add(microbatch, partial)
 
     def partial(self, grad: torch.Tensor, *saved: torch.Tensor) -> torch.Tensor:
         """The ``[K, B]`` partial scores of one microbatch."""
@@ -116,8 +123,12 @@ class TapSite(Site):
 
 
 def tap_module_output(scorer: Scorer, site: TapSite, module: torch.nn.Module) -> None:
-    """Tap ``module``'s output, saving its first positional input."""
-    scorer.add_hook(module.register_forward_hook(lambda _m, args, output: site.tap(output, args[0])))
+    """Tap ``module``'s output, saving its input (the first argument, or ``input=`` as torch names it)."""
+
+    def hook(_module, args, kwargs, output):
+        return site.tap(output, args[0] if args else kwargs["input"])
+
+    scorer.add_hook(module.register_forward_hook(hook, with_kwargs=True))
 
 
 @dataclass(eq=False)
@@ -146,7 +157,8 @@ def norm_site(scorer: Scorer, name: str, module: torch.nn.Module, *, batch_dim: 
     params = tuple(p for p in (module.weight, getattr(module, "bias", None)) if p is not None)
     if not params:
         return []
-    if tuple(module.normalized_shape) != (params[0].shape[-1],) or params[0].dim() != 1:
+    weight_shape = tuple(getattr(params[0], "ds_shape", params[0].shape))  # ZeRO-3 partitions hide the shape
+    if tuple(module.normalized_shape) != weight_shape:
         raise NotImplementedError(f"{name}: only norms over the last dimension are supported")
     sequence_parallel = any(getattr(p, "sequence_parallel", False) for p in params)
     site = NormSite(
@@ -201,6 +213,12 @@ class TorchEmbeddingSite(TapSite):
     embedding: torch.nn.Embedding | None = None
 
     def partial(self, grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() < 2:
+            raise RuntimeError(
+                f"{self.name} was looked up with indices of shape {tuple(ids.shape)}, without a batch dimension;"
+                " its output is broadcast over the batch and has no per-sequence gradient: look it up with"
+                " [batch, seq] ids (e.g. position_ids expanded to the batch)"
+            )
         return rules.embedding_scores(
             ids, grad, self.grads[self.embedding.weight], batch_dim=0, projection_dtype=self.projection_dtype
         )

@@ -9,7 +9,8 @@ depend on how the set is cut into microbatches or spread over data-parallel rank
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,43 @@ def loss_mask_of(batch: Batch) -> torch.Tensor:
     """The batch's loss mask, or all ones over its labels when it has none."""
     mask = batch.get("loss_mask")
     return torch.ones_like(batch["labels"], dtype=torch.float32) if mask is None else mask
+
+
+def make_batch(
+    tokens: torch.Tensor, sample_ids: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """A training batch from ``tokens [b, s+1]``: inputs, next-token labels, mask, positions.
+
+    The batch format every adapter, entry point and test uses (framework independent).
+    """
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    b, s = inputs.shape
+    return {
+        "tokens": inputs,
+        "labels": labels,
+        "loss_mask": torch.ones(b, s) if loss_mask is None else loss_mask.float(),
+        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+        "sample_ids": sample_ids,
+    }
+
+
+@contextlib.contextmanager
+def evaluation_state(*modules: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) inside; training modes and every RNG state restored afterwards,
+    so the training pass draws exactly the random numbers it would draw without scoring."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    rng_cpu = torch.get_rng_state()
+    rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        torch.set_rng_state(rng_cpu)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state_all(rng_cuda)
 
 
 def as_targets(validation: Sequence[Batch] | Mapping[str, Sequence[Batch]]) -> list[ValidationTarget]:

@@ -8,11 +8,11 @@ TP=4 run and the single-process reference train identical weights.
 from __future__ import annotations
 
 import contextlib
-import socket
 import zlib
 
 import torch
 
+from inrun_megatron.distributed import free_port  # noqa: F401  (used by conftest and workers)
 from inrun_megatron.megatron.model import GPTShape, make_batch
 
 # Every layer kind of the local spec appears in at least one fp32 and one float64 case:
@@ -51,12 +51,6 @@ def efficiency_error(
     total, batch_dot, batch_abs = efficiency
     allowed = tol * abs(batch_dot) if precision is None else UNIT_ROUNDOFF[precision] * batch_abs
     return abs(total - batch_dot) / allowed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def canonical_names(model: torch.nn.Module) -> dict[torch.nn.Parameter, str]:

@@ -1,4 +1,4 @@
-"""Single-process megatron tests run inside the pytest process on a 1-rank gloo group."""
+"""Single-process megatron and DeepSpeed tests run inside the pytest process on a 1-rank gloo group."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from inrun_megatron.megatron import cpu_shims
 
@@ -32,4 +33,13 @@ def megatron_world():
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     cpu_shims.seed(1234)
+    yield
+
+
+@pytest.fixture(scope="session")
+def deepspeed_world():
+    """DeepSpeed on a 1-process gloo world (shared with megatron_world when both are used)."""
+    from ds_common import init_deepspeed
+
+    init_deepspeed()
     yield

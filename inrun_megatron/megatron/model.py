@@ -18,6 +18,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from inrun_megatron.validation import make_batch  # noqa: F401  (the batch format, re-exported)
+
 
 @dataclass
 class GPTShape:
@@ -162,21 +164,6 @@ def build_gpt_chunks(shape: GPTShape, **config) -> list[GPTModel]:
         )
         for i in range(vpp)
     ]
-
-
-def make_batch(
-    tokens: torch.Tensor, sample_ids: torch.Tensor, loss_mask: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """A GPT training batch from ``tokens [b, s+1]``: inputs, next-token labels, mask, positions."""
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    b, s = inputs.shape
-    return {
-        "tokens": inputs,
-        "labels": labels,
-        "loss_mask": torch.ones(b, s) if loss_mask is None else loss_mask.float(),
-        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
-        "sample_ids": sample_ids,
-    }
 
 
 def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -31,7 +31,7 @@ from megatron.core.utils import get_model_config
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron import layers
 from inrun_megatron.megatron.validation_pass import run_validation_pass
-from inrun_megatron.scorer import Scorer
+from inrun_megatron.scorer import Scorer, clip_coefficient
 from inrun_megatron.scores import StepRecords
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 
@@ -48,14 +48,6 @@ def check_megatron_version(allow_untested: bool = False, version: str = MEGATRON
         " ScoringConfig(allow_untested_megatron=True) and check the scores against the brute-force"
         " tests first"
     )
-
-
-def clip_coefficient(grad_norm: float | None, max_norm: float) -> float:
-    """The factor megatron's optimizer multiplied the gradient by (1.0 when it did not clip)."""
-    if grad_norm is None or not max_norm:
-        return 1.0
-    coef = max_norm / (float(grad_norm) + 1.0e-6)
-    return coef if coef < 1.0 else 1.0
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

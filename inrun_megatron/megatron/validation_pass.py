@@ -29,7 +29,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.utils import get_model_config
 
-from inrun_megatron.validation import Batch, loss_mask_of
+from inrun_megatron.validation import Batch, evaluation_state, loss_mask_of
 
 if TYPE_CHECKING:
     from inrun_megatron.megatron.scorer import MegatronScorer
@@ -76,10 +76,7 @@ def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter], l
     """Eval mode, saved RNG, no gradient sync or finalisation, losses scaled by ``loss_scale``,
     and plain ``.grad`` stashed."""
     config = get_model_config(chunks[0])
-    modes = [(m, m.training) for c in chunks for m in c.modules()]
-    rng_cpu = torch.get_rng_state()
-    rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker = tensor_parallel.get_cuda_rng_tracker()  # megatron's model-parallel RNG streams
     tracker_states = tracker.get_states()
     saved_config = {
         name: getattr(config, name)
@@ -89,24 +86,17 @@ def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter], l
     for p in params:
         p.grad = None
     try:
-        for c in chunks:
-            c.eval()
         config.no_sync_func = contextlib.nullcontext
         config.grad_sync_func = None
         config.finalize_model_grads_func = None
         config.grad_scale_func = None if loss_scale == 1.0 else functools.partial(torch.mul, other=loss_scale)
-        with contextlib.ExitStack() as no_sync:
+        with evaluation_state(*chunks), contextlib.ExitStack() as no_sync:
             for ddp in _ddp_chunks(chunks):
                 no_sync.enter_context(ddp.no_sync())
             yield
     finally:
         for name, value in saved_config.items():
             setattr(config, name, value)
-        for module, mode in modes:
-            module.training = mode
-        torch.set_rng_state(rng_cpu)
-        if rng_cuda is not None:
-            torch.cuda.set_rng_state_all(rng_cuda)
         tracker.set_states(tracker_states)
         for ddp in _ddp_chunks(chunks):
             ddp.zero_grad_buffer()

@@ -1,0 +1,77 @@
+"""Megatron-Core tensor-parallel layers inside a DeepSpeed engine.
+
+DeepSpeed does data parallelism and ZeRO; megatron-core's ``ColumnParallelLinear``,
+``RowParallelLinear``, vocab-parallel embeddings and norms do tensor parallelism. Scoring reuses
+the Megatron adapter's site builders (:mod:`inrun_megatron.megatron.layers`) unchanged: linear
+layers are scored inside megatron's linear backward, tensor-parallel shards are summed over the
+TP group and TP duplicates counted once (DESIGN §2.3). DeepSpeed must be told the layout:
+``deepspeed.initialize(..., mpu=MegatronMPU())``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
+from inrun_megatron.megatron import layers
+from inrun_megatron.megatron.scorer import check_megatron_version
+
+if TYPE_CHECKING:
+    from inrun_megatron.deepspeed.scorer import DeepSpeedScorer
+    from inrun_megatron.sites import SiteBuilder
+
+
+class MegatronMPU:
+    """megatron-core's ``parallel_state`` as DeepSpeed's model-parallel unit (``mpu=``).
+
+    DeepSpeed asks an mpu for model-parallel and data-parallel groups, ranks and sizes;
+    ``parallel_state`` has all of them except the model-parallel rank and size, added here.
+    Everything else is looked up in ``parallel_state`` (so DeepSpeed's ``hasattr`` probes for
+    optional features see exactly what megatron-core offers).
+    """
+
+    def __getattr__(self, name: str):
+        return getattr(parallel_state, name)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(group=parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(group=parallel_state.get_model_parallel_group())
+
+
+def attach(scorer: DeepSpeedScorer) -> dict[type, SiteBuilder]:
+    """Prepare ``scorer`` for megatron layers; return the site builders to use."""
+    check_megatron_version(scorer.config.allow_untested_megatron)
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron-core layers need megatron's parallel state: call"
+            " parallel_state.initialize_model_parallel(tensor_model_parallel_size=...) before building the model"
+        )
+    unsupported = {
+        "pipeline parallelism": parallel_state.get_pipeline_model_parallel_world_size() > 1,
+        "context parallelism": parallel_state.get_context_parallel_world_size() > 1,
+        "sequence parallelism": getattr(getattr(scorer.engine.module, "config", None), "sequence_parallel", False),
+    }
+    refused = [name for name, on in unsupported.items() if on]
+    if refused:
+        raise NotImplementedError(
+            f"megatron-core {', '.join(refused)} inside DeepSpeed is not supported: use tensor parallelism only"
+            " (pipeline_model_parallel_size=1, context_parallel_size=1, sequence_parallel=False), or the Megatron"
+            " adapter (inrun_megatron.megatron.MegatronScorer) with megatron's own data parallelism"
+        )
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1 and not isinstance(scorer.engine.mpu, MegatronMPU):
+        raise ValueError(
+            f"tensor parallelism (TP={tp}) under DeepSpeed needs megatron's layout passed to DeepSpeed:"
+            " deepspeed.initialize(..., mpu=inrun_megatron.deepspeed.MegatronMPU())"
+        )
+    scorer.counts = param_is_not_tensor_parallel_duplicate
+    layers.install_linear_patch()
+    scorer.on_detach(layers.remove_linear_patch)
+    return layers.SITE_BUILDERS

@@ -1,0 +1,223 @@
+"""DeepSpeed test cases, shared by the pytest process (the single-process reference) and the
+multi-process workers: the same model, data and loop at every layout.
+
+Step ``t`` trains on the ``gas * dp`` micro-batches ``make_data(..., seed + 100 + t)``; data-
+parallel rank ``r`` takes micro-batches ``r, r + dp, ...``, so a single process with
+``gas * dp`` accumulation steps trains on exactly the same global batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
+from inrun_megatron.deepspeed.scorer import masked_token_mean
+from inrun_megatron.distributed import free_port
+
+from common import make_data
+
+
+def init_deepspeed() -> None:
+    """DeepSpeed on the (possibly 1-rank) gloo world; its shared-memory op (a 30 s JIT build) skipped."""
+    import deepspeed
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:  # the pytest process: a world of one
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def ds_config(*, stage: int, gas: int, mbs: int, clip: float, dtype: str = "fp32", fp16_scale_power: int = 8) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "initial_scale_power": fp16_scale_power, "hysteresis": 1},
+        "steps_per_print": 10**9,
+    }
+
+
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full value by name: the optimizer's fp32 master copy where there is one
+    (half precision), ZeRO-3 partitions gathered."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(module.named_parameters())
+    out = {}
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, p in params.items():
+            master = safe_get_full_fp32_param(p)
+            out[name] = (p if master is None else master).detach().clone().double()
+    return out
+
+
+def batch_dot(scorer, grads: dict, target: int = 0) -> float:
+    """``<a, G>`` of one target over every scored parameter once (tied weights once, tensor-parallel
+    duplicates on one rank, shards summed over the model-parallel group); ``grads[param]`` full."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in scorer.grads.params():
+        if scorer.counts(p):
+            total += (grads[p].double() * scorer.grads[p][target].double()).sum()
+    if scorer.engine.mpu is not None:
+        dist.all_reduce(total, group=scorer.engine.mpu.get_model_parallel_group())
+    return float(total)
+
+
+def validation_pass_isolation(scorer) -> dict:
+    """Run a validation pass alone and report what it did to DeepSpeed's state."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from inrun_megatron.deepspeed.validation_pass import run_validation_pass
+
+    params = list(scorer.engine.module.parameters())
+    fired = []
+    handles = [p.register_post_accumulate_grad_hook(lambda p: fired.append(p)) for p in params]
+    grads = [p.grad for p in params]
+    partitions = [p.ds_tensor.clone() for p in params if hasattr(p, "ds_tensor")]
+    run_validation_pass(scorer)
+    for h in handles:
+        h.remove()
+    zero3 = [p for p in params if hasattr(p, "ds_tensor")]
+    return {
+        "accumulate_grad_hooks_fired": len(fired),
+        "grads_untouched": all(p.grad is g for p, g in zip(params, grads)),
+        "partitions_unchanged": all(torch.equal(p.ds_tensor, t) for p, t in zip(zero3, partitions)),
+        "parameters_released": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in zero3),
+        "zero3_parameters": len(zero3),
+    }
+
+
+def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradients: bool = False) -> dict:
+    """``steps`` optimizer steps: scored, or (``scorer=None``) DeepSpeed's plain loop.
+
+    Returns ``{"raw": [{target: {sample_id: raw}}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum
+    of values, <G, w_t - w_t+1>)], "clip": [c_t], "skipped": [...], "losses": [...], "weights":
+    {name: full tensor}}``; efficiency, ``abs_raw`` (the sum of |raw|) and sgd have one entry per
+    step and target (efficiency and ``abs_raw`` only for applied steps: a skipped step's raw is
+    NaN), sums over the global batch. ZeRO-3 adds the store's memory counts; ``keep_gradients`` adds
+    step 0's ``G`` as ``{(target, parameter name): G}``. Plain SGD makes the SGD identity exact.
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    dp_group = engine.data_parallel_group
+    names = {p: n for n, p in engine.module.named_parameters()}
+    out = {"raw": [], "efficiency": [], "abs_raw": [], "sgd": [], "clip": [], "skipped": [], "losses": []}
+    for step in range(steps):
+        data = batches_of_step(step)
+        if scorer is None:
+            losses = []
+            for batch in data:
+                loss = loss_fn(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss))
+            out["losses"].append(losses)
+            continue
+        targets = [t.name for t in scorer.targets]
+        if step == 0:
+            out["isolation"] = validation_pass_isolation(scorer)
+        out["losses"].append(scorer.forward_backward(data, loss_fn))
+        if keep_gradients and step == 0:
+            if scorer.zero_stage == 3:
+                store = scorer.grads
+                out["G_memory"] = dict(peak=store.peak_full_numel, full=store.full_numel, local=store.local_numel)
+            out["G"] = {}
+            for p in scorer.grads.params():
+                g = scorer.grads[p]
+                out["G"].update({(t, names[p]): g[k].clone() for k, t in enumerate(targets)})
+        loss_scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0  # ZeRO keeps grads scaled
+        g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
+        dots = [batch_dot(scorer, g, k) for k in range(len(targets))]
+        before = full_weights(engine.module)
+        engine.step()
+        records = scorer.end_step()
+        after = full_weights(engine.module)
+        c = records.columns
+        raw = {t: {} for t in targets}
+        values = dict.fromkeys(targets, 0.0)
+        for t, sid, r, v in zip(c["target"], c["sample_id"].tolist(), c["raw"].tolist(), records.values):
+            raw[t][sid] = r
+            values[t] += float(v)
+        everyone = [None] * dist.get_world_size(dp_group)
+        dist.all_gather_object(everyone, (raw, values), group=dp_group)
+        skipped = bool(c["skipped"][0])
+        out["raw"].append(raw)
+        out["skipped"].append(skipped)
+        out["clip"].append(float(c["clip_coef"][0]))
+        moved = {p: before[names[p]] - after[names[p]] for p in scorer.grads.params()}
+        for k, t in enumerate(targets):
+            if not skipped:
+                out["efficiency"].append((sum(sum(r[t].values()) for r, _ in everyone), dots[k]))
+                out["abs_raw"].append(sum(sum(abs(x) for x in r[t].values()) for r, _ in everyone))
+            out["sgd"].append((sum(v[t] for _, v in everyone), batch_dot(scorer, moved, k)))
+    out["weights"] = full_weights(engine.module)
+    if scorer is not None:
+        out["values"] = scorer.values()
+        scorer.detach()
+    engine.destroy()
+    return out
+
+
+def run_deepspeed_case(
+    shape: LMShape,
+    *,
+    stage: int,
+    gas: int,
+    mbs: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    clip: float = 1.0,
+    split: bool = False,
+    scored: bool = True,
+    dtype: str = "fp32",
+    n_val_batches: int = 3,
+    n_targets: int = 1,
+    keep_gradients: bool = False,
+    fp16_scale_power: int = 8,
+) -> dict:
+    """:func:`train` of the plain-PyTorch LM under DeepSpeed (plain SGD, clipping at ``clip``);
+    ``n_targets=2`` adds a second validation set, ``held-out``."""
+    import deepspeed
+
+    from inrun_megatron import ScoringConfig
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+
+    dp, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(seed)
+    model = TransformerLM(shape)
+    config = ds_config(stage=stage, gas=gas, mbs=mbs, clip=clip, dtype=dtype, fp16_scale_power=fp16_scale_power)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=config)
+    validation = {"validation": make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)}
+    if n_targets == 2:
+        validation["held-out"] = make_data(shape, n_val_batches, 2, seed + 2, first_id=2 * 10**6)
+    scoring = ScoringConfig(validation_split="split" if split else "replicate")
+    scorer = DeepSpeedScorer(engine, validation, lm_token_losses, scoring) if scored else None
+
+    def batches_of_step(step: int) -> list:
+        return make_data(shape, gas * dp, mbs, seed + 100 + step, first_id=1000 * step)[rank::dp]
+
+    return train(
+        engine, scorer, batches_of_step, steps, masked_token_mean(lm_token_losses), keep_gradients=keep_gradients
+    )
+
+
+def with_training_equivalence(run, **case) -> dict:
+    """``run(scored=True, **case)``, plus ``changed_by_scoring``: what differs from the unscored run
+    (weights by name, losses); the weights themselves are dropped."""
+    scored, plain = run(scored=True, **case), run(scored=False, **case)
+    changed = [n for n, w in plain["weights"].items() if not torch.equal(w, scored["weights"][n])]
+    if plain["losses"] != scored["losses"]:
+        changed.append(f"losses {plain['losses']} -> {scored['losses']}")
+    scored["changed_by_scoring"] = changed
+    del scored["weights"]
+    return scored

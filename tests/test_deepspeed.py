@@ -1,0 +1,275 @@
+"""DeepSpeed adapter in one process: per-sample scores against brute force at every ZeRO stage,
+identities, mixed precision, and what is refused (DESIGN §1, §4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ds_common import ds_config, run_deepspeed_case
+
+import oracle
+from common import make_data
+
+MODELS = {
+    # Llama: RMSNorm, SwiGLU, no biases, rotary positions, output projection tied to the embedding.
+    "llama-tied": dict(),
+    # GPT-2: LayerNorm, GELU, biases, learned positions (a second nn.Embedding), untied output.
+    "gpt-untied": dict(
+        normalization="LayerNorm",
+        swiglu=False,
+        add_bias_linear=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="learned_absolute",
+    ),
+}
+
+
+def _engine(shape, *, stage: int, gas: int, mbs: int = 2, clip: float = 0.0, dtype: str = "fp32", seed: int = 0):
+    import deepspeed
+
+    from inrun_megatron.deepspeed.model import TransformerLM
+
+    torch.manual_seed(seed)
+    model = TransformerLM(shape)
+    config = ds_config(stage=stage, gas=gas, mbs=mbs, clip=clip, dtype=dtype)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    return engine
+
+
+#: Scores of fp32 runs are exact to 1e-4 (DESIGN §1.3). Half-precision runs compute activations
+#: and gradients in bf16/fp16, so they match the exact scores of the same (rounded) weights only to
+#: about the format's precision (bf16: 2^-8, fp16: 2^-11) relative to the largest score.
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
+PRECISION_CASES = [
+    ("llama-tied", 0, "bf16"),
+    ("llama-tied", 3, "bf16"),
+    ("gpt-untied", 2, "fp16"),
+    ("llama-tied", 3, "fp16"),
+]
+
+
+@pytest.mark.parametrize(
+    "model,stage,dtype",
+    [(m, s, "fp32") for m in MODELS for s in (0, 1, 2, 3)] + PRECISION_CASES,
+)
+def test_scores_match_brute_force(deepspeed_world, model, stage, dtype):
+    """Every sample's score and G of every target against one backward per sample (the GPT cases
+    score two validation sets at once)."""
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
+
+    shape = LMShape(**MODELS[model])
+    engine = _engine(shape, stage=stage, gas=3, dtype=dtype)
+    validation = {"validation": make_data(shape, 2, 2, seed=6, first_id=10**6)}
+    if model == "gpt-untied":
+        validation["held-out"] = make_data(shape, 1, 3, seed=7, first_id=2 * 10**6)
+    train = make_data(shape, 3, 2, seed=5)
+    scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
+    scorer.forward_backward(train)
+    stored = {name: scorer.grads[p].clone() for name, p in engine.module.named_parameters()}
+    engine.step()
+    c = scorer.end_step(lr=1.0).columns
+    scorer.detach()
+
+    # The reference: the same initial weights in a plain module, one backward per sample.
+    torch.manual_seed(0)
+    reference_model = TransformerLM(shape)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    if half is not None:  # the exact (fp32) scores of the weights the half-precision run trains
+        with torch.no_grad():
+            for p in reference_model.parameters():
+                p.copy_(p.to(half))
+    tol = TOLERANCE[dtype]
+    for k, (target, batches) in enumerate(validation.items()):
+        g_val = oracle.validation_gradient(reference_model, batches, lm_token_losses)
+        for name, g in g_val.items():
+            err = float((stored[name][k] - g).abs().max()) / float(g.abs().max())
+            assert err <= (1e-5 if half is None else tol), f"{target} {name}: G differs by {err:.2e}"
+        reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, g_val)
+        ours = {int(sid): r for t, sid, r in zip(c["target"], c["sample_id"], c["raw"]) if t == target}
+        assert sorted(ours) == sorted(reference)
+        scale = max(abs(v) for v in reference.values())
+        errors = {sid: abs(ours[sid] - reference[sid]) / scale for sid in reference}
+        print(f"{model} ZeRO-{stage} {dtype} {target}: max relative error vs brute force {max(errors.values()):.2e}")
+        assert max(errors.values()) <= tol, errors
+        assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)
+
+
+@pytest.mark.parametrize("stage,dtype", [(0, "bf16"), (3, "bf16"), (1, "fp16"), (3, "fp16")])
+def test_mixed_precision_identities_and_skipped_steps(deepspeed_world, stage, dtype):
+    """Efficiency and SGD identities through DeepSpeed's loss scaling and clipping; fp16 starts at a
+    loss scale of 2^20 so that the first steps overflow: DeepSpeed skips them, they are recorded as
+    skipped (raw NaN, value 0, no weight change) and the scale comes down until steps apply."""
+    from inrun_megatron.deepspeed.model import LMShape
+
+    result = run_deepspeed_case(
+        LMShape(), stage=stage, gas=2, mbs=2, steps=6, lr=0.5, seed=3, dtype=dtype, fp16_scale_power=20
+    )
+    # The optimizer's gradient is summed from half-precision weight-gradient GEMMs, the scores from
+    # exact products of the same half-precision activations: the identities hold to the format's
+    # precision relative to the size of the summands (sum of |raw|), not of their (cancelling) sum.
+    tol = TOLERANCE[dtype]
+    if dtype == "fp16":
+        assert result["skipped"][0] and not result["skipped"][-1], result["skipped"]
+    else:
+        assert not any(result["skipped"])
+    applied = [i for i, skipped in enumerate(result["skipped"]) if not skipped]
+    for i, (raw, (value, change)) in enumerate(zip(result["raw"], result["sgd"])):
+        if i not in applied:
+            assert all(v != v for v in raw["validation"].values()) and value == 0.0 and change == 0.0
+    assert len(result["efficiency"]) == len(applied)
+    for i, (total, dot), scale in zip(applied, result["efficiency"], result["abs_raw"]):
+        assert abs(total - dot) <= tol * scale, f"step {i}: efficiency"
+        value, change = result["sgd"][i]
+        assert abs(value - change) <= tol * 0.5 * result["clip"][i] * scale, f"step {i}: SGD identity"
+
+
+def _refusal(model: torch.nn.Module, config: dict) -> str:
+    import deepspeed
+
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import LMShape, lm_token_losses
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    with pytest.raises(NotImplementedError) as refused:
+        DeepSpeedScorer(engine, make_data(LMShape(), 2, 2, seed=1, first_id=10**6), lm_token_losses)
+    return str(refused.value)
+
+
+class _TinyMoE(torch.nn.Module):
+    vocab_size = 64
+
+    def __init__(self):
+        from deepspeed.moe.layer import MoE
+
+        super().__init__()
+        self.embedding = torch.nn.Embedding(64, 8)
+        self.moe = MoE(hidden_size=8, expert=torch.nn.Linear(8, 8), num_experts=2, ep_size=1)
+
+
+def test_unsupported_deepspeed_features_are_refused_at_attach(deepspeed_world):
+    from deepspeed.pipe import PipelineModule
+
+    from inrun_megatron.deepspeed.model import LMShape, TransformerLM
+
+    plain = ds_config(stage=0, gas=1, mbs=2, clip=0.0)
+    pipeline = PipelineModule(layers=[torch.nn.Linear(4, 4)], num_stages=1, loss_fn=lambda out, labels: out.sum())
+    offload = ds_config(stage=2, gas=1, mbs=2, clip=0.0)
+    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    offload["zero_force_ds_cpu_optimizer"] = False
+    refusals = {
+        "PipelineEngine": _refusal(pipeline, plain),
+        "offload_optimizer": _refusal(TransformerLM(LMShape()), offload),
+        "mixture-of-experts": _refusal(_TinyMoE(), plain),
+        "fp16 without ZeRO": _refusal(
+            TransformerLM(LMShape()), ds_config(stage=0, gas=1, mbs=2, clip=0.0, dtype="fp16")
+        ),
+    }
+    for feature, message in refusals.items():
+        assert feature in message and "Supported: " in message and "ZeRO stage 0, 1, 2 or 3" in message, message
+
+
+def test_layers_without_a_score_rule_are_refused(deepspeed_world):
+    class WithConv(torch.nn.Module):
+        vocab_size = 64
+
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(64, 8)
+            self.conv = torch.nn.Conv1d(8, 8, 1)
+
+    message = _refusal(WithConv(), ds_config(stage=3, gas=1, mbs=2, clip=0.0))
+    assert "'conv'" in message and "Conv1d" in message and "Linear" in message and "requires_grad=False" in message
+
+
+def test_bad_step_input_is_rejected_before_any_work(deepspeed_world):
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import LMShape, lm_token_losses
+
+    shape = LMShape()
+    engine = _engine(shape, stage=2, gas=2)
+    scorer = DeepSpeedScorer(engine, make_data(shape, 2, 2, seed=1, first_id=10**6), lm_token_losses)
+    good = make_data(shape, 2, 2, seed=2)
+    no_ids = [{k: v for k, v in b.items() if k != "sample_ids"} for b in good]
+    duplicated = [good[0], dict(good[1], sample_ids=good[0]["sample_ids"])]
+    bad = {
+        "takes the 2 micro-batches": good[:1],
+        "has no 'sample_ids'": no_ids,
+        "occur more than once": duplicated,
+    }
+    for message, batches in bad.items():
+        with pytest.raises(ValueError, match=message):
+            scorer.forward_backward(batches)
+        assert engine.micro_steps == 0 and all(p.grad is None for p in engine.module.parameters())
+    scorer.forward_backward(good)
+    with pytest.raises(ValueError, match="call end_step"):
+        scorer.forward_backward(good)
+    with pytest.raises(RuntimeError, match=r"call engine\.step\(\)"):
+        scorer.end_step()
+    engine.step()
+    records = scorer.end_step()
+    assert sorted(records.columns["sample_id"].tolist()) == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="needs a scored forward"):
+        scorer.end_step()
+
+
+def test_readme_training_loop_runs(deepspeed_world, monkeypatch, capsys):
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    block = readme.split("<!-- deepspeed-loop")[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(repo)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    values = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(values) == list(range(12)) and all(v == v for v in values.values())
+
+
+class _TinyLM(torch.nn.Module):
+    """Embedding, a Linear called with ``input=`` and an output projection; optionally a position
+    embedding looked up without a batch dimension and broadcast over the batch (GPT-2 code does)."""
+
+    vocab_size = 64
+
+    def __init__(self, broadcast_positions: bool):
+        super().__init__()
+        self.broadcast_positions = broadcast_positions
+        self.embedding = torch.nn.Embedding(64, 16)
+        self.position_embedding = torch.nn.Embedding(16, 16)
+        self.hidden = torch.nn.Linear(16, 16)
+        self.output_layer = torch.nn.Linear(16, 64)
+
+    def forward(self, tokens, position_ids):
+        positions = torch.arange(tokens.shape[1]) if self.broadcast_positions else position_ids
+        x = self.embedding(tokens) + self.position_embedding(positions)
+        return self.output_layer(torch.tanh(self.hidden(input=x)))
+
+
+@pytest.mark.parametrize("broadcast_positions", [False, True])
+def test_torch_layers_keyword_inputs_and_broadcast_embeddings(deepspeed_world, broadcast_positions):
+    import deepspeed
+
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import LMShape, lm_token_losses
+
+    torch.manual_seed(0)
+    model = _TinyLM(broadcast_positions)
+    config = ds_config(stage=0, gas=1, mbs=2, clip=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    shape = LMShape()
+    validation, train = make_data(shape, 2, 2, seed=1, first_id=10**6), make_data(shape, 1, 2, seed=2)
+    scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
+    if broadcast_positions:  # one output shared by the batch has no per-sequence gradient: refused, not summed
+        with pytest.raises(RuntimeError, match="position_embedding was looked up with indices of shape \\(16,\\)"):
+            scorer.forward_backward(train)
+        return
+    scorer.forward_backward(train)
+    engine.step()
+    c = scorer.end_step(lr=1.0).columns
+    torch.manual_seed(0)
+    reference_model = _TinyLM(broadcast_positions)
+    g_val = oracle.validation_gradient(reference_model, validation, lm_token_losses)
+    reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, g_val)
+    scale = max(abs(v) for v in reference.values())
+    assert all(abs(r - reference[int(s)]) <= 1e-4 * scale for s, r in zip(c["sample_id"], c["raw"]))

@@ -1,0 +1,157 @@
+"""DeepSpeed data parallelism (gloo, several processes): ZeRO stages 0/1/2/3 at DP=2 give the
+single-process scores per sample id, the identities hold, scoring changes nothing, and ZeRO-3
+keeps the validation gradient partitioned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from ds_common import run_deepspeed_case
+from test_deepspeed import MODELS
+
+from launcher import launch
+
+pytestmark = pytest.mark.slow
+
+DP = 2
+RUN = dict(gas=2, mbs=2, steps=2, lr=0.5, seed=3)  # gradient accumulation, clipping at DeepSpeed's default 1.0
+TARGETS = {"llama-tied": 1, "gpt-untied": 2}  # the GPT cases score two validation sets at once
+LAYERS = 4  # deep enough that one layer's G is a small part of the model's
+CASES = [dict(model="llama-tied", stage=s, split=split) for s in (0, 1, 2, 3) for split in (False, True)]
+CASES += [dict(model="gpt-untied", stage=1, split=False), dict(model="gpt-untied", stage=3, split=True)]
+# Dropout: the validation pass must leave every RNG stream as it found it (no single-process twin).
+EQUIVALENCE_ONLY = [dict(model="gpt-untied", stage=s, split=False, dropout=0.2) for s in (2, 3)]
+
+
+def _reference(model: str) -> dict:
+    """The same global batches in one process: DP=1 with DP times the accumulation steps."""
+    from inrun_megatron.deepspeed.model import LMShape
+
+    run = dict(RUN, gas=RUN["gas"] * DP)
+    return run_deepspeed_case(
+        LMShape(**MODELS[model], num_layers=LAYERS), stage=0, n_targets=TARGETS[model], keep_gradients=True, **run
+    )
+
+
+def _relative_error(ranks: list, i: int, step: int, ref: dict) -> float:
+    """Largest difference of the case's per-sample scores (all DP ranks, every target) from the
+    reference's, relative to the reference's largest score of that target."""
+    worst = 0.0
+    for target, expected in ref.items():
+        ours = {sid: raw for rank in ranks for sid, raw in rank[i]["raw"][step][target].items()}
+        assert sorted(ours) == sorted(expected)
+        scale = max(abs(v) for v in expected.values())
+        worst = max(worst, max(abs(ours[s] - expected[s]) for s in expected) / scale)
+    return worst
+
+
+def _residuals(got: dict, lr: float) -> tuple[float, float]:
+    """Largest efficiency and SGD identity residuals, relative to the size of what is summed
+    (sum of |raw| over the global batch; times lr * clip for the SGD identity): sums of scores of
+    either sign can cancel, so relative to the sum itself a residual says nothing."""
+    per_step = len(got["raw"][0])  # one entry per step and target
+    efficiency = max(abs(t - d) / a for (t, d), a in zip(got["efficiency"], got["abs_raw"]))
+    sgd = max(
+        abs(t - d) / (lr * got["clip"][j // per_step] * a)
+        for j, ((t, d), a) in enumerate(zip(got["sgd"], got["abs_raw"]))
+    )
+    return efficiency, sgd
+
+
+def _assert_rank_result(name: str, got: dict, stage: int, lr: float) -> str:
+    """What every rank shows in every case: training unchanged by scoring, DeepSpeed's state
+    untouched by the validation pass, and the efficiency and SGD identities (returned as text)."""
+    assert not got["changed_by_scoring"], f"{name}: scoring changed {got['changed_by_scoring']}"
+    iso = got["isolation"]
+    assert iso["accumulate_grad_hooks_fired"] == 0 and iso["grads_untouched"], f"{name}: {iso}"
+    assert iso["partitions_unchanged"] and iso["parameters_released"], f"{name}: {iso}"
+    assert (iso["zero3_parameters"] > 0) == (stage == 3), f"{name}: {iso}"
+    efficiency, sgd = _residuals(got, lr)
+    assert efficiency <= 1e-5, f"{name}: efficiency identity off by {efficiency:.1e}"
+    assert sgd <= 1e-4, f"{name}: SGD identity off by {sgd:.1e}"
+    return f"efficiency residual {efficiency:.1e}, SGD residual {sgd:.1e}"
+
+
+def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
+    payload = [
+        dict(
+            shape=dict(MODELS[c["model"]], num_layers=LAYERS, dropout=c.get("dropout", 0.0)),
+            stage=c["stage"],
+            split=c["split"],
+            n_targets=TARGETS[c["model"]],
+            **RUN,
+        )
+        for c in CASES + EQUIVALENCE_ONLY
+    ]
+    outputs = launch("deepspeed_zero.py", DP, tmp_path, json.dumps(payload))
+    ranks = [out["cases"] for out in outputs]
+    # Bad input on one rank is refused on every rank before any collective work (no hang).
+    assert "rank(s) [1] rejected their input" in outputs[0]["rejection"], outputs[0]["rejection"]
+    assert "has no 'sample_ids'" in outputs[1]["rejection"], outputs[1]["rejection"]
+    references = {m: _reference(m) for m in {c["model"] for c in CASES}}
+    for ref in references.values():  # the reference itself satisfies the identities
+        efficiency, sgd = _residuals(ref, RUN["lr"])
+        assert efficiency <= 1e-5 and sgd <= 1e-4, (efficiency, sgd)
+    for i, case in enumerate(CASES + EQUIVALENCE_ONLY):
+        name = f"ZeRO-{case['stage']} {case['model']} {'split' if case['split'] else 'replicated'} validation"
+        residuals = [_assert_rank_result(name, rank[i], case["stage"], RUN["lr"]) for rank in ranks]
+        for rank in ranks:
+            assert min(rank[i]["clip"]) < 1.0, f"{name}: clipping at 1.0 should be active in some step"
+        if case in EQUIVALENCE_ONLY:
+            continue
+        ref = references[case["model"]]
+        errors = []
+        for step in range(RUN["steps"]):
+            errors.append(_relative_error(ranks, i, step, ref["raw"][step]))
+            assert errors[-1] <= 1e-4, f"{name} step {step}: {errors[-1]:.2e} from the single-process scores"
+            assert ranks[0][i]["clip"][step] == pytest.approx(ref["clip"][step], rel=1e-5), f"{name}: clip_coef"
+        print(f"{name}: max relative error vs single process {max(errors):.2e}, {residuals[0]}")
+        for rank in ranks:  # G on each rank (ZeRO-3: partitions gathered layer by layer) = the full G
+            for key, g in ref["G"].items():
+                assert torch.allclose(rank[i]["G"][key], g, rtol=0, atol=1e-5 * float(g.abs().max())), key
+        if case["stage"] == 3:
+            for rank in ranks:
+                memory = rank[i]["G_memory"]
+                assert memory["local"] * DP <= memory["full"] + DP * len(ref["G"]), memory  # 1/DP, up to padding
+                # Partitions plus the most ever gathered at once stay below one full copy of G. What is
+                # gathered is one layer's G, plus what the collective library has not let go of yet: gloo
+                # runs a process group's collectives on two worker threads, each of which can still hold
+                # the tensors of the collective it finished last.
+                assert memory["local"] + memory["peak"] < memory["full"], f"{name}: a rank held all of G: {memory}"
+                per_parameter = {}  # the store gathers all targets of a parameter at once
+                for (_, pname), g in ref["G"].items():
+                    per_parameter[pname] = per_parameter.get(pname, 0) + g.numel()
+                three_largest = sum(sorted(per_parameter.values())[-3:])
+                assert memory["peak"] <= three_largest, f"{name}: gathered more than a layer at a time: {memory}"
+            fractions = [
+                (r[i]["G_memory"]["local"] + r[i]["G_memory"]["peak"]) / r[i]["G_memory"]["full"] for r in ranks
+            ]
+            print(f"{name}: G held per rank at most {max(fractions):.3f} of the full G ({ranks[0][i]['G_memory']})")
+
+
+@pytest.mark.megatron
+def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, tmp_path):
+    """megatron-core TP=2 layers in DeepSpeed engines at DP=2, every ZeRO stage, against the
+    single-process Megatron adapter on the same global batches (no clipping: plain SGD)."""
+    from inrun_megatron.megatron.model import GPTShape
+
+    from common import CASES as GPT_CASES
+    from common import run_case, shape_to_json
+
+    shape = GPTShape(num_layers=2, **GPT_CASES["rmsnorm-swiglu-nobias-tied-recompute"])
+    run = dict(gas=2, mbs=2, steps=2, lr=0.5, seed=21)
+    cases = [dict(shape=shape_to_json(shape), stage=s, **run) for s in (0, 1, 2, 3)]
+    ranks = launch("deepspeed_tp.py", 4, tmp_path, json.dumps(dict(tp=2, cases=cases)))
+    reference = run_case(shape, n_micro=run["gas"] * DP, mbs=run["mbs"], steps=run["steps"], lr=run["lr"], seed=21)
+    for i, case in enumerate(cases):
+        name = f"TP=2 x DP=2 ZeRO-{case['stage']}"
+        residuals = [_assert_rank_result(name, rank[i], case["stage"], run["lr"]) for rank in ranks]
+        errors = []
+        for step in range(run["steps"]):
+            # TP ranks of one DP replica hold the same (TP-reduced) scores; DP replicas own different samples.
+            assert ranks[0][i]["raw"][step] == ranks[1][i]["raw"][step], f"{name}: TP ranks disagree"
+            errors.append(_relative_error(ranks, i, step, {"validation": reference["raw"][step]}))
+            assert errors[-1] <= 1e-4, f"{name} step {step}: {errors[-1]:.2e} from the single-process scores"
+        print(f"{name}: max relative error vs single process {max(errors):.2e}, {residuals[0]}")
