@@ -1,10 +1,12 @@
-"""Start ``torch.distributed`` under any launcher: torchrun, DeepSpeed's launcher, mpirun, or none.
+"""Start ``torch.distributed`` under any launcher: torchrun, DeepSpeed's launcher, srun, mpirun, or none.
 
 torchrun and the ``deepspeed`` launcher export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and the
-rendezvous address. mpirun exports only its own variables; the layout is then read from MPI
-itself (mpi4py) and rank 0 picks the rendezvous: on one host always the loopback address (so
-nothing ever leaves the machine, whatever ``hostname -I`` says), across hosts ``MASTER_ADDR``
-as given (``mpirun -x MASTER_ADDR=<first host>``). A plain ``python`` start is a world of one.
+rendezvous address. srun exports ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; the batch
+script exports ``MASTER_ADDR``/``MASTER_PORT``. mpirun exports only its own variables; the layout
+is then read from MPI itself (mpi4py) and rank 0 picks the rendezvous: on one host always the
+loopback address (so nothing ever leaves the machine, whatever ``hostname -I`` says), across hosts
+``MASTER_ADDR`` as given (``mpirun -x MASTER_ADDR=<first host>``). A plain ``python`` start is a
+world of one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,42 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+def started_by_slurm() -> bool:
+    return "RANK" not in os.environ and all(v in os.environ for v in _SLURM_VARIABLES)
+
+
+def adopt_slurm_layout() -> None:
+    """Export the torch.distributed variables for tasks started by srun."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise RuntimeError(
+                f"under srun, export {name} in the batch script, e.g. MASTER_ADDR=$(scontrol show hostnames"
+                ' "$SLURM_JOB_NODELIST" | head -n 1) MASTER_PORT=29500 (see launch/slurm_pretrain.sbatch)'
+            )
+    os.environ.update(
+        RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"], LOCAL_RANK=os.environ["SLURM_LOCALID"]
+    )
+
+
+def adopt_launcher_layout() -> str:
+    """Export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and the rendezvous for whichever launcher started
+    this process (before any process group exists); returns the launcher's name."""
+    if "RANK" in os.environ:
+        return "torchrun/deepspeed"
+    if started_by_slurm():
+        adopt_slurm_layout()
+        return "srun"
+    if started_by_mpi():
+        adopt_mpi_layout()
+        return "mpirun"
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    return "single process"
 
 
 def started_by_mpi() -> bool:
@@ -60,11 +98,7 @@ def init_distributed(backend: str | None = None) -> None:
     """Initialise the default process group from whichever launcher started this process."""
     if dist.is_initialized():
         return
-    if started_by_mpi():
-        adopt_mpi_layout()
-    elif "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
+    adopt_launcher_layout()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -114,13 +114,13 @@ def test_ranks_come_from_torchrun_deepspeed_or_srun(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    with pytest.raises(ConfigError, match="under srun, export MASTER_ADDR"):
+    with pytest.raises(ConfigError, match="under srun, export MASTER_ADDR in the batch script"):
         read_process_env()
     monkeypatch.setenv("MASTER_ADDR", "node0")
     monkeypatch.setenv("MASTER_PORT", "29500")
     env = read_process_env()
-    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 16, 1, "slurm")
-    assert os.environ["RANK"] == "5"  # for torch.distributed's env:// rendezvous
+    assert (env.rank, env.world_size, env.launcher) == (5, 16, "srun")
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("5", "1")  # for torch.distributed's env://
     monkeypatch.setenv("RANK", "3")  # torchrun and the deepspeed launcher win over Slurm's variables
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")

@@ -1,10 +1,6 @@
-"""Process setup for ``launch/pretrain_gpt.py`` under torchrun, the deepspeed launcher or Slurm.
-
-* ``torchrun`` and the ``deepspeed`` launcher export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-  ``MASTER_ADDR`` and ``MASTER_PORT``.
-* ``srun`` exports ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``; the batch script
-  exports ``MASTER_ADDR``/``MASTER_PORT`` (see ``launch/slurm_pretrain.sbatch``).
-* Without a launcher the script runs as one process.
+"""Process setup for ``launch/pretrain_gpt.py``: rank and world size from whichever launcher
+started it (torchrun, the deepspeed launcher, srun, mpirun or none; see
+:mod:`inrun_megatron.distributed`), the process groups and megatron's parallel state.
 
 Errors that every rank finds alike (a bad config) stop each rank on its own. Errors that may
 differ between ranks (a file missing on one node) are agreed on with :func:`agree_on_errors`,
@@ -13,9 +9,7 @@ so every rank stops together instead of leaving the others waiting in a collecti
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from inrun_megatron import distributed
 from inrun_megatron.pretrain.config import ConfigError, Layout
 
 
@@ -30,38 +25,22 @@ from inrun_megatron.pretrain.config import ConfigError, Layout
 class ProcessEnv:
     rank: int
     world_size: int
-    local_rank: int
     launcher: str
 
 
-def _int_env(name: str) -> int:
-    value = os.environ[name]
-    if not value.isdigit():
-        raise ConfigError(f"environment variable {name}={value!r} is not a non-negative integer")
-    return int(value)
-
-
 def read_process_env() -> ProcessEnv:
-    """This process's rank and the world size, from whichever launcher started it."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return ProcessEnv(
-            _int_env("RANK"), _int_env("WORLD_SIZE"), int(os.environ.get("LOCAL_RANK", "0")), "torchrun/deepspeed"
-        )
-    if "SLURM_PROCID" in os.environ:
-        for name in ("MASTER_ADDR", "MASTER_PORT"):
-            if name not in os.environ:
-                raise ConfigError(
-                    f"under srun, export {name} in the batch script (see launch/slurm_pretrain.sbatch): e.g."
-                    " MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) MASTER_PORT=29500"
-                )
-        env = ProcessEnv(_int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID"), "slurm")
-        os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-        return env
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return ProcessEnv(0, 1, 0, "single process")
+    """This process's rank and the world size, before any process group exists."""
+    try:
+        launcher = distributed.adopt_launcher_layout()
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from e
+    values = {}
+    for name in ("RANK", "WORLD_SIZE"):
+        value = os.environ[name]
+        if not value.isdigit():
+            raise ConfigError(f"environment variable {name}={value!r} is not a non-negative integer")
+        values[name] = int(value)
+    return ProcessEnv(values["RANK"], values["WORLD_SIZE"], launcher)
 
 
 def fail(env: ProcessEnv, message: str, code: int = 2) -> None:
@@ -71,20 +50,13 @@ def fail(env: ProcessEnv, message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def init_distributed(env: ProcessEnv, layout: Layout, seed: int) -> torch.device:
+def init_distributed(layout: Layout, seed: int) -> None:
     """Process groups (NCCL on GPUs, gloo on CPUs) and megatron's model-parallel state."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(env.local_rank)
-    else:
+    if not torch.cuda.is_available():
         from inrun_megatron.megatron import cpu_shims
 
         cpu_shims.install()
-    if not dist.is_initialized():  # a wrapping script may have set it up already
-        backend = "nccl" if cuda else "gloo"
-        dist.init_process_group(
-            backend, rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(minutes=30)
-        )
+    distributed.init_distributed()  # a wrapping script may have set it up already
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.initialize_model_parallel(
@@ -96,7 +68,6 @@ def init_distributed(env: ProcessEnv, layout: Layout, seed: int) -> torch.device
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(stage_seed)
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
-    return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
 
 
 def agree_on_errors(env: ProcessEnv, check: Callable[[], object]):

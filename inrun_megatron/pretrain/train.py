@@ -262,7 +262,7 @@ class Pretraining:
 
     def setup(self) -> None:
         c, env = self.config, self.env
-        init_distributed(env, self.layout, c.training.seed)
+        init_distributed(self.layout, c.training.seed)
         from megatron.core import parallel_state
 
         self.tokenizer, resume, existing_run = agree_on_errors(env, self._check_inputs)
@@ -577,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         env = read_process_env()
     except ConfigError as e:
-        fail(ProcessEnv(0, 1, 0, "unknown"), str(e))
+        fail(ProcessEnv(0, 1, "unknown"), str(e))
     try:
         config = load_run_config(args.config, args.overrides)
         layout = check_layout(config, args.world_size or env.world_size)
