@@ -100,12 +100,12 @@ def build_model(args, ds_config: dict):
 
     torch.manual_seed(args.seed)
     if args.model != "megatron-gpt":
-        from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
+        from inrun_megatron.deepspeed.model import TransformerLM, llama_shape, lm_token_losses
 
         gpt2 = dict(
             normalization="LayerNorm", swiglu=False, add_bias_linear=True, position_embedding_type="learned_absolute"
         )
-        shape = LMShape(**size, **(gpt2 if args.model == "gpt" else {}))
+        shape = llama_shape(**size, **(gpt2 if args.model == "gpt" else {}))
         zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
             model = TransformerLM(shape)

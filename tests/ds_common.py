@@ -14,9 +14,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
+from inrun_megatron.deepspeed.model import TransformerLM, lm_token_losses
 from inrun_megatron.deepspeed.scorer import masked_token_mean
 from inrun_megatron.distributed import free_port
+from inrun_megatron.model_shape import ModelShape
 
 from common import make_data
 
@@ -168,7 +169,7 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
 
 
 def run_deepspeed_case(
-    shape: LMShape,
+    shape: ModelShape,
     *,
     stage: int,
     gas: int,

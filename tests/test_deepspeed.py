@@ -56,9 +56,9 @@ def test_scores_match_brute_force(deepspeed_world, model, stage, dtype):
     """Every sample's score and G of every target against one backward per sample (the GPT cases
     score two validation sets at once)."""
     from inrun_megatron.deepspeed import DeepSpeedScorer
-    from inrun_megatron.deepspeed.model import LMShape, TransformerLM, lm_token_losses
+    from inrun_megatron.deepspeed.model import TransformerLM, llama_shape, lm_token_losses
 
-    shape = LMShape(**MODELS[model])
+    shape = llama_shape(**MODELS[model])
     engine = _engine(shape, stage=stage, gas=3, dtype=dtype)
     validation = {"validation": make_data(shape, 2, 2, seed=6, first_id=10**6)}
     if model == "gpt-untied":
@@ -100,10 +100,10 @@ def test_mixed_precision_identities_and_skipped_steps(deepspeed_world, stage, dt
     """Efficiency and SGD identities through DeepSpeed's loss scaling and clipping; fp16 starts at a
     loss scale of 2^20 so that the first steps overflow: DeepSpeed skips them, they are recorded as
     skipped (raw NaN, value 0, no weight change) and the scale comes down until steps apply."""
-    from inrun_megatron.deepspeed.model import LMShape
+    from inrun_megatron.deepspeed.model import llama_shape
 
     result = run_deepspeed_case(
-        LMShape(), stage=stage, gas=2, mbs=2, steps=6, lr=0.5, seed=3, dtype=dtype, fp16_scale_power=20
+        llama_shape(), stage=stage, gas=2, mbs=2, steps=6, lr=0.5, seed=3, dtype=dtype, fp16_scale_power=20
     )
     # The optimizer's gradient is summed from half-precision weight-gradient GEMMs, the scores from
     # exact products of the same half-precision activations: the identities hold to the format's
@@ -128,11 +128,11 @@ def _refusal(model: torch.nn.Module, config: dict) -> str:
     import deepspeed
 
     from inrun_megatron.deepspeed import DeepSpeedScorer
-    from inrun_megatron.deepspeed.model import LMShape, lm_token_losses
+    from inrun_megatron.deepspeed.model import llama_shape, lm_token_losses
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
     with pytest.raises(NotImplementedError) as refused:
-        DeepSpeedScorer(engine, make_data(LMShape(), 2, 2, seed=1, first_id=10**6), lm_token_losses)
+        DeepSpeedScorer(engine, make_data(llama_shape(), 2, 2, seed=1, first_id=10**6), lm_token_losses)
     return str(refused.value)
 
 
@@ -150,7 +150,7 @@ class _TinyMoE(torch.nn.Module):
 def test_unsupported_deepspeed_features_are_refused_at_attach(deepspeed_world):
     from deepspeed.pipe import PipelineModule
 
-    from inrun_megatron.deepspeed.model import LMShape, TransformerLM
+    from inrun_megatron.deepspeed.model import TransformerLM, llama_shape
 
     plain = ds_config(stage=0, gas=1, mbs=2, clip=0.0)
     pipeline = PipelineModule(layers=[torch.nn.Linear(4, 4)], num_stages=1, loss_fn=lambda out, labels: out.sum())
@@ -159,10 +159,10 @@ def test_unsupported_deepspeed_features_are_refused_at_attach(deepspeed_world):
     offload["zero_force_ds_cpu_optimizer"] = False
     refusals = {
         "PipelineEngine": _refusal(pipeline, plain),
-        "offload_optimizer": _refusal(TransformerLM(LMShape()), offload),
+        "offload_optimizer": _refusal(TransformerLM(llama_shape()), offload),
         "mixture-of-experts": _refusal(_TinyMoE(), plain),
         "fp16 without ZeRO": _refusal(
-            TransformerLM(LMShape()), ds_config(stage=0, gas=1, mbs=2, clip=0.0, dtype="fp16")
+            TransformerLM(llama_shape()), ds_config(stage=0, gas=1, mbs=2, clip=0.0, dtype="fp16")
         ),
     }
     for feature, message in refusals.items():
@@ -184,9 +184,9 @@ def test_layers_without_a_score_rule_are_refused(deepspeed_world):
 
 def test_bad_step_input_is_rejected_before_any_work(deepspeed_world):
     from inrun_megatron.deepspeed import DeepSpeedScorer
-    from inrun_megatron.deepspeed.model import LMShape, lm_token_losses
+    from inrun_megatron.deepspeed.model import llama_shape, lm_token_losses
 
-    shape = LMShape()
+    shape = llama_shape()
     engine = _engine(shape, stage=2, gas=2)
     scorer = DeepSpeedScorer(engine, make_data(shape, 2, 2, seed=1, first_id=10**6), lm_token_losses)
     good = make_data(shape, 2, 2, seed=2)
@@ -251,13 +251,13 @@ def test_torch_layers_keyword_inputs_and_broadcast_embeddings(deepspeed_world, b
     import deepspeed
 
     from inrun_megatron.deepspeed import DeepSpeedScorer
-    from inrun_megatron.deepspeed.model import LMShape, lm_token_losses
+    from inrun_megatron.deepspeed.model import llama_shape, lm_token_losses
 
     torch.manual_seed(0)
     model = _TinyLM(broadcast_positions)
     config = ds_config(stage=0, gas=1, mbs=2, clip=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
-    shape = LMShape()
+    shape = llama_shape()
     validation, train = make_data(shape, 2, 2, seed=1, first_id=10**6), make_data(shape, 1, 2, seed=2)
     scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
     if broadcast_positions:  # one output shared by the batch has no per-sequence gradient: refused, not summed

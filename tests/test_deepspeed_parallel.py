@@ -27,11 +27,11 @@ EQUIVALENCE_ONLY = [dict(model="gpt-untied", stage=s, split=False, dropout=0.2) 
 
 def _reference(model: str) -> dict:
     """The same global batches in one process: DP=1 with DP times the accumulation steps."""
-    from inrun_megatron.deepspeed.model import LMShape
+    from inrun_megatron.deepspeed.model import llama_shape
 
     run = dict(RUN, gas=RUN["gas"] * DP)
     return run_deepspeed_case(
-        LMShape(**MODELS[model], num_layers=LAYERS), stage=0, n_targets=TARGETS[model], keep_gradients=True, **run
+        llama_shape(**MODELS[model], num_layers=LAYERS), stage=0, n_targets=TARGETS[model], keep_gradients=True, **run
     )
 
 

@@ -9,49 +9,19 @@ scores are checked on. Batches use the standard format of :func:`inrun_megatron.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class LMShape:
-    """Model shape and options; names follow :class:`inrun_megatron.megatron.model.GPTShape`.
-
-    ``normalization="RMSNorm"``, ``swiglu=True``, ``add_bias_linear=False``,
-    ``position_embedding_type="rope"`` is Llama; ``"LayerNorm"``, GELU, biases and
-    ``"learned_absolute"`` positions is GPT-2.
-    """
-
-    num_layers: int = 2
-    hidden_size: int = 32
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None
-    vocab_size: int = 64
-    seq_length: int = 16
-    normalization: str = "RMSNorm"
-    swiglu: bool = True
-    add_bias_linear: bool = False
-    share_embeddings_and_output_weights: bool = True
-    position_embedding_type: str = "rope"
-    dropout: float = 0.0
-    init_method_std: float = 0.02
-    params_dtype: torch.dtype = torch.float32
-
-    def __post_init__(self) -> None:
-        if self.normalization not in ("RMSNorm", "LayerNorm"):
-            raise ValueError(f"normalization must be 'RMSNorm' or 'LayerNorm', got {self.normalization!r}")
-        if self.position_embedding_type not in ("rope", "learned_absolute"):
-            raise ValueError(
-                f"position_embedding_type must be 'rope' or 'learned_absolute', got {self.position_embedding_type!r}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+from inrun_megatron.model_shape import LLAMA_STYLE, ModelShape
 
 
-def _norm(shape: LMShape) -> nn.Module:
+def llama_shape(**overrides) -> ModelShape:
+    """A Llama-style :class:`ModelShape` (RMSNorm, SwiGLU, no biases, rotary positions, tied output)."""
+    return ModelShape(**{**LLAMA_STYLE, **overrides})
+
+
+def _norm(shape: ModelShape) -> nn.Module:
     if shape.normalization == "RMSNorm":
         return nn.RMSNorm(shape.hidden_size, eps=1e-5)
     return nn.LayerNorm(shape.hidden_size, eps=1e-5)
@@ -68,7 +38,7 @@ def _rotate(x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: LMShape):
+    def __init__(self, shape: ModelShape):
         super().__init__()
         self.heads = shape.num_attention_heads
         self.rope = shape.position_embedding_type == "rope"
@@ -87,7 +57,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, shape: LMShape):
+    def __init__(self, shape: ModelShape):
         super().__init__()
         ffn = shape.ffn_hidden_size or 4 * shape.hidden_size
         self.swiglu = shape.swiglu
@@ -102,7 +72,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, shape: LMShape):
+    def __init__(self, shape: ModelShape):
         super().__init__()
         self.attention_norm = _norm(shape)
         self.attention = Attention(shape)
@@ -118,7 +88,7 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     """Decoder-only LM: ``forward(tokens [b, s], position_ids [b, s]) -> logits [b, s, vocab]``."""
 
-    def __init__(self, shape: LMShape):
+    def __init__(self, shape: ModelShape):
         super().__init__()
         self.vocab_size = shape.vocab_size
         self.embedding = nn.Embedding(shape.vocab_size, shape.hidden_size)

@@ -18,29 +18,16 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from inrun_megatron.model_shape import ModelShape
 from inrun_megatron.validation import make_batch  # noqa: F401  (the batch format, re-exported)
 
 
 @dataclass
-class GPTShape:
-    """Model shape and the few options the scorer distinguishes; megatron names where they exist."""
+class GPTShape(ModelShape):
+    """A :class:`~inrun_megatron.model_shape.ModelShape` plus megatron-only options."""
 
-    num_layers: int = 2
-    hidden_size: int = 32
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None
-    vocab_size: int = 64
-    seq_length: int = 16
-    normalization: str = "LayerNorm"
-    swiglu: bool = False
-    add_bias_linear: bool = True
-    share_embeddings_and_output_weights: bool = False
-    position_embedding_type: str = "learned_absolute"
     recompute: bool = False
-    params_dtype: torch.dtype = torch.float32
-    dropout: float = 0.0
-    init_method_std: float = 0.02
-    extra_config: dict = field(default_factory=dict)
+    extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
 
 
 def transformer_config(shape: GPTShape, **overrides) -> TransformerConfig:

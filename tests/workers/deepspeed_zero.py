@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from ds_common import init_deepspeed, run_deepspeed_case, with_training_equivalence
 
-from inrun_megatron.deepspeed.model import LMShape
+from inrun_megatron.deepspeed.model import llama_shape
 
 
 def rejection_on_one_rank() -> str:
@@ -24,7 +24,7 @@ def rejection_on_one_rank() -> str:
 
     from common import make_data
 
-    shape = LMShape()
+    shape = llama_shape()
     model = TransformerLM(shape)
     config = ds_config(stage=3, gas=1, mbs=2, clip=1.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
@@ -47,7 +47,7 @@ def main() -> None:
     init_deepspeed()
     results = []
     for case in cases:
-        shape = LMShape(**case.pop("shape"))
+        shape = llama_shape(**case.pop("shape"))
         results.append(with_training_equivalence(run_deepspeed_case, shape=shape, keep_gradients=True, **case))
     torch.save({"cases": results, "rejection": rejection_on_one_rank()}, out_dir / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
