@@ -15,6 +15,12 @@ import torch
 from inrun_megatron.distributed import free_port  # noqa: F401  (used by conftest and workers)
 from inrun_megatron.megatron.model import GPTShape, make_batch
 
+#: Single-process tests run on the GPU when the machine has one (megatron-core unpatched, NCCL for
+#: CUDA tensors and gloo for CPU ones); otherwise, and in every multi-process worker (the launcher
+#: hides GPUs), on the CPU with the CPU shims.
+DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+BACKEND = "cpu:gloo,cuda:nccl" if DEVICE.type == "cuda" else "gloo"
+
 # Every layer kind of the local spec appears in at least one fp32 and one float64 case:
 # LayerNorm/RMSNorm, GELU MLP/SwiGLU, linear biases on/off (row-parallel biases go through
 # skip_bias_add), learned/rotary positions, tied/untied output layer, recomputation on/off,
@@ -51,6 +57,13 @@ def efficiency_error(
     total, batch_dot, batch_abs = efficiency
     allowed = tol * abs(batch_dot) if precision is None else UNIT_ROUNDOFF[precision] * batch_abs
     return abs(total - batch_dot) / allowed
+
+
+def megatron_device_mode() -> contextlib.AbstractContextManager:
+    """Keeps megatron code off ``cuda`` device strings, where the tests run on the CPU."""
+    from inrun_megatron.megatron import cpu_shims
+
+    return cpu_shims.CudaToCpuMode() if DEVICE.type == "cpu" else contextlib.nullcontext()
 
 
 def canonical_names(model: torch.nn.Module) -> dict[torch.nn.Parameter, str]:
@@ -111,7 +124,7 @@ def make_data(shape: GPTShape, n_micro: int, mbs: int, seed: int, *, first_id: i
             mask = (torch.rand(mbs, shape.seq_length, generator=g) > 0.25).float()
             mask[:, -3:] = 0.0  # padding at the end of every row
         ids = torch.arange(first_id + m * mbs, first_id + (m + 1) * mbs)
-        batches.append(make_batch(tokens, ids, mask))
+        batches.append({k: v.to(DEVICE) for k, v in make_batch(tokens, ids, mask).items()})
     return batches
 
 
@@ -209,8 +222,7 @@ def model_dot(chunks: list[torch.nn.Module], a: dict, b: dict) -> tuple[float, f
 
 def _add_dot(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     products = a.double() * b.double()
-    total[0] += products.sum()
-    total[1] += products.abs().sum()
+    total += torch.stack([products.sum(), products.abs().sum()]).to(total.device)
 
 
 def _counted_params(chunks: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
@@ -294,8 +306,6 @@ def _megatron_training(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
-    from inrun_megatron.megatron import cpu_shims
-
     config = models[0].config
     ddp_config = DistributedDataParallelConfig(**ddp)
     if config.fp16 or config.bf16:
@@ -319,7 +329,7 @@ def _megatron_training(
         params_dtype=torch.float16 if config.fp16 else torch.bfloat16 if config.bf16 else config.params_dtype,
         **fp16_loss_scale,
     )
-    with cpu_shims.CudaToCpuMode():
+    with megatron_device_mode():
         opt = get_megatron_optimizer(opt_config, chunks)
     config.grad_scale_func = opt.scale_loss
     return chunks, opt
@@ -432,7 +442,7 @@ def run_case(
             opt.step()
             result = (True, None, None)
         else:
-            with cpu_shims.CudaToCpuMode():
+            with megatron_device_mode():
                 result = opt.step()
         out["clip_coef"].append(clip_coefficient(result[1], clip_grad))
         out["skipped"].append(not result[0])

@@ -19,18 +19,18 @@ from inrun_megatron.deepspeed.scorer import masked_token_mean
 from inrun_megatron.distributed import free_port
 from inrun_megatron.model_shape import ModelShape
 
-from common import make_data
+from common import BACKEND, DEVICE, make_data
 
 
 def init_deepspeed() -> None:
-    """DeepSpeed on the (possibly 1-rank) gloo world; its shared-memory op (a 30 s JIT build) skipped."""
+    """DeepSpeed on the (possibly 1-rank) world; its shared-memory op (a 30 s JIT build) skipped."""
     import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:  # the pytest process: a world of one
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if DEVICE.type == "cuda" else "gloo")
 
 
 def ds_config(*, stage: int, gas: int, mbs: int, clip: float, dtype: str = "fp32", fp16_scale_power: int = 8) -> dict:
@@ -67,7 +67,7 @@ def batch_dot(scorer, grads: dict, target: int = 0) -> float:
     total = torch.zeros((), dtype=torch.float64)
     for p in scorer.grads.params():
         if scorer.counts(p):
-            total += (grads[p].double() * scorer.grads[p][target].double()).sum()
+            total += (grads[p].double() * scorer.grads[p][target].double()).sum().cpu()
     if scorer.engine.mpu is not None:
         dist.all_reduce(total, group=scorer.engine.mpu.get_model_parallel_group())
     return float(total)

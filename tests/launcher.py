@@ -15,9 +15,12 @@ TESTS = Path(__file__).resolve().parent
 def torchrun(
     script: Path, nproc: int, *args: str, timeout: int = 900, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nproc`` gloo ranks (loopback only); return the finished process."""
+    """Run ``script`` on ``nproc`` gloo ranks (loopback only, on the CPU even where there is a GPU);
+    return the finished process."""
     full_env = dict(os.environ)
-    full_env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", **(env or {}))
+    full_env.update(
+        OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", **(env or {})
+    )
     paths = [full_env.get("PYTHONPATH"), str(TESTS), str(TESTS.parent)]
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]

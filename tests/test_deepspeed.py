@@ -8,7 +8,7 @@ import torch
 from ds_common import ds_config, run_deepspeed_case
 
 import oracle
-from common import make_data
+from common import DEVICE, make_data
 
 MODELS = {
     # Llama: RMSNorm, SwiGLU, no biases, rotary positions, output projection tied to the embedding.
@@ -73,7 +73,7 @@ def test_scores_match_brute_force(deepspeed_world, model, stage, dtype):
 
     # The reference: the same initial weights in a plain module, one backward per sample.
     torch.manual_seed(0)
-    reference_model = TransformerLM(shape)
+    reference_model = TransformerLM(shape).to(DEVICE)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     if half is not None:  # the exact (fp32) scores of the weights the half-precision run trains
         with torch.no_grad():
@@ -241,7 +241,7 @@ class _TinyLM(torch.nn.Module):
         self.output_layer = torch.nn.Linear(16, 64)
 
     def forward(self, tokens, position_ids):
-        positions = torch.arange(tokens.shape[1]) if self.broadcast_positions else position_ids
+        positions = torch.arange(tokens.shape[1], device=tokens.device) if self.broadcast_positions else position_ids
         x = self.embedding(tokens) + self.position_embedding(positions)
         return self.output_layer(torch.tanh(self.hidden(input=x)))
 
@@ -268,7 +268,7 @@ def test_torch_layers_keyword_inputs_and_broadcast_embeddings(deepspeed_world, b
     engine.step()
     c = scorer.end_step(lr=1.0).columns
     torch.manual_seed(0)
-    reference_model = _TinyLM(broadcast_positions)
+    reference_model = _TinyLM(broadcast_positions).to(DEVICE)
     g_val = oracle.validation_gradient(reference_model, validation, lm_token_losses)
     reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, g_val)
     scale = max(abs(v) for v in reference.values())
