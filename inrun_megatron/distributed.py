@@ -94,6 +94,14 @@ def adopt_mpi_layout() -> None:
     node.Free()
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must live for a collective on ``group``: NCCL reduces only GPU tensors (the
+    current GPU's), gloo and a mixed ``cpu:gloo,cuda:nccl`` group take CPU tensors."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(backend: str | None = None) -> None:
     """Initialise the default process group from whichever launcher started this process."""
     if dist.is_initialized():

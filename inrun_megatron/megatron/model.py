@@ -132,6 +132,8 @@ def build_gpt(
     )
     if shape.params_dtype == torch.float64:
         model = model.double()
+    if torch.cuda.is_available():  # as megatron's get_model: torch norms and position embeddings start on the CPU
+        model.cuda(torch.cuda.current_device())
     return model
 
 

@@ -29,6 +29,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.utils import get_model_config
 
+from inrun_megatron.distributed import collective_device
 from inrun_megatron.validation import Batch, evaluation_state, loss_mask_of
 
 if TYPE_CHECKING:
@@ -224,8 +225,9 @@ def _validation_gradients(
             )
             _move_gradients_into_store(scorer, k, loss_scale)
     _complete_gradients(scorer)
-    losses = torch.stack(loss_sums)
-    dist.all_reduce(losses, group=parallel_state.get_pipeline_model_parallel_group())
+    pipeline = parallel_state.get_pipeline_model_parallel_group()
+    losses = torch.stack(loss_sums).to(collective_device(pipeline))  # stages without the loss hold CPU zeros
+    dist.all_reduce(losses, group=pipeline)
     if scorer.config.validation_split == "split":
         dist.all_reduce(losses, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return losses

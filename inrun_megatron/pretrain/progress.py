@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from inrun_megatron.distributed import collective_device
 from inrun_megatron.scores import StepRecords
 
 
@@ -61,9 +62,11 @@ def value_statistics(records: StepRecords, group: dist.ProcessGroup | None) -> d
     out = {}
     for target in sorted(set(c["target"].tolist())):
         v = values[(c["target"] == target) & ~c["skipped"]]
-        sums = torch.tensor([v.size, v.sum(), (v * v).sum(), (v > 0).sum()], dtype=torch.float64)
-        extremes = torch.tensor([v.max() if v.size else -math.inf, -v.min() if v.size else -math.inf])
-        extremes = extremes.double()
+        device = collective_device(group)
+        sums = torch.tensor([v.size, v.sum(), (v * v).sum(), (v > 0).sum()], dtype=torch.float64, device=device)
+        extremes = torch.tensor(
+            [v.max() if v.size else -math.inf, -v.min() if v.size else -math.inf], dtype=torch.float64, device=device
+        )
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
@@ -138,7 +141,7 @@ def mean_loss(losses: list[dict], group: dist.ProcessGroup | None) -> tuple[floa
     """(masked loss sum, loss tokens) of a step over the data-parallel group (last stage only)."""
     if not losses:
         return 0.0, 0.0
-    total = torch.stack([x["lm loss"].double() for x in losses]).sum(0)
+    total = torch.stack([x["lm loss"].double() for x in losses]).sum(0).to(collective_device(group))
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(total, group=group)
     return float(total[0]), float(total[1])

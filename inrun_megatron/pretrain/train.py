@@ -224,9 +224,6 @@ class Pretraining:
             },
         )
         self.models = build_gpt_chunks(shape)
-        if torch.cuda.is_available():
-            for model in self.models:
-                model.cuda(torch.cuda.current_device())
         model_config = self.models[0].config
         # megatron's mixed precision: half-precision compute, fp32 main params in the optimizer
         compute = [Float16Module(model_config, model) for model in self.models] if half else self.models
