@@ -12,6 +12,7 @@ The validation set is at most 1/8 of a step's training tokens by default; the ra
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -96,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument(
+        "--projection-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="dtype of the score GEMMs (ScoringConfig.projection_dtype); default: the library's choice",
+    )
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     return p.parse_args(argv)
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from inrun_megatron.config import ScoringConfig
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import GPTShape, build_gpt, gpt_forward_step, make_batch
 
@@ -119,8 +127,13 @@ def main(argv: list[str] | None = None) -> None:
         seq_length=args.seq,
         recompute=args.recompute,
         params_dtype=getattr(torch, args.dtype),
+        extra_config={"bf16": True} if args.dtype == "bfloat16" else {},
     )
-    model = build_gpt(shape).to(device)
+    model = build_gpt(shape)
+    if args.dtype == "bfloat16":  # megatron's mixed precision: bf16 compute inside Float16Module
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
     mbs, n_micro = args.micro_batch_size, args.microbatches
     train_tokens = mbs * n_micro * args.seq
     n_val = max(1, int(train_tokens * args.val_fraction) // args.seq)
@@ -134,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
             out.append({k: v.to(device) for k, v in make_batch(tokens, ids).items()})
         return out
 
-    validation = batches(n_val, 1, 10**9)
+    val_mbs = math.gcd(n_val, mbs)  # validation in micro-batches as large as training's where they fit
+    validation = batches(n_val // val_mbs, val_mbs, 10**9)
     data = batches(n_micro, mbs, 0)
     fb = get_forward_backward_func()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    scorer = MegatronScorer(model, validation)
+    projection_dtype = None if args.projection_dtype is None else getattr(torch, args.projection_dtype)
+    scorer = MegatronScorer(model, validation, ScoringConfig(projection_dtype=projection_dtype))
     kwargs = dict(
         forward_step_func=gpt_forward_step,
         model=model,
@@ -192,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq {args.seq}, vocab {args.vocab},"
-        f" {params / 1e6:.1f}M parameters, {args.dtype}, recompute={'on' if args.recompute else 'off'}, {device}"
+        f" {params / 1e6:.1f}M parameters, {args.dtype}, recompute={'on' if args.recompute else 'off'},"
+        f" projection dtype {args.projection_dtype or 'default'}, {device}"
     )
     print(
         f"step: {n_micro} microbatches x {mbs} sequences = {train_tokens} training tokens;"
