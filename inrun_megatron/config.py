@@ -19,7 +19,8 @@ class ScoringConfig:
             all-reduces the validation gradient (less compute for large validation sets).
             Both give the same ``G``.
         projection_dtype: dtype of the per-layer score GEMMs; None uses the activation dtype,
-            with float16/bfloat16 activations promoted to float32.
+            with float16/bfloat16 activations promoted to float32 (bf16 ones on a GPU through
+            TF32 tensor cores, which represent them exactly: see ``rules._tensor_core_gemms``).
         allow_untested_megatron: attach to a megatron-core version outside the tested ones.
         keep_records: keep every step's records in memory (``scorer.records``); long runs
             stream them to a :class:`~inrun_megatron.records.ScoreWriter` instead.

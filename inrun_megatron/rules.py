@@ -19,6 +19,9 @@ dimension and is summed.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 #: Upper bound on the temporary a rule materialises per chunk of tokens, in bytes. Rules
@@ -43,6 +46,27 @@ def _compute_dtype(t: torch.Tensor, projection_dtype: torch.dtype | None) -> tor
     # Half-precision activations are projected in float32: the score is a sum over
     # millions of products and must not inherit bf16 rounding.
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+@contextlib.contextmanager
+def _tensor_core_gemms(enabled: bool) -> Iterator[None]:
+    """Let float32 GEMMs on CUDA use TF32 tensor cores while the block runs (the caller's setting is
+    restored). Used for bf16 activations promoted to float32, where this loses nothing but speed
+    otherwise: a bf16 value is exact in TF32 (8 of its 11 significand bits), the float32 ``G`` is
+    rounded to TF32 (at most 2^-10 relative, a quarter of bf16's own rounding of the gradient), and
+    products accumulate in float32 as before. fp16 activations keep IEEE float32 GEMMs: TF32's
+    rounding of ``G`` would match fp16's own precision."""
+    matmul = torch.backends.cuda.matmul
+    if not enabled:
+        yield
+        return
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
 
 
 def linear_scores(
@@ -79,15 +103,16 @@ def linear_scores(
         g = g_weight.to(dtype).permute(1, 0, 2).reshape(d_out, k * d_in)  # b @ g -> [.., K*d_in]
         width = k * d_in
     out = torch.zeros(n_samples, k, dtype=torch.float64, device=a.device)
+    tf32 = a.is_cuda and projection_dtype is None and a.dtype == b.dtype == torch.bfloat16
     for chunk in _token_chunks(n_tokens, n_samples * width * torch.finfo(dtype).bits // 8):
         a_c = a3[chunk].to(dtype)
         b_c = b3[chunk].to(dtype)
+        with _tensor_core_gemms(tf32):
+            proj = a_c @ g if project_input else b_c @ g
         if project_input:
-            proj = (a_c @ g).view(-1, n_samples, k, d_out)
-            out += (proj * b_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
+            out += (proj.view(-1, n_samples, k, d_out) * b_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
         else:
-            proj = (b_c @ g).view(-1, n_samples, k, d_in)
-            out += (proj * a_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
+            out += (proj.view(-1, n_samples, k, d_in) * a_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
     if g_bias is not None:
         out += bias_scores(b, g_bias, batch_dim=batch_dim, projection_dtype=projection_dtype).t()
     return out.t()
