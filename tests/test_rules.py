@@ -65,6 +65,25 @@ def test_linear_half_precision_is_projected_in_float32():
     torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6)
 
 
+def test_tensor_core_gemms_restore_the_callers_matmul_precision():
+    """The TF32 switch for bf16 score GEMMs is local: whatever the caller set comes back, and a
+    disabled switch touches nothing."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with rules._tensor_core_gemms(True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    matmul.fp32_precision = "ieee"
+    try:
+        with rules._tensor_core_gemms(False):
+            assert matmul.fp32_precision == "ieee"
+        with rules._tensor_core_gemms(True):
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
 @pytest.mark.parametrize("row_offset", [0, 5])  # a vocabulary shard holding rows [5, 15)
 def test_embedding(row_offset, monkeypatch):
     monkeypatch.setattr(rules, "CHUNK_BYTES", 64)
