@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import oracle
-from common import CASES, load_canonical_weights, make_data, run_case, score_one_step, token_losses
+from common import CASES, forward_step, load_canonical_weights, make_data, run_case, score_one_step, token_losses
 
 pytestmark = pytest.mark.megatron
 
@@ -100,3 +100,58 @@ def test_several_targets_are_scored_separately(megatron_world):
     for key, value in alone.items():
         assert both[key] == pytest.approx(value, rel=1e-12, abs=1e-15)
     assert both[("web", 0)] != pytest.approx(both[("code", 0)], rel=1e-3)
+
+
+class _LiveSavedBytes:
+    """Peak bytes of tensors autograd holds for backward (a proxy for activation memory): each
+    saved tensor counts from when it is saved until its graph node releases it."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> object:
+        return _Held(t, self)
+
+    @staticmethod
+    def unpack(held: object) -> torch.Tensor:
+        return held.tensor
+
+
+class _Held:
+    def __init__(self, tensor: torch.Tensor, meter: _LiveSavedBytes):
+        self.tensor, self.meter, self.bytes = tensor, meter, tensor.numel() * tensor.element_size()
+        meter.live += self.bytes
+        meter.peak = max(meter.peak, meter.live)
+
+    def __del__(self):
+        self.meter.live -= self.bytes
+
+
+@pytest.mark.parametrize(
+    "recompute",
+    [dict(recompute=True), dict(extra_config={"recompute_granularity": "selective"})],
+    ids=["full", "core-attention"],
+)
+def test_validation_pass_keeps_activation_recomputation(megatron_world, recompute):
+    """megatron recomputes only in training mode; the validation pass (eval mode: no dropout) must
+    still recompute, or it holds every activation that recomputation was switched on to avoid."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from inrun_megatron.megatron import MegatronScorer
+    from inrun_megatron.megatron.model import GPTShape, build_gpt
+    from inrun_megatron.megatron.validation_pass import run_validation_pass
+
+    def validation_pass_peak(**options) -> int:
+        shape = GPTShape(num_layers=4, seq_length=128, **options)
+        model = build_gpt(shape)
+        load_canonical_weights(model, seed=2)
+        scorer = MegatronScorer(model, make_data(shape, 2, 2, seed=3, first_id=10**6))
+        meter = _LiveSavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            run_validation_pass(scorer, get_forward_backward_func(), forward_step, model)
+        scorer.detach()
+        return meter.peak
+
+    plain, recomputed = validation_pass_peak(), validation_pass_peak(**recompute)
+    print(f"validation pass, peak saved activations: {plain} bytes plain, {recomputed} with recomputation")
+    assert recomputed < 0.6 * plain

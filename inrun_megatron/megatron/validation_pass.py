@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel
+from megatron.core.transformer.attention import Attention
+from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import get_model_config
 
 from inrun_megatron.distributed import collective_device
@@ -72,6 +74,19 @@ def _ddp_chunks(chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
 RESCALE_ON_OVERFLOW = 8.0
 
 
+def _recompute_as_in_training(chunks: list[torch.nn.Module]) -> None:
+    """megatron recomputes activations (full, or the core attention's) only in training mode, so in
+    eval mode the validation pass would hold every activation of a microbatch: more memory than the
+    training pass that recomputation was switched on to fit. The modules that decide it hold no
+    dropout of their own (dropout lives in the layers and the attention's core, which stay in eval
+    mode), so they go back to training mode; :func:`evaluation_state` restores every mode after."""
+    for chunk in chunks:
+        for module in chunk.modules():
+            full = isinstance(module, TransformerBlock) and module.config.recompute_granularity == "full"
+            if full or (isinstance(module, Attention) and module.checkpoint_core_attention):
+                module.training = True
+
+
 @contextlib.contextmanager
 def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter], loss_scale: float):
     """Eval mode, saved RNG, no gradient sync or finalisation, losses scaled by ``loss_scale``,
@@ -92,6 +107,7 @@ def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter], l
         config.finalize_model_grads_func = None
         config.grad_scale_func = None if loss_scale == 1.0 else functools.partial(torch.mul, other=loss_scale)
         with evaluation_state(*chunks), contextlib.ExitStack() as no_sync:
+            _recompute_as_in_training(chunks)
             for ddp in _ddp_chunks(chunks):
                 no_sync.enter_context(ddp.no_sync())
             yield
