@@ -104,7 +104,10 @@ def linear_scores(
         width = k * d_in
     out = torch.zeros(n_samples, k, dtype=torch.float64, device=a.device)
     tf32 = a.is_cuda and projection_dtype is None and a.dtype == b.dtype == torch.bfloat16
-    for chunk in _token_chunks(n_tokens, n_samples * width * torch.finfo(dtype).bits // 8):
+    # Per token: the projection and its product with the other side, plus copies of a and b
+    # where they change dtype (a bf16 output-layer gradient in float32 is vocabulary-sized).
+    floats = 2 * width + (d_in if a.dtype != dtype else 0) + (d_out if b.dtype != dtype else 0)
+    for chunk in _token_chunks(n_tokens, n_samples * floats * torch.finfo(dtype).bits // 8):
         a_c = a3[chunk].to(dtype)
         b_c = b3[chunk].to(dtype)
         with _tensor_core_gemms(tf32):
@@ -158,7 +161,9 @@ def embedding_scores(
     local = torch.where(in_range, local, torch.zeros_like(local))
     out = torch.zeros(n_samples, k, dtype=torch.float64, device=b.device)
     table = g_table.to(dtype)
-    for chunk in _token_chunks(n_tokens, n_samples * k * h * torch.finfo(dtype).bits // 8):
+    # Per token: the gathered rows and their product with b, plus b's copy where it changes dtype.
+    floats = 2 * k * h + (h if b.dtype != dtype else 0)
+    for chunk in _token_chunks(n_tokens, n_samples * floats * torch.finfo(dtype).bits // 8):
         rows_c = table[:, local[chunk]]  # [K, c, B, h]
         b_c = b3[chunk].to(dtype) * in_range[chunk].unsqueeze(-1)
         out += (rows_c * b_c.unsqueeze(0)).sum(dim=(1, 3), dtype=torch.float64).t()
