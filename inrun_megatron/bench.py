@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import statistics
 import threading
 import time
@@ -22,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+from inrun_megatron.distributed import free_port
 
 
 def _rss_bytes() -> int:
@@ -71,11 +72,9 @@ def _init_single_process() -> torch.device:
         cpu_shims.install()
     from megatron.core import parallel_state
 
-    if not dist.is_initialized():
-        with socket.socket() as s:  # a free loopback port: several benchmarks may run at once
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    if not dist.is_initialized():  # a free loopback port: several benchmarks may run at once
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     from megatron.core import tensor_parallel
 

@@ -107,15 +107,16 @@ def linear_scores(
     # Per token: the projection and its product with the other side, plus copies of a and b
     # where they change dtype (a bf16 output-layer gradient in float32 is vocabulary-sized).
     floats = 2 * width + (d_in if a.dtype != dtype else 0) + (d_out if b.dtype != dtype else 0)
-    for chunk in _token_chunks(n_tokens, n_samples * floats * torch.finfo(dtype).bits // 8):
-        a_c = a3[chunk].to(dtype)
-        b_c = b3[chunk].to(dtype)
-        with _tensor_core_gemms(tf32):
-            proj = a_c @ g if project_input else b_c @ g
-        if project_input:
-            out += (proj.view(-1, n_samples, k, d_out) * b_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
-        else:
-            out += (proj.view(-1, n_samples, k, d_in) * a_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
+    with _tensor_core_gemms(tf32):
+        for chunk in _token_chunks(n_tokens, n_samples * floats * torch.finfo(dtype).bits // 8):
+            a_c = a3[chunk].to(dtype)
+            b_c = b3[chunk].to(dtype)
+            if project_input:
+                proj = (a_c @ g).view(-1, n_samples, k, d_out)
+                out += (proj * b_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
+            else:
+                proj = (b_c @ g).view(-1, n_samples, k, d_in)
+                out += (proj * a_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
     if g_bias is not None:
         out += bias_scores(b, g_bias, batch_dim=batch_dim, projection_dtype=projection_dtype).t()
     return out.t()
