@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 VALIDATION_SPLITS = ("replicate", "split")
+SCORING_PATHS = ("auto", "rules", "microbatch")
 
 
 @dataclass
@@ -21,6 +22,12 @@ class ScoringConfig:
         projection_dtype: dtype of the per-layer score GEMMs; None uses the activation dtype,
             with float16/bfloat16 activations promoted to float32 (bf16 ones on a GPU through
             TF32 tensor cores, which represent them exactly: see ``rules._tensor_core_gemms``).
+        path: how per-sample gradients are dotted with ``G``. ``"microbatch"`` scores each
+            microbatch's own parameter gradient (exact when a microbatch holds one sequence; any
+            layer type; no extra GEMM), ``"rules"`` runs a per-layer rule inside each layer's
+            backward (any micro-batch size; only layers with a rule), ``"auto"`` picks
+            ``"microbatch"`` for steps whose micro-batch size is 1 and ``"rules"`` otherwise. Both
+            give the same scores.
         allow_untested_megatron: attach to a megatron-core version outside the tested ones.
         keep_records: keep every step's records in memory (``scorer.records``); long runs
             stream them to a :class:`~inrun_megatron.records.ScoreWriter` instead.
@@ -28,12 +35,15 @@ class ScoringConfig:
 
     validation_split: str = "replicate"
     projection_dtype: torch.dtype | None = None
+    path: str = "auto"
     allow_untested_megatron: bool = False
     keep_records: bool = True
 
     def __post_init__(self) -> None:
         if self.validation_split not in VALIDATION_SPLITS:
             raise ValueError(f"validation_split must be one of {VALIDATION_SPLITS}, got {self.validation_split!r}")
+        if self.path not in SCORING_PATHS:
+            raise ValueError(f"path must be one of {SCORING_PATHS}, got {self.path!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

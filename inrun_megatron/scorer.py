@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from inrun_megatron.config import ScoringConfig
+from inrun_megatron.microbatch_gradients import LocalGradient, ParameterSite, attach_parameter_sites
 from inrun_megatron.scores import StepRecords, StepScores, ValueAccumulator, make_step_records
 from inrun_megatron.sites import Site, SiteBuilder
 from inrun_megatron.validation import Batch, GradientStore, as_targets
@@ -47,7 +48,9 @@ class Scorer:
     def __init__(self, validation: Sequence[Batch] | Mapping[str, Sequence[Batch]], config: ScoringConfig | None):
         self.config = config or ScoringConfig()
         self.targets = as_targets(validation)
-        self.scoring = False
+        self.scoring: str | None = None  # the path scoring the running training pass, if any
+        self.rules_unavailable: str | None = None  # why the rules path cannot score this model
+        self.parameter_sites: list[ParameterSite] = []
         self.step_scores: StepScores | None = None
         self.step = 0
         self.records: list[StepRecords] = []
@@ -66,6 +69,14 @@ class Scorer:
         """Whether this rank counts ``param`` (False for a tensor-parallel duplicate)."""
         return True
 
+    def counts_gradient(self, param: torch.nn.Parameter) -> bool:
+        """Whether this rank counts ``param``'s local gradient on the microbatch-gradient path.
+
+        A tensor-parallel duplicate is counted on one rank, except a weight tagged
+        ``sequence_parallel``: each rank's gradient of it covers only its own tokens.
+        """
+        return getattr(param, "sequence_parallel", False) or self.counts(param)
+
     @property
     def dp_rank(self) -> int:
         return 0
@@ -77,12 +88,23 @@ class Scorer:
     # ----------------------------------------------------------------------------------
     # attaching
 
-    def build_sites(self, roots: Iterable[tuple[str, torch.nn.Module]], builders: Mapping[type, SiteBuilder]) -> None:
-        """Build the sites of every root module and the gradient store of their parameters.
+    def build_sites(
+        self,
+        roots: Iterable[tuple[str, torch.nn.Module]],
+        builders: Mapping[type, SiteBuilder],
+        *,
+        local_gradient: LocalGradient | None = None,
+    ) -> None:
+        """Build what both scoring paths need for every root module, and the store of ``G``.
 
-        A module whose type has a builder becomes sites (its children are not visited); every
-        trainable parameter must end up in some site, else attaching fails naming its module.
+        Rules path: a module whose type has a builder becomes sites (its children are not
+        visited); every trainable parameter must end up in some site. Where one does not, the
+        rules path is unavailable: attaching fails naming the module when ``config.path`` is
+        ``"rules"``, otherwise only steps with a micro-batch size above 1 are refused (before
+        any work). Microbatch-gradient path: a hook on every trainable parameter this rank counts
+        (:mod:`inrun_megatron.microbatch_gradients`), for any module type.
         """
+        roots = list(roots)
         claimed: set[int] = set()
 
         def walk(module: torch.nn.Module, name: str) -> None:
@@ -96,21 +118,24 @@ class Scorer:
             for child_name, child in module.named_children():
                 walk(child, f"{name}.{child_name}" if name else child_name)
 
-        for prefix, root in roots:
-            walk(root, prefix)
-            for param_name, p in root.named_parameters():
-                if p.requires_grad and id(p) not in claimed:
-                    owner_name = param_name.rpartition(".")[0]
-                    owner = root.get_submodule(owner_name)
-                    where = ".".join(x for x in (prefix, owner_name) if x) or type(root).__name__
-                    raise NotImplementedError(
-                        f"module {where!r} ({type(owner).__module__}.{type(owner).__name__}) has trainable"
-                        f" parameter {param_name!r} that no inrun_megatron score rule covers. Supported layers:"
-                        f" {', '.join(sorted(t.__name__ for t in builders))}. Freeze it (requires_grad=False)"
-                        " or build the model from supported layers."
-                    )
-        params = {id(p): p for site in self.sites for p in site.params}
+        if self.config.path != "microbatch":
+            for prefix, root in roots:
+                walk(root, prefix)
+                self.rules_unavailable = self.rules_unavailable or _uncovered(prefix, root, claimed, builders)
+            if self.rules_unavailable and self.config.path == "rules":
+                raise NotImplementedError(self.rules_unavailable)
+        named = [
+            (".".join(x for x in (prefix, name) if x), p)
+            for prefix, root in roots
+            for name, p in root.named_parameters()
+        ]
+        params = {id(p): p for _, p in named if p.requires_grad}
+        params.update({id(p): p for site in self.sites for p in site.params})
         self.grads = self.make_gradient_store(list(params.values()))
+        if self.config.path != "rules":
+            self.parameter_sites = attach_parameter_sites(
+                self, named, counted=self.counts_gradient, local_gradient=local_gradient
+            )
 
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
         """The store of ``G`` for ``params``; adapters whose parameters are sharded override it."""
@@ -133,16 +158,35 @@ class Scorer:
     # ----------------------------------------------------------------------------------
     # one step
 
+    def path_for(self, micro_batch_size: int) -> str:
+        """The scoring path of a step with this micro-batch size; raises (before any work) if none can score it."""
+        path = self.config.path
+        if path == "auto":
+            path = "microbatch" if micro_batch_size == 1 else "rules"
+        if path == "microbatch" and micro_batch_size != 1:
+            raise ValueError(
+                f"the microbatch-gradient path (ScoringConfig(path='microbatch')) scores the gradient of a whole"
+                f" microbatch, which is one sequence's only with micro_batch_size 1, not {micro_batch_size};"
+                " use path='auto' or 'rules' for larger microbatches. Nothing of this step was run."
+            )
+        if path == "rules" and self.rules_unavailable:
+            raise NotImplementedError(
+                f"{self.rules_unavailable} (a step with micro_batch_size {micro_batch_size} needs the per-layer"
+                " rules). Nothing of this step was run."
+            )
+        return path
+
     def begin_scoring(self, n_microbatches: int, micro_batch_size: int) -> None:
         if self._pending is not None:
             raise RuntimeError("call end_step() after each scored step before starting the next one")
+        path = self.path_for(micro_batch_size)
         device = self.grads.params()[0].device
         self.step_scores = StepScores(len(self.targets), n_microbatches, micro_batch_size, device)
-        self.scoring = True
+        self.scoring = path
 
     def end_scoring(self, completed: bool) -> torch.Tensor:
         """Stop scoring; return the local ``[K, M, B]`` partials (checked complete if ``completed``)."""
-        self.scoring = False
+        self.scoring = None
         step, self.step_scores = self.step_scores, None
         try:
             if completed:
@@ -220,3 +264,22 @@ class Scorer:
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.accumulator.load_state_dict(state["accumulator"])
+
+
+def _uncovered(
+    prefix: str, root: torch.nn.Module, claimed: set[int], builders: Mapping[type, SiteBuilder]
+) -> str | None:
+    """Why the rules path cannot score ``root`` (its first trainable parameter no site covers), or None."""
+    for param_name, p in root.named_parameters():
+        if p.requires_grad and id(p) not in claimed:
+            owner_name = param_name.rpartition(".")[0]
+            owner = root.get_submodule(owner_name)
+            where = ".".join(x for x in (prefix, owner_name) if x) or type(root).__name__
+            return (
+                f"module {where!r} ({type(owner).__module__}.{type(owner).__name__}) has trainable"
+                f" parameter {param_name!r} that no inrun_megatron score rule covers. Supported layers:"
+                f" {', '.join(sorted(t.__name__ for t in builders))}. With micro_batch_size 1 the"
+                " microbatch-gradient path (ScoringConfig(path='auto' or 'microbatch')) scores any module;"
+                " otherwise freeze it (requires_grad=False) or build the model from supported layers"
+            )
+    return None

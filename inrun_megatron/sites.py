@@ -76,7 +76,7 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.site.scorer.scoring:
+        if ctx.site.scorer.scoring == "rules":
             ctx.site.score(grad, *ctx.saved_tensors)
         return (grad, None) + (None,) * len(ctx.saved_tensors)
 
@@ -92,7 +92,7 @@ class TapSite(Site):
     counted_here: bool = True
 
     def tap(self, output: torch.Tensor, *saved: torch.Tensor) -> torch.Tensor:
-        if not (self.scorer.scoring and torch.is_grad_enabled()):
+        if not (self.scorer.scoring == "rules" and torch.is_grad_enabled()):
             return output
         return _Tap.apply(output, self, *saved)
 

@@ -51,7 +51,7 @@ _linear_patch_users = 0
 def _scored_linear_backward(ctx, grad_output):
     weight = ctx.saved_tensors[1]
     site = getattr(weight, "_inrun_linear_site", None)
-    if site is not None and site.scorer.scoring:
+    if site is not None and site.scorer.scoring == "rules":
         site.score(ctx, grad_output)
     return _original_linear_backward(ctx, grad_output)
 
