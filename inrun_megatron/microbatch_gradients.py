@@ -29,29 +29,32 @@ from inrun_megatron.sites import Site
 if TYPE_CHECKING:
     from inrun_megatron.scorer import Scorer
 
-#: ``local_gradient(param, grad) -> tensor``: the gradient this backward produced for ``param``,
-#: given what its tensor hook received (adapters override it where a framework writes the
-#: gradient elsewhere, e.g. megatron's fused accumulation into ``main_grad``).
-LocalGradient = Callable[[torch.nn.Parameter, torch.Tensor], torch.Tensor]
+#: ``local_scores(param, grad, g_val) -> [K]``: the dot products of the gradient this backward
+#: produced for ``param`` with each target's ``G`` (``g_val``: ``[K, n]``), given what the
+#: parameter's tensor hook received. Adapters replace :func:`gradient_scores` where a framework
+#: writes the gradient elsewhere (megatron's fused accumulation into ``main_grad``) or holds
+#: ``G`` in another form.
+LocalScores = Callable[[torch.nn.Parameter, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def gradient_scores(param: torch.nn.Parameter, grad: torch.Tensor, g_val: torch.Tensor) -> torch.Tensor:
+    """``[K, n] @ [n]``: every target in one matrix-vector product, accumulated in G's dtype
+    (float32, or float64 for float64 models) whatever the gradient's precision."""
+    return g_val @ grad.reshape(-1).to(g_val.dtype)
 
 
 @dataclass(eq=False)
 class ParameterSite(Site):
     """One parameter scored from its own gradient; ``calls`` counts its backward passes in the step."""
 
-    local_gradient: LocalGradient | None = None
+    local_scores: LocalScores = gradient_scores
 
     def score(self, grad: torch.Tensor) -> None:
         step = self.scorer.step_scores
         microbatch = step.next_microbatch(self)
         (param,) = self.params
-        if self.local_gradient is not None:
-            grad = self.local_gradient(param, grad)
         g_val = self.scorer.grads[param]
-        k = g_val.shape[0]
-        # [K, n] @ [n]: every target in one matrix-vector product, accumulated in G's dtype
-        # (float32, or float64 for float64 models) whatever the gradient's precision.
-        partial = g_val.reshape(k, -1) @ grad.reshape(-1).to(g_val.dtype)
+        partial = self.local_scores(param, grad, g_val.reshape(g_val.shape[0], -1))
         step.add(microbatch, partial.to(torch.float64).unsqueeze(1))
 
 
@@ -60,7 +63,7 @@ def attach_parameter_sites(
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     *,
     counted: Callable[[torch.nn.Parameter], bool],
-    local_gradient: LocalGradient | None = None,
+    local_scores: LocalScores = gradient_scores,
 ) -> list[ParameterSite]:
     """Hook every trainable parameter that this rank counts; return their sites.
 
@@ -75,7 +78,7 @@ def attach_parameter_sites(
         seen.add(id(param))
         if not counted(param):
             continue
-        site = ParameterSite(name=name, params=(param,), scorer=scorer, local_gradient=local_gradient)
+        site = ParameterSite(name=name, params=(param,), scorer=scorer, local_scores=local_scores)
         scorer.add_hook(param.register_hook(_hook(site)))
         sites.append(site)
     return sites

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from inrun_megatron.config import ScoringConfig
-from inrun_megatron.microbatch_gradients import LocalGradient, ParameterSite, attach_parameter_sites
+from inrun_megatron.microbatch_gradients import LocalScores, ParameterSite, attach_parameter_sites, gradient_scores
 from inrun_megatron.scores import StepRecords, StepScores, ValueAccumulator, make_step_records
 from inrun_megatron.sites import Site, SiteBuilder
 from inrun_megatron.validation import Batch, GradientStore, as_targets
@@ -93,7 +93,7 @@ class Scorer:
         roots: Iterable[tuple[str, torch.nn.Module]],
         builders: Mapping[type, SiteBuilder],
         *,
-        local_gradient: LocalGradient | None = None,
+        local_scores: LocalScores = gradient_scores,
     ) -> None:
         """Build what both scoring paths need for every root module, and the store of ``G``.
 
@@ -134,7 +134,7 @@ class Scorer:
         self.grads = self.make_gradient_store(list(params.values()))
         if self.config.path != "rules":
             self.parameter_sites = attach_parameter_sites(
-                self, named, counted=self.counts_gradient, local_gradient=local_gradient
+                self, named, counted=self.counts_gradient, local_scores=local_scores
             )
 
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> GradientStore:

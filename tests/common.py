@@ -349,6 +349,7 @@ def run_case(
     optimizer: str = "sgd",
     clip_grad: float = 0.0,
     validation_split: str = "replicate",
+    path: str = "auto",
     fp16_loss_scale: dict | None = None,
     validation: list[dict] | None = None,
     epoch_steps: int | None = None,
@@ -363,12 +364,14 @@ def run_case(
     ``DistributedDataParallelConfig`` options and trained by megatron's ``optimizer`` ("sgd" or
     "adam"), clipping at ``clip_grad`` (0: off); bf16/fp16 configs (``shape.extra_config``) add
     megatron's ``Float16Module`` and mixed-precision optimizer (``fp16_loss_scale``: its loss-scale
-    options). ``validation`` replaces the default validation batches.
+    options). ``validation`` replaces the default validation batches. ``path`` is the scoring path
+    (``ScoringConfig.path``), resolved at attach for micro-batch size ``mbs``.
 
     Returns per step: ``raw`` ``{sample_id: raw}`` of this DP rank's samples, ``efficiency``
     ``(sum raw, <g, G>, sum |g_i G_i|)`` and ``sgd`` ``(sum v, <G, w_t - w_t+1>)`` over the global batch,
     ``clip_coef``, ``skipped``, ``losses``, ``dp_traffic`` (elements reduced over the DP group
-    during the forward/backward call) and ``fb_calls`` (calls of megatron's forward_backward_func);
+    during the forward/backward call), ``fb_calls`` (calls of megatron's forward_backward_func) and
+    ``paths`` (the scoring path of each call that was scored);
     and the final ``weights`` by canonical name.
     With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
     ``ScoreWriter`` (on one rank per DP replica), every step's records are dumped too, with
@@ -398,15 +401,18 @@ def run_case(
         chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {})
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
-    config = ScoringConfig(validation_split=validation_split)
-    scorer = MegatronScorer(chunks, validation, config) if scored else None
+    config = ScoringConfig(validation_split=validation_split, path=path)
+    scorer = MegatronScorer(chunks, validation, config, micro_batch_size=mbs) if scored else None
     fb_calls = [0]
+    keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
+    out = {key: [] for key in keys}
 
     def fb(**kwargs):
         fb_calls[0] += 1
+        if scored and scorer.scoring is not None:
+            out["paths"].append(scorer.scoring)
         return get_forward_backward_func()(**kwargs)
 
-    out = {key: [] for key in ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls")}
     for step in range(steps):
         batch_index = step % epoch_steps if epoch_steps else step
         data = make_data(shape, n_micro * dp_size, mbs, seed + 100 + batch_index, first_id=1000 * batch_index)

@@ -1,10 +1,12 @@
 """Parallel layouts: every layout gives the single-process scores per sample id (DESIGN §1.4).
 
 Tensor, pipeline (1F1B and interleaved), sequence and data parallelism, megatron DDP with and
-without overlapped, bucketed gradient reduction, the distributed optimizer, replicated and
-split validation sets, gradient clipping and bf16. Each layout trains a few steps of a tiny
-GPTModel scored and unscored; the test compares the scores with the single-process run of the
-same options (in this process) and checks, on every layout:
+without overlapped, bucketed gradient reduction, the distributed optimizer, gradient
+accumulation fusion, replicated and split validation sets, gradient clipping and bf16. Each
+layout trains a few steps of a tiny GPTModel scored and unscored, at micro-batch size 2 (the
+per-layer rules) and again at micro-batch size 1 (the microbatch-gradient path, chosen by
+``path="auto"``); the test compares the scores with the single-process run of the same options
+on the rules path (in this process) and checks, on every layout:
 
 * the efficiency identity ``sum_z raw = <g, G>`` over the global batch;
 * the SGD identity ``sum_z lr * c * raw = <G, w_t - w_t+1>`` (plain SGD, clipping included);
@@ -14,12 +16,18 @@ same options (in this process) and checks, on every layout:
   gradient traffic when the validation set is replicated (exactly one all-reduce of ``G``
   when it is split).
 
+The microbatch-gradient path in bf16 scores the weight gradient training computed, rounded to
+bf16 by megatron's weight-gradient GEMM, where the rules multiply the same bf16 activations
+without rounding: there it is compared with the single-process run of its own path to the fp32
+tolerance, and with the rules path to the bf16 unit roundoff.
+
 All layouts of one world size run in one launch (model parallelism re-initialised between
 them), so the whole matrix costs two process launches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -27,13 +35,14 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from common import CASES, efficiency_error, run_case, shape_to_json
+from common import CASES, UNIT_ROUNDOFF, efficiency_error, run_case, shape_to_json
 from launcher import launch
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 STEPS = 3
+MBS1_STEPS = 2  # the microbatch-gradient runs at micro-batch size 1 (smaller, fewer steps: every layout once more)
 SEED = 21
 
 
@@ -67,12 +76,25 @@ class Layout:
         extra = dict(self.config, sequence_parallel=True) if parallel and self.sequence_parallel else self.config
         return GPTShape(num_layers=self.num_layers, params_dtype=self.dtype, extra_config=extra, **CASES[self.case])
 
-    def run_options(self, *, parallel: bool) -> dict:
-        """run_case options; the single-process reference trains all DP ranks' microbatches."""
+    def run_options(self, *, parallel: bool, reference_path: str = "rules") -> dict:
+        """run_case options; the single-process reference trains all DP ranks' microbatches, scored
+        on ``reference_path`` (the layout itself picks its path automatically)."""
         options = {"n_micro": 2, "mbs": 2, "steps": STEPS, "lr": 0.5, "seed": SEED, **self.options}
         if not parallel:
             options["n_micro"] *= self.dp
+            options["path"] = reference_path
         return options
+
+    @property
+    def path(self) -> str:
+        """The scoring path ``path="auto"`` must choose."""
+        return "microbatch" if self.run_options(parallel=True)["mbs"] == 1 else "rules"
+
+
+def at_micro_batch_size_1(layout: Layout) -> Layout:
+    """The layout once more at micro-batch size 1, where the microbatch-gradient path scores it."""
+    options = {**layout.options, "mbs": 1, "steps": MBS1_STEPS}
+    return dataclasses.replace(layout, name=f"{layout.name}-mbs1", options=options)
 
 
 MEGATRON_DDP = {}  # megatron DDP, gradient reduction after the last microbatch
@@ -82,6 +104,8 @@ DISTRIBUTED_ADAM = {"ddp": {"use_distributed_optimizer": True}, "optimizer": "ad
 DISTRIBUTED_ADAM_OVERLAPPED = dict(
     DISTRIBUTED_ADAM, ddp={"use_distributed_optimizer": True, "overlap_param_gather": True, **OVERLAPPED_DDP}
 )
+# megatron's linear backward adds weight gradients to main_grad itself (a CPU stand-in for its CUDA kernel).
+FUSION = {"gradient_accumulation_fusion": True}
 
 LAYOUTS = [
     # Tensor parallelism alone, plain module and torch SGD (fp32 and float64 to 1e-9).
@@ -113,11 +137,17 @@ LAYOUTS = [
     Layout("2x2x1-vpp2-sp", 4, "rmsnorm-swiglu-nobias-tied-recompute", tp=2, pp=2, vpp=2, sequence_parallel=True,
            options={"ddp": MEGATRON_DDP, "n_micro": 4}),
     Layout("2x1x2-distopt-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, options=DISTRIBUTED_ADAM_OVERLAPPED),
+    # Gradient accumulation fusion: tied weights across stages, and on one stage (zero_out_wgrad) under SP.
+    Layout("1x2x1-fusion-tied", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2, config=FUSION,
+           options={"ddp": MEGATRON_DDP, "n_micro": 3}),
+    Layout("2x1x2-sp-fusion-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, sequence_parallel=True,
+           config=FUSION, options={"ddp": OVERLAPPED_DDP}),
     # The interleaved schedule cannot run one validation batch on two stages: refused at attach, on every rank.
     Layout("1x2x1-vpp2-too-few-validation-batches", 2, "layernorm-gelu-bias-untied", pp=2, vpp=2,
            options={"ddp": MEGATRON_DDP, "n_micro": 4, "n_val_batches": 1},
            refused="the interleaved pipeline schedule runs microbatches in groups of 2"),
 ]  # fmt: skip
+LAYOUTS += [at_micro_batch_size_1(x) for x in LAYOUTS if x.refused is None]
 SCORED = [x for x in LAYOUTS if x.refused is None]
 REFUSED = [x for x in LAYOUTS if x.refused is not None]
 
@@ -147,9 +177,25 @@ def launched(tmp_path_factory):
 
 
 @functools.cache
-def _reference(name: str) -> dict:
+def _reference(name: str, path: str = "rules") -> dict:
     layout = next(x for x in LAYOUTS if x.name == name)
-    return run_case(layout.shape(parallel=False), **layout.run_options(parallel=False))
+    return run_case(layout.shape(parallel=False), **layout.run_options(parallel=False, reference_path=path))
+
+
+def _max_error(ranks: list[dict], reference: dict) -> float:
+    """Largest ``|raw - raw_ref|`` over every DP rank's samples, relative to the step's largest
+    reference score; checks that the DP ranks together report exactly the global batch."""
+    worst = 0.0
+    for step, ref in enumerate(reference["raw"]):
+        scale = max(abs(v) for v in ref.values())
+        seen: dict[int, float] = {}
+        for got in ranks:
+            ours = got["raw"][step]
+            assert set(ours) <= set(ref), f"step {step}: sample ids {set(ours) - set(ref)} not in the global batch"
+            seen.update(ours)
+            worst = max(worst, max(abs(ours[sid] - ref[sid]) for sid in ours) / scale)
+        assert sorted(seen) == sorted(ref), f"step {step}: the DP ranks together did not report the global batch"
+    return worst
 
 
 @pytest.mark.parametrize("layout", REFUSED, ids=lambda x: x.name)
@@ -167,20 +213,15 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
     # The SGD identity needs plain SGD on the model's own weights (not bf16 copies of fp32 ones).
     scored_sgd = options.get("optimizer", "sgd") == "sgd" and layout.precision is None
     efficiency_key = "efficiency residual" + ("" if layout.precision is None else " / (u sum|g G|)")
-    report = {"max rel error": 0.0, efficiency_key: 0.0}
+    report = {"max rel error": _max_error(ranks, reference), efficiency_key: 0.0}
+    rules_tol = tol
+    if layout.precision is not None and layout.path == "microbatch":
+        report["max rel error, same path"] = _max_error(ranks, _reference(layout.name, "microbatch"))
+        assert report["max rel error, same path"] <= tol, "the single-process microbatch path scores differently"
+        rules_tol = UNIT_ROUNDOFF[layout.precision]
+    assert report["max rel error"] <= rules_tol, f"{report['max rel error']:.2e} from the single-process run"
     if scored_sgd:
         report["SGD residual"] = 0.0
-    for step, ref in enumerate(reference["raw"]):
-        scale = max(abs(v) for v in ref.values())
-        seen: dict[int, float] = {}
-        for got in ranks:
-            ours = got["raw"][step]
-            assert set(ours) <= set(ref), f"step {step}: sample ids {set(ours) - set(ref)} not in the global batch"
-            seen.update(ours)
-            worst = max(abs(ours[sid] - ref[sid]) for sid in ours) / scale
-            report["max rel error"] = max(report["max rel error"], worst)
-            assert worst <= tol, f"step {step}, DP rank {got['dp_rank']}: {worst:.2e} from the single-process run"
-        assert sorted(seen) == sorted(ref), f"step {step}: the DP ranks together did not report the global batch"
     for got in ranks:
         assert got["unchanged_by_scoring"], "scoring changed a loss or weight of the run"
         assert got["clip_coef"] == pytest.approx(reference["clip_coef"], rel=1e-5)
@@ -194,14 +235,15 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
                 residual = abs(total - change) / abs(change)
                 report["SGD residual"] = max(report["SGD residual"], residual)
                 assert residual <= 10 * tol, f"SGD identity: sum of values {total} != <G, w_t - w_t+1> {change}"
-        n_targets = 1
-        assert got["fb_calls"] == [n_targets + 1] * STEPS, "the validation pass is one schedule call per target"
+        n_targets, steps = 1, options["steps"]
+        assert got["paths"] == [layout.path] * steps, f"path='auto' scored on {got['paths']}"
+        assert got["fb_calls"] == [n_targets + 1] * steps, "the validation pass is one schedule call per target"
         if layout.dp > 1:
             extra = [s - p for s, p in zip(got["dp_traffic"], got["plain_dp_traffic"])]
             if options.get("validation_split") == "split":  # G once, plus the loss sums
-                assert extra == [got["n_params"] + n_targets] * STEPS
+                assert extra == [got["n_params"] + n_targets] * steps
             else:
-                assert extra == [0] * STEPS, "a replicated validation set must cost no data-parallel traffic"
+                assert extra == [0] * steps, "a replicated validation set must cost no data-parallel traffic"
     if options.get("clip_grad"):
         assert max(reference["clip_coef"]) < 1.0, "the clipping layout must actually clip"
     print(f"{layout.name}: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))

@@ -1,8 +1,9 @@
 """Run megatron-core on a CPU-only machine with gloo, for tests, the demo and CPU benchmarks.
 
 megatron-core assumes CUDA in a handful of places (RNG tracker, ``cuda`` device strings,
-streams, a triton-only MoE module). This module patches exactly those places so that
-megatron's real layers, schedules, DDP and optimizer run unmodified on the CPU. Production
+streams, a triton-only MoE module, the CUDA kernel of gradient accumulation fusion). This
+module patches exactly those places so that megatron's real layers, schedules, DDP and
+optimizer run unmodified on the CPU. Production
 code on GPUs never imports it; nothing in the scoring library depends on it.
 
 Call :func:`install` once, before building models, and wrap megatron optimizer construction
@@ -44,6 +45,26 @@ def _stub_triton_moe_module() -> None:
 
     stub.paged_stash_copy_kernel = stub.paged_stash_pop_kernel = _needs_triton
     sys.modules[name] = stub
+
+
+def _wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """``main_grad += grad_output^T @ total_input`` as the CUDA kernels of ``fused_weight_gradient_mlp_cuda``
+    do it: products and the sum with ``main_grad`` in float32, rounded once to ``main_grad``'s dtype."""
+    dtype = torch.promote_types(total_input.dtype, torch.float32)
+    main_grad.copy_(main_grad.to(dtype) + grad_output.t().to(dtype) @ total_input.to(dtype))
+
+
+def _install_fused_wgrad_kernels() -> None:
+    """A CPU stand-in for megatron's ``fused_weight_gradient_mlp_cuda`` extension, so that
+    ``gradient_accumulation_fusion=True`` runs megatron's own fused-accumulation protocol
+    (weight gradients added to ``main_grad`` inside the linear backward) on the CPU."""
+    kernels = types.ModuleType("fused_weight_gradient_mlp_cuda")
+    kernels.wgrad_gemm_accum_fp32 = kernels.wgrad_gemm_accum_fp16 = _wgrad_gemm_accum
+    sys.modules["fused_weight_gradient_mlp_cuda"] = kernels
+    from megatron.core.tensor_parallel import layers
+
+    layers.fused_weight_gradient_mlp_cuda = kernels
+    layers._grad_accum_fusion_available = True
 
 
 def _cpu_device(device: Any) -> Any:
@@ -164,6 +185,7 @@ def install() -> None:
     _patch_rng_tracker()
     _patch_causal_masks()
     _patch_embedding_setup()
+    _install_fused_wgrad_kernels()
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing's writer syncs before saving

@@ -31,6 +31,7 @@ from megatron.core.utils import get_model_config
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron import layers
 from inrun_megatron.megatron.validation_pass import run_validation_pass
+from inrun_megatron.microbatch_gradients import gradient_scores
 from inrun_megatron.scorer import Scorer, clip_coefficient
 from inrun_megatron.scores import StepRecords
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
@@ -83,7 +84,12 @@ class MegatronScorer(Scorer):
         validation: the validation set (a list of batches in the training batch format), or a
             dict ``{target name: batches}`` of several sets, each scored separately. Every rank
             passes the same batches.
-        config: scoring options.
+        config: scoring options; ``config.path`` chooses how per-sample gradients are scored
+            (micro-batch size 1: each microbatch's own gradient, any module; larger: per-layer
+            rules).
+        micro_batch_size: the training micro-batch size, if known: the scoring path is then
+            resolved when attaching, so a model that path cannot score is refused here, naming
+            the module, instead of at the first step.
     """
 
     def __init__(
@@ -91,8 +97,12 @@ class MegatronScorer(Scorer):
         model: torch.nn.Module | Sequence[torch.nn.Module],
         validation: Sequence[Batch] | Mapping[str, Sequence[Batch]],
         config: ScoringConfig | None = None,
+        micro_batch_size: int | None = None,
     ):
         super().__init__(validation, config)
+        # <main_grad, G> per target as last read, of weights whose gradient megatron's fused
+        # accumulation writes into main_grad (see _local_scores); main_grad is zero when a step starts.
+        self._main_grad_scores: dict[torch.nn.Parameter, torch.Tensor] = {}
         check_megatron_version(self.config.allow_untested_megatron)
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
         self.models = [_unwrap(c) for c in self.chunks]
@@ -103,7 +113,9 @@ class MegatronScorer(Scorer):
         self.on_detach(layers.remove_linear_patch)
         roots = [(f"chunk{i}" if len(self.models) > 1 else "", m) for i, m in enumerate(self.models)]
         try:
-            self.build_sites(roots, layers.SITE_BUILDERS)
+            self.build_sites(roots, layers.SITE_BUILDERS, local_scores=self._local_scores)
+            if micro_batch_size is not None:
+                self.path_for(micro_batch_size)
         except Exception:
             self.detach()
             raise
@@ -181,8 +193,33 @@ class MegatronScorer(Scorer):
             f"{name}: a linear layer without its own weight is only supported as GPT's tied output layer"
         )
 
+    def _local_scores(self, param: torch.nn.Parameter, grad: torch.Tensor, g_val: torch.Tensor) -> torch.Tensor:
+        """``<this microbatch's local gradient of param, G>`` per target, from its tensor hook.
+
+        The hook runs before megatron DDP's hook on the parameter's gradient accumulator (which
+        adds ``grad`` to ``main_grad`` and, with overlapped reduction, marks the bucket ready),
+        so ``main_grad`` holds no data-parallel reduction yet. With gradient accumulation fusion
+        megatron's linear backward has already added the weight gradient to ``main_grad`` itself
+        (``grad_added_to_main_grad``) and handed autograd a placeholder: the microbatch's part is
+        then the change of ``<main_grad, G>`` since it was last read, plus ``grad`` where DDP will
+        still add it (``zero_out_wgrad``: a tied weight's other use, e.g. the embedding lookup),
+        exactly the condition under which megatron's DDP hook adds it.
+        """
+        if not getattr(param, "grad_added_to_main_grad", False):
+            return gradient_scores(param, grad, g_val)
+        now = gradient_scores(param, param.main_grad, g_val)
+        if getattr(param, "zero_out_wgrad", False):
+            now = now + gradient_scores(param, grad, g_val)
+        before = self._main_grad_scores.get(param)
+        self._main_grad_scores[param] = now
+        return now if before is None else now - before
+
     # ----------------------------------------------------------------------------------
     # per-step work
+
+    def begin_scoring(self, n_microbatches: int, micro_batch_size: int) -> None:
+        self._main_grad_scores.clear()
+        super().begin_scoring(n_microbatches, micro_batch_size)
 
     def loss_scale(self) -> float:
         """The factor the schedule multiplied losses by (fp16 loss scaling), 1.0 if none."""
