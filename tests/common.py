@@ -192,12 +192,14 @@ def scored_forward_backward(scorer, model: torch.nn.Module, shape: GPTShape, tra
     )
 
 
-def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], validation) -> tuple:
-    """One scored forward/backward of a single-process model (no optimizer step), closed with
-    ``lr=1``; returns the detached scorer (its ``grads`` hold ``G``) and the step's records."""
+def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], validation, path: str = "auto") -> tuple:
+    """One scored forward/backward of a single-process model (no optimizer step) on scoring path
+    ``path``, closed with ``lr=1``; returns the detached scorer (its ``grads`` hold ``G``) and the
+    step's records."""
+    from inrun_megatron.config import ScoringConfig
     from inrun_megatron.megatron import MegatronScorer
 
-    scorer = MegatronScorer(model, validation)
+    scorer = MegatronScorer(model, validation, ScoringConfig(path=path))
     scored_forward_backward(scorer, model, shape, train)
     records = scorer.end_step(lr=1.0)
     scorer.detach()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import forward_step, load_canonical_weights, make_data, scored_forward_backward
+import oracle
+from common import (
+    forward_step,
+    load_canonical_weights,
+    make_data,
+    score_one_step,
+    scored_forward_backward,
+    token_losses,
+)
 
 pytestmark = pytest.mark.megatron
 
@@ -26,6 +34,7 @@ def _no_hooks_left(model: torch.nn.Module) -> bool:
     from inrun_megatron.megatron import layers
 
     hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    hooks = hooks or any(p._backward_hooks for p in model.parameters())  # the microbatch path's tensor hooks
     tagged = any(hasattr(p, "_inrun_linear_site") for p in model.parameters())
     return not hooks and not tagged and Fn.backward is not layers._scored_linear_backward
 
@@ -59,23 +68,94 @@ def test_bad_validation_set_is_refused_at_attach(gpt, validation, message):
     assert _no_hooks_left(model)
 
 
+class _ScaledNorm(torch.nn.Module):
+    """A module no score rule covers: a norm followed by a trainable per-channel gain."""
+
+    def __init__(self, norm: torch.nn.Module, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.norm = norm
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, hidden_size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.gain
+
+
+def _with_uncovered_module(shape, model):
+    model.decoder.final_layernorm = _ScaledNorm(model.decoder.final_layernorm, shape.hidden_size, shape.params_dtype)
+    return model
+
+
 def test_unsupported_module_is_named_at_attach(gpt):
+    """Where the per-layer rules are needed (micro-batch size > 1, or path='rules'), a module no rule
+    covers is refused when attaching, naming it and saying that micro-batch size 1 would score it."""
+    from inrun_megatron.config import ScoringConfig
     from inrun_megatron.megatron import MegatronScorer
 
     shape, model = gpt
-
-    class Adapter(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(shape.hidden_size))
-
-    model.decoder.layers[1].adapter = Adapter()
-    with pytest.raises(NotImplementedError, match=r"decoder\.layers\.1\.adapter.*Adapter.*scale"):
-        MegatronScorer(model, make_data(shape, 1, 2, seed=3))
+    model = _with_uncovered_module(shape, model)
+    validation = make_data(shape, 1, 2, seed=3)
+    named = r"decoder\.final_layernorm.*_ScaledNorm.*gain.*micro_batch_size 1 the microbatch-gradient path"
+    with pytest.raises(NotImplementedError, match=named):
+        MegatronScorer(model, validation, micro_batch_size=2)
     assert _no_hooks_left(model)
-    model.decoder.layers[1].adapter.scale.requires_grad_(False)  # frozen parameters need no rule
-    MegatronScorer(model, make_data(shape, 1, 2, seed=3)).detach()
+    with pytest.raises(NotImplementedError, match=named):
+        MegatronScorer(model, validation, ScoringConfig(path="rules"))
     assert _no_hooks_left(model)
+    with pytest.raises(ValueError, match="one sequence's only with micro_batch_size 1, not 2"):
+        MegatronScorer(model, validation, ScoringConfig(path="microbatch"), micro_batch_size=2)
+    assert _no_hooks_left(model)
+    # Without a micro-batch size the path is chosen per step: a step that needs the rules is refused
+    # before any of its work (no forward step runs).
+    scorer = MegatronScorer(model, validation)
+    calls = []
+
+    def counting_step(data_iterator, model):
+        calls.append(1)
+        return forward_step(data_iterator, model)
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    with pytest.raises(NotImplementedError, match=named):
+        scorer.forward_backward(
+            get_forward_backward_func(),
+            forward_step_func=counting_step,
+            data_iterator=iter(make_data(shape, 2, 2, seed=5)),
+            model=model,
+            num_microbatches=2,
+            seq_length=shape.seq_length,
+            micro_batch_size=2,
+        )
+    assert calls == [] and all(p.grad is None for p in model.parameters())
+    scorer.detach()
+    assert _no_hooks_left(model)
+    model.decoder.final_layernorm.gain.requires_grad_(False)  # frozen parameters need no rule
+    MegatronScorer(model, validation, micro_batch_size=2).detach()
+    assert _no_hooks_left(model)
+
+
+def test_uncovered_module_is_scored_at_micro_batch_size_1(megatron_world):
+    """The microbatch-gradient path scores any trainable module: against brute force in float64."""
+    from inrun_megatron.megatron.model import GPTShape, build_gpt
+
+    shape = GPTShape(num_layers=2, params_dtype=torch.float64)
+    model = _with_uncovered_module(shape, build_gpt(shape))
+    load_canonical_weights(model, seed=1)
+    train = make_data(shape, 3, 1, seed=5)
+    validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
+    records = score_one_step(model, shape, train, validation)[1]
+    ours = dict(zip(records.columns["sample_id"].tolist(), records.columns["raw"].tolist()))
+    for p in model.parameters():
+        p.grad = None
+    g_val = oracle.validation_gradient(model, validation, token_losses)
+    reference = oracle.per_sample_raw(model, train, token_losses, g_val)
+    gain = "decoder.final_layernorm.gain"
+    gain_part = oracle.per_sample_raw(
+        model, train, token_losses, g_val, combine=lambda g, g_v: float((g[gain] * g_v[gain]).sum())
+    )
+    scale = max(abs(v) for v in reference.values())
+    assert sorted(ours) == sorted(reference)
+    assert max(abs(ours[sid] - reference[sid]) for sid in reference) <= 1e-9 * scale
+    assert min(abs(v) for v in gain_part.values()) > 1e-3 * scale  # the uncovered module's part matters
 
 
 @pytest.mark.parametrize(

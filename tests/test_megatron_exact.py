@@ -1,4 +1,8 @@
-"""Per-sample scores of a single-process megatron GPT against brute force (DESIGN §1, §4)."""
+"""Per-sample scores of a single-process megatron GPT against brute force (DESIGN §1, §4).
+
+Micro-batch size 3 runs the per-layer rules; micro-batch size 1 the microbatch-gradient path
+(``path="auto"`` picks it), which must also give the rules' scores per sample id.
+"""
 
 from __future__ import annotations
 
@@ -19,19 +23,31 @@ def _shape(case: str, dtype: torch.dtype):
     return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
 
 
+def _raw(records) -> dict[int, float]:
+    return dict(zip(records.columns["sample_id"].tolist(), records.columns["raw"].tolist()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("n_micro", [1, 3])
+@pytest.mark.parametrize("mbs", [3, 1], ids=["mbs3-rules", "mbs1-microbatch"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
+def test_scores_match_brute_force(megatron_world, case, mbs, dtype, n_micro):
     from inrun_megatron.megatron.model import build_gpt
 
     shape = _shape(case, dtype)
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
-    train = make_data(shape, n_micro, 3, seed=5)
+    train = make_data(shape, n_micro, mbs, seed=5)
     validation = make_data(shape, 2, 2, seed=6, first_id=10**6)  # 4 validation sequences
     scorer, records = score_one_step(model, shape, train, validation)
-    ours = dict(zip(records.columns["sample_id"].tolist(), records.columns["raw"].tolist()))
+    ours = _raw(records)
+    if mbs == 1:  # the same step on the rules path gives the same score per sample id
+        for p in model.parameters():
+            p.grad = None
+        rules = _raw(score_one_step(model, shape, train, validation, path="rules")[1])
+        assert sorted(rules) == sorted(ours)
+        rules_scale = max(abs(v) for v in rules.values())
+        assert max(abs(ours[sid] - rules[sid]) for sid in rules) <= TOLERANCE[dtype] * rules_scale
 
     g_val = oracle.validation_gradient(model, validation, token_losses)
     store = {name: scorer.grads[p][0] for name, p in model.named_parameters()}
@@ -44,16 +60,18 @@ def test_scores_match_brute_force(megatron_world, case, dtype, n_micro):
     assert sorted(ours) == sorted(reference)
     scale = max(abs(v) for v in reference.values())
     errors = {sid: abs(ours[sid] - reference[sid]) / scale for sid in reference}
-    print(f"{case} {dtype} {n_micro} microbatches: max relative error vs brute force {max(errors.values()):.2e}")
+    print(f"{case} {dtype} {n_micro}x{mbs}: max relative error vs brute force {max(errors.values()):.2e}")
     assert max(errors.values()) <= TOLERANCE[dtype], errors
     # Scores of different samples differ (the comparison is per sample, not only of sums).
     assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)
 
 
+@pytest.mark.parametrize("mbs", [2, 1], ids=["rules", "microbatch"])
 @pytest.mark.parametrize("case", ["layernorm-gelu-bias-untied", "rmsnorm-swiglu-nobias-tied-recompute"])
-def test_efficiency_and_sgd_identities(megatron_world, case):
+def test_efficiency_and_sgd_identities(megatron_world, case, mbs):
     shape = _shape(case, torch.float64)
-    result = run_case(shape, n_micro=3, mbs=2, steps=3, lr=0.5, seed=11)
+    result = run_case(shape, n_micro=3, mbs=mbs, steps=3, lr=0.5, seed=11)
+    assert result["paths"] == ["rules" if mbs > 1 else "microbatch"] * 3
     for total, batch_dot, _ in result["efficiency"]:
         assert total == pytest.approx(batch_dot, rel=1e-9, abs=1e-12)
     for total_value, weight_change in result["sgd"]:
@@ -65,27 +83,30 @@ def test_efficiency_and_sgd_identities(megatron_world, case):
             assert values[sid] == pytest.approx(0.5 * raw, rel=1e-12)
 
 
+@pytest.mark.parametrize("mbs", [2, 1], ids=["rules", "microbatch"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_scoring_changes_no_loss_gradient_or_weight(megatron_world, case):
+def test_scoring_changes_no_loss_gradient_or_weight(megatron_world, case, mbs):
     from inrun_megatron.megatron.model import GPTShape
 
     shape = GPTShape(num_layers=2, dropout=0.2, **CASES[case])  # dropout: RNG must be untouched
-    plain = run_case(shape, n_micro=2, mbs=2, steps=3, lr=0.3, seed=7, scored=False)
-    scored = run_case(shape, n_micro=2, mbs=2, steps=3, lr=0.3, seed=7, scored=True)
+    plain = run_case(shape, n_micro=2, mbs=mbs, steps=3, lr=0.3, seed=7, scored=False)
+    scored = run_case(shape, n_micro=2, mbs=mbs, steps=3, lr=0.3, seed=7, scored=True)
     assert plain["losses"] == scored["losses"]
     for name, w in plain["weights"].items():
         assert torch.equal(w, scored["weights"][name]), name
 
 
-def test_several_targets_are_scored_separately(megatron_world):
-    """Each named validation set gets its own G and scores, equal to a run scored on it alone."""
+@pytest.mark.parametrize("mbs", [2, 1], ids=["rules", "microbatch"])
+def test_several_targets_are_scored_separately(megatron_world, mbs):
+    """Each named validation set gets its own G and scores, equal to a run scored on it alone
+    (on the microbatch-gradient path: all targets' G stacked, one matrix-vector product)."""
 
     from inrun_megatron.megatron.model import build_gpt
 
     shape = _shape("layernorm-gelu-bias-untied", torch.float64)
     model = build_gpt(shape)
     load_canonical_weights(model, seed=4)
-    train = make_data(shape, 2, 2, seed=8)
+    train = make_data(shape, 4 // mbs, mbs, seed=8)
     targets = {"web": make_data(shape, 1, 2, seed=9), "code": make_data(shape, 2, 1, seed=10)}
 
     def scores(validation):

@@ -47,6 +47,8 @@ def _raw() -> dict:
         (["data.split=100,0,0"], "needs a validation part in data.split"),
         (["optimizer.lr_warmup_iters=500"], "must be smaller than the decay length"),
         (["scoring.flush_every=0"], "scoring.flush_every: must be positive"),
+        (["scoring.path=ghost"], "scoring.path: 'ghost' is not one of"),
+        (["scoring.path=microbatch"], "one sequence's only with training.micro_batch_size 1 (got 4)"),
         (["training.micro_batch_size"], "expected key=value"),
     ],
 )

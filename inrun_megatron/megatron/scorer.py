@@ -278,6 +278,7 @@ class MegatronScorer(Scorer):
                 raise TypeError(f"forward_backward() needs the keyword argument {key!r}")
         if self._pending is not None:
             raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
+        self.path_for(kwargs["micro_batch_size"])  # a step no path can score is refused before any work
         validation_losses = run_validation_pass(
             self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
         )

@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import yaml
 
+from inrun_megatron.config import SCORING_PATHS, VALIDATION_SPLITS
 from inrun_megatron.data.validation_sets import TargetSpec
 
 
@@ -113,6 +114,7 @@ class ScoringSection:
     enabled: bool = True
     validation_split: str = "replicate"
     projection_dtype: str | None = None
+    path: str = "auto"  # microbatch-gradient path at micro_batch_size 1, per-layer rules otherwise
     flush_every: int = 10  # score rows are written (one Parquet part per DP replica) every N steps
 
 
@@ -170,7 +172,8 @@ CHOICES = {
     "model.precision": ("fp32", "bf16", "fp16"),
     "optimizer.type": ("adam", "sgd"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
-    "scoring.validation_split": ("replicate", "split"),
+    "scoring.validation_split": VALIDATION_SPLITS,
+    "scoring.path": SCORING_PATHS,
     "scoring.projection_dtype": (None, "float32", "float64"),
 }
 
@@ -306,6 +309,11 @@ def check_values(c: RunConfig) -> None:
         _positive(f"parallel.{name}", getattr(p, name))
     _positive("optimizer.lr", o.lr)
     _positive("scoring.flush_every", c.scoring.flush_every)
+    if c.scoring.path == "microbatch" and t.micro_batch_size != 1:
+        raise ConfigError(
+            f"scoring.path: 'microbatch' scores each microbatch's gradient, one sequence's only with"
+            f" training.micro_batch_size 1 (got {t.micro_batch_size}); use 'auto' or 'rules'"
+        )
     _positive("logging.log_interval", c.logging.log_interval)
     _positive("checkpoint.save_interval", c.checkpoint.save_interval)
     if m.hidden_size % m.num_attention_heads:

@@ -290,9 +290,12 @@ class Pretraining:
 
             projection = None if c.scoring.projection_dtype is None else getattr(torch, c.scoring.projection_dtype)
             scoring = ScoringConfig(
-                validation_split=c.scoring.validation_split, projection_dtype=projection, keep_records=False
+                validation_split=c.scoring.validation_split,
+                projection_dtype=projection,
+                path=c.scoring.path,
+                keep_records=False,
             )
-            self.scorer = MegatronScorer(self.chunks, targets, scoring)
+            self.scorer = MegatronScorer(self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size)
         self.iteration = 0
         if resume is not None:
             from inrun_megatron.pretrain import checkpoint
