@@ -184,6 +184,26 @@ def test_unsupported_training_setup_is_refused_at_attach(gpt, setting, message):
     assert _no_hooks_left(model)
 
 
+@pytest.mark.parametrize("setting", ["defer_embedding_wgrad_compute", "delay_wgrad_compute"])
+def test_deferred_weight_gradients_are_refused_on_the_microbatch_path(gpt, setting):
+    """Weight gradients computed after later microbatches' backward cannot be read per microbatch;
+    the per-layer rules do not need them."""
+    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.megatron import MegatronScorer
+
+    shape, model = gpt
+    validation = make_data(shape, 1, 2, seed=3)
+    setattr(model.config, setting, True)
+    try:
+        with pytest.raises(NotImplementedError, match=f"{setting}=True moves after"):
+            MegatronScorer(model, validation, micro_batch_size=1)
+        assert _no_hooks_left(model)
+        MegatronScorer(model, validation, ScoringConfig(path="rules"), micro_batch_size=1).detach()
+    finally:
+        setattr(model.config, setting, False)
+    assert _no_hooks_left(model)
+
+
 def test_untested_megatron_version_is_refused():
     from inrun_megatron.megatron import check_megatron_version
 

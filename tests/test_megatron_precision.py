@@ -9,6 +9,8 @@ Tolerances come from the arithmetic. ``u`` is the unit roundoff of the compute d
   ``|raw - raw_ref| <= u * sum_i |g_i G_i|``, the most that rounding each gradient element once
   can move the dot product. The scores themselves are exact fp32 products of the same
   half-precision activations; measured errors stay below 2% of this bound.
+* the same bounds hold for the microbatch-gradient path (micro-batch size 1), which dots the
+  gradient training computed, rounded to the compute dtype, with ``G``;
 * against the fp32 model: the half-precision model is a different function (weights and every
   activation rounded), so its scores differ by a few ``u`` relative to the largest score
   (measured 3-4 u over four layer mixes and three steps); the documented bound is ``8 u``.
@@ -50,8 +52,9 @@ def _max_relative_error(ours: dict[int, float], reference: dict[int, float]) -> 
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(("n_micro", "mbs"), [(2, 3), (3, 1)], ids=["rules", "microbatch"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_half_precision_scores_match_brute_force(megatron_world, case, precision):
+def test_half_precision_scores_match_brute_force(megatron_world, case, n_micro, mbs, precision):
     from megatron.core.transformer.module import Float16Module
 
     from inrun_megatron.megatron.model import build_gpt
@@ -60,7 +63,7 @@ def test_half_precision_scores_match_brute_force(megatron_world, case, precision
     gpt = build_gpt(shape)
     load_canonical_weights(gpt, seed=3)
     model = Float16Module(gpt.config, gpt)
-    train = make_data(shape, 2, 3, seed=5)
+    train = make_data(shape, n_micro, mbs, seed=5)
     validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
     scorer, records = score_one_step(model, shape, train, validation)
     ours = dict(zip(records.columns["sample_id"].tolist(), records.columns["raw"].tolist()))
@@ -73,7 +76,7 @@ def test_half_precision_scores_match_brute_force(megatron_world, case, precision
     )
     u = UNIT_ROUNDOFF[precision]
     worst = max(abs(ours[sid] - raw) / (u * magnitude) for sid, (raw, magnitude) in both.items())
-    print(f"{case} {precision}: largest error vs its own brute force {worst:.3f} of the rounding bound")
+    print(f"{case} {precision} mbs {mbs}: largest error vs its own brute force {worst:.3f} of the rounding bound")
     for sid, (raw, magnitude) in both.items():
         assert abs(ours[sid] - raw) <= u * magnitude, f"sample {sid}: {ours[sid]} vs brute force {raw}"
 
@@ -82,7 +85,7 @@ def test_half_precision_scores_match_brute_force(megatron_world, case, precision
     g_fp32 = oracle.validation_gradient(fp32, validation, token_losses)
     reference = oracle.per_sample_raw(fp32, train, token_losses, g_fp32)
     vs_fp32 = _max_relative_error(ours, reference)
-    print(f"{case} {precision}: max relative error vs fp32 brute force {vs_fp32:.2e} ({vs_fp32 / u:.2f} u)")
+    print(f"{case} {precision} mbs {mbs}: max relative error vs fp32 brute force {vs_fp32:.2e} ({vs_fp32 / u:.2f} u)")
     assert vs_fp32 <= FP32_BOUND * u
 
 
@@ -90,15 +93,16 @@ MIXED_PRECISION_TRAINING = dict(n_micro=2, mbs=2, steps=3, lr=0.5, seed=21, ddp=
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_mixed_precision_training_scores(megatron_world, precision):
+@pytest.mark.parametrize("mbs", [2, 1], ids=["rules", "microbatch"])
+def test_mixed_precision_training_scores(megatron_world, mbs, precision):
     """Megatron's mixed-precision optimizer (fp16: dynamic loss scaling at 2^16): scores are
     unscaled, match fp32, satisfy the efficiency identity, and scoring changes nothing."""
     case = "layernorm-swiglu-bias-tied-rope"
     loss_scale = {"initial_loss_scale": 2.0**16} if precision == "fp16" else None
-    kw = dict(MIXED_PRECISION_TRAINING, fp16_loss_scale=loss_scale)
+    kw = dict(MIXED_PRECISION_TRAINING, mbs=mbs, fp16_loss_scale=loss_scale)
     scored = run_case(_shape(case, precision), **kw)
     plain = run_case(_shape(case, precision), scored=False, **kw)
-    fp32 = run_case(_shape(case), **MIXED_PRECISION_TRAINING)
+    fp32 = run_case(_shape(case), **dict(MIXED_PRECISION_TRAINING, mbs=mbs))
     assert scored["skipped"] == [False] * 3
     assert scored["losses"] == plain["losses"]
     for name, w in plain["weights"].items():

@@ -217,6 +217,18 @@ class MegatronScorer(Scorer):
     # ----------------------------------------------------------------------------------
     # per-step work
 
+    def path_for(self, micro_batch_size: int) -> str:
+        path = super().path_for(micro_batch_size)
+        config = get_model_config(self.chunks[0])
+        deferred = [name for name in ("defer_embedding_wgrad_compute", "delay_wgrad_compute") if getattr(config, name)]
+        if path == "microbatch" and deferred:
+            raise NotImplementedError(
+                f"the microbatch-gradient path reads each microbatch's weight gradients in its backward, which"
+                f" {deferred[0]}=True moves after later microbatches' backward; switch it off or score with"
+                " ScoringConfig(path='rules')"
+            )
+        return path
+
     def begin_scoring(self, n_microbatches: int, micro_batch_size: int) -> None:
         self._main_grad_scores.clear()
         super().begin_scoring(n_microbatches, micro_batch_size)
