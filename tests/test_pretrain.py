@@ -46,7 +46,8 @@ def _check_dump_consistency(run_dir, steps: int, global_batch: int, targets: lis
 
 
 def test_scored_run_end_to_end(data_dir, tmp_path):
-    """TP=2 x PP=2 in bf16 with a locally trained BPE, a held-out and a JSONL target, TensorBoard on."""
+    """TP=2 x PP=2 in bf16 with a locally trained BPE, a held-out and a JSONL target, TensorBoard on;
+    micro-batch size 1, so ``scoring.path: auto`` scores on the microbatch-gradient path."""
     from inrun_megatron.data import open_sample_index, train_bpe
     from inrun_megatron.data.indexed import preprocess, read_documents
 
@@ -59,7 +60,7 @@ def test_scored_run_end_to_end(data_dir, tmp_path):
         tmp_path / "run",
         model={"precision": "bf16"},
         parallel={"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
-        training={"train_iters": 6, "global_batch_size": 8, "micro_batch_size": 2},
+        training={"train_iters": 6, "global_batch_size": 8, "micro_batch_size": 1},
         logging={"log_interval": 2, "tensorboard": True},
         checkpoint={"save_interval": None},
     )
@@ -68,6 +69,7 @@ def test_scored_run_end_to_end(data_dir, tmp_path):
     out = _ok(run_pretrain(config, 4))
     run = tmp_path / "run"
 
+    assert "scoring on (microbatch path): heldout-a, mine" in out
     progress = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(progress) == 3 and "val heldout-a" in progress[-1] and "mine" in progress[-1]
     assert "rows 96" in progress[-1]  # 6 steps x 8 sequences x 2 targets, all flushed

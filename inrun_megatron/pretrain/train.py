@@ -332,9 +332,15 @@ class Pretraining:
                 f"pretrain_gpt: {n_params / 1e6:.1f}M parameters | world {self.layout.world_size} = TP"
                 f" {self.layout.tp} x PP {self.layout.pp} x DP {self.layout.dp} | {t.train_iters} steps of"
                 f" {t.global_batch_size} x {c.model.seq_length} tokens | scoring"
-                f" {'on: ' + ', '.join(targets) if self.scorer else 'off'} | {self.run_dir}{resumed}",
+                f" {self._scoring_summary(targets)} | {self.run_dir}{resumed}",
                 flush=True,
             )
+
+    def _scoring_summary(self, targets: dict) -> str:
+        if self.scorer is None:
+            return "off"
+        path = self.scorer.path_for(self.config.training.micro_batch_size)
+        return f"on ({path} path): {', '.join(targets)}"
 
     def _write_manifest(self, targets: dict, vocab: int, resume: int | None) -> None:
         import megatron.core
