@@ -1,4 +1,4 @@
-"""Per-sample scores of a single-process megatron GPT against brute force (DESIGN §1, §4)."""
+"""Per-sample scores of a single-process megatron GPT against brute force (docs/DESIGN.md §1, §4)."""
 
 from __future__ import annotations
 
