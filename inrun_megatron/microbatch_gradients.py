@@ -4,7 +4,7 @@ When a microbatch holds one sequence, that sequence's gradient *is* the microbat
 which training computes anyway. Its raw score is ``<gradient of microbatch m, G>`` over the
 rank's parameters: one memory-bound dot product per parameter and microbatch, no GEMM, and
 indifferent to what the layers are (Hugging Face modules, Transformer Engine, anything with a
-gradient). See ``docs/DESIGN.md`` (the microbatch-gradient path).
+gradient). See ``docs/DESIGN.md`` §2.3.
 
 The gradient is read by a tensor hook on each parameter. A leaf tensor's hooks run before
 autograd accumulates the gradient into ``.grad`` and before any hook registered on the

@@ -153,9 +153,8 @@ def read_manifest(
 
 def scores_table(records: StepRecords) -> pa.Table:
     c = records.columns
-    value = np.where(c["skipped"], np.nan, c["lr"] * c["clip_coef"] * c["raw"])
     arrays = {name: c[name] for name in SCORE_SCHEMA.names if name != "value"}
-    arrays["value"] = value
+    arrays["value"] = records.values
     arrays["target"] = c["target"].astype(str)
     return pa.Table.from_pydict({name: arrays[name] for name in SCORE_SCHEMA.names}, schema=SCORE_SCHEMA)
 

@@ -6,7 +6,7 @@ stacked over K validation targets, and returns a ``[K, B]`` tensor: for each tar
 sample j of the microbatch, ``sum over tokens of sample j`` of that token's contribution to
 ``<dL_j/dW, G_k>``. Because other samples' losses do not depend on sample j's activations,
 ``b`` restricted to sample j *is* the per-sample output gradient, so one ordinary backward
-gives every sample's score (DESIGN §2.2).
+gives every sample's score (``docs/DESIGN.md`` §2.2).
 
 Rules are pure tensor math: no framework objects, no communication. Adapters (Megatron,
 DeepSpeed, plain PyTorch) decide where ``a``/``b`` come from, which shard of ``G`` applies,

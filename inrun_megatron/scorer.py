@@ -4,11 +4,16 @@ An adapter subclasses :class:`Scorer`, builds its sites with :meth:`Scorer.build
 computes ``G`` into :attr:`Scorer.grads`, runs the training pass between
 :meth:`begin_scoring` / :meth:`end_scoring`, reduces the ``[K, M, B]`` partials over its
 model-parallel groups and hands them to :meth:`finish_pass`. The user closes each step with
-:meth:`end_step`.
+:meth:`end_step`, which returns the step's records.
+
+Nothing a scorer keeps grows with the number of samples seen unless asked for
+(``ScoringConfig.keep_records`` / ``accumulate_values``): its state is the step counter
+(``docs/DESIGN.md`` §2.7).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -53,9 +58,9 @@ class Scorer:
         self.parameter_sites: list[ParameterSite] = []
         self.step_scores: StepScores | None = None
         self.step = 0
-        self.records: list[StepRecords] = []
-        self.accumulator = ValueAccumulator()
-        self.validation_losses: list[dict[str, float]] = []
+        self.records: list[StepRecords] = []  # every step's, with config.keep_records
+        self.accumulator = ValueAccumulator() if self.config.accumulate_values else None
+        self.last_validation_losses: dict[str, float] = {}  # of the last step closed by end_step
         self.sites: list[Site] = []
         self.grads: GradientStore | None = None
         self._pending: PendingStep | None = None
@@ -248,22 +253,45 @@ class Scorer:
         )
         if self.config.keep_records:
             self.records.append(records)
-        self.accumulator.add(records)
-        self.validation_losses.append(pending.validation_losses)
+        if self.accumulator is not None:
+            self.accumulator.add(records)
+        self.last_validation_losses = pending.validation_losses
         self.step += 1
         return records
 
     def values(self, target: str | None = None) -> dict[int, float]:
-        """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples."""
+        """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples, summed
+        in memory over the steps this scorer ran (``ScoringConfig(accumulate_values=True)``)."""
+        if self.accumulator is None:
+            raise RuntimeError(
+                "accumulated values are not kept in memory: create the scorer with"
+                " ScoringConfig(accumulate_values=True) (memory grows with every sample seen), or write the records"
+                " with a ScoreWriter and merge them (`inrun-scores merge RUN -o OUT`)"
+            )
         return self.accumulator.values(target or self.targets[0].name)
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs to continue the same records: the step and accumulated values."""
-        return {"step": self.step, "accumulator": self.accumulator.state_dict()}
+        """What a checkpoint needs to continue the same records: the step counter, nothing per sample.
+
+        Resuming from it and dropping the dump's rows of later steps (``ScoreWriter(resume_step=...)``)
+        gives exactly the rows, and so the merged values, of an uninterrupted run.
+        """
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the in-memory accumulated values of checkpoints written by
+        earlier versions are ignored (with a warning): the dump holds every step they summed."""
         self.step = int(state["step"])
-        self.accumulator.load_state_dict(state["accumulator"])
+        old = state.get("accumulator") or {}
+        samples = sum(len(per_target) for per_target in old.get("totals", {}).values())
+        if samples:
+            warnings.warn(
+                f"the scorer state of this checkpoint (step {self.step}) holds in-memory accumulated values of"
+                f" {samples} (sample, target) pairs, written by an earlier inrun_megatron; they are ignored."
+                " Accumulated values come from the score dump, which holds every step up to this checkpoint:"
+                " `inrun-scores merge RUN -o OUT`",
+                stacklevel=2,
+            )
 
 
 def _uncovered(

@@ -1,10 +1,11 @@
-"""Score bookkeeping: per-step score tensors, per-sample records and accumulated values.
+"""Score bookkeeping: per-step score tensors, per-sample records and the value formula.
 
 Framework independent. An adapter calls :meth:`StepScores.add` from layer backward hooks
 with ``[K, B]`` partials (rules.py), reduces the step tensor over its model-parallel groups,
-then turns it into records with :func:`make_step_records` and folds them into a
-:class:`ValueAccumulator`. The meaning of every number is DESIGN §1; :data:`SCORE_CONTRACT`
-is what dumps and docs repeat.
+then turns it into records with :func:`make_step_records`. :func:`step_values` is the one
+place the value of a row is computed (records, dumps, the optional in-memory
+:class:`ValueAccumulator` and the offline merge all call it). The meaning of every number is
+``docs/DESIGN.md`` §1; :data:`SCORE_CONTRACT` is what dumps and docs repeat.
 """
 
 from __future__ import annotations
@@ -30,7 +31,18 @@ SCORE_CONTRACT = {
     " step lowered the validation loss, in nats",
     "sign": "positive = the sample lowered the validation loss (helpful); the paper's phi is -value",
     "accumulated": "sum of value over the steps that trained on the sample; skipped steps add nothing",
+    "skipped": "a step whose update was skipped (fp16 overflow) stores raw NaN and value 0",
 }
+
+
+def step_values(raw: np.ndarray, lr: np.ndarray, clip_coef: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+    """The value ``lr * clip_coef * raw`` of each row; exactly 0 in a step whose update was skipped.
+
+    A skipped step changed no weight, so its samples contributed nothing (their raw score is NaN:
+    the gradient overflowed). Storing 0 rather than NaN makes every plain sum of values, in
+    numpy, pandas, DuckDB or the merge, the accumulated value of ``docs/DESIGN.md`` §1.2.
+    """
+    return np.where(skipped, 0.0, lr * clip_coef * raw)
 
 
 class StepScores:
@@ -100,9 +112,9 @@ class StepRecords:
 
     @property
     def values(self) -> np.ndarray:
-        """``lr * clip_coef * raw`` per row; 0 for skipped steps."""
+        """The value of each row (:func:`step_values`)."""
         c = self.columns
-        return np.where(c["skipped"], 0.0, c["lr"] * c["clip_coef"] * c["raw"])
+        return step_values(c["raw"], c["lr"], c["clip_coef"], c["skipped"])
 
 
 def make_step_records(
@@ -145,7 +157,11 @@ def make_step_records(
 
 @dataclass
 class ValueAccumulator:
-    """Accumulated value ``phi(z) = sum_t lr_t * c_t * raw_t(z)`` per target and sample id."""
+    """Accumulated value ``phi(z) = sum_t lr_t * c_t * raw_t(z)`` per target and sample id, in memory.
+
+    Two dict entries per sample and target: opt-in (``ScoringConfig(accumulate_values=True)``)
+    for short runs; long runs merge their dumps instead (``inrun-scores merge``).
+    """
 
     totals: dict[str, dict[int, float]] = field(default_factory=dict)
     steps_seen: dict[str, dict[int, int]] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """Validation targets and the store of their gradients ``G_t`` (framework independent).
 
-A *target* is a fixed validation set chosen before training (DESIGN §1): a named list of
+A *target* is a fixed validation set chosen before training (``docs/DESIGN.md`` §1.1): a named list of
 microbatches in the same dict format the user's training batches use (``tokens``,
 ``labels``, optional ``loss_mask``, ``position_ids``, ``attention_mask``). Its loss is the mean
 per-token cross-entropy over every loss-masked token of the whole set, so ``G_t`` does not

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             lr=float(c["lr"][0]),
             clip_coef=float(c["clip_coef"][0]),
             skipped=bool(c["skipped"][0]),
-            validation_losses=scorer.validation_losses[-1],
+            validation_losses=scorer.last_validation_losses,
         )
         if writer is not None:
             writer.append(records, info)

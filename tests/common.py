@@ -132,7 +132,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> 
     """Per-token CE of vocab-parallel logits ``[b, s, V/tp]`` in their own dtype.
 
     megatron's own vocab-parallel CE computes in float32; float64 tests need the loss itself
-    in float64 to check scores to 1e-9 across layouts (DESIGN §1.3).
+    in float64 to check scores to 1e-9 across layouts (docs/DESIGN.md §1.3).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
@@ -209,7 +209,7 @@ def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], v
 def model_dot(chunks: list[torch.nn.Module], a: dict, b: dict) -> tuple[float, float]:
     """``(<a, b>, sum |a_i b_i|)`` over every parameter of the model, each counted once:
     tensor-parallel duplicates on one TP rank, the last stage's copy of a tied embedding not at
-    all; summed over the model-parallel group (the right-hand sides of the DESIGN §1 identities;
+    all; summed over the model-parallel group (the right-hand sides of the docs/DESIGN.md §1.3 identities;
     the second number bounds how far rounding ``a`` moves the first)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -358,7 +358,7 @@ def run_case(
     writer=None,
 ) -> dict:
     """Train ``steps`` steps of a canonical GPT at the initialised parallel layout; return
-    per-step scores and the DESIGN §1 identities.
+    per-step scores and the docs/DESIGN.md §1.3 identities.
 
     Each DP rank trains ``n_micro`` microbatches of the step's ``n_micro * DP`` (so a DP=1 run
     with ``n_micro * DP`` microbatches is its single-process reference). ``ddp=None`` trains the
@@ -403,7 +403,7 @@ def run_case(
         chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {})
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
-    config = ScoringConfig(validation_split=validation_split, path=path)
+    config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
     scorer = MegatronScorer(chunks, validation, config, micro_batch_size=mbs) if scored else None
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
@@ -467,7 +467,7 @@ def run_case(
             if writer is not None:
                 from inrun_megatron.records import StepInfo
 
-                val_losses, target = scorer.validation_losses[-1], scorer.targets[0].name
+                val_losses, target = scorer.last_validation_losses, scorer.targets[0].name
                 info = StepInfo(step, lr, out["clip_coef"][-1], out["skipped"][-1], val_losses, {target: batch_dot})
                 writer.append(records, info)
     out["weights"] = {name: p.detach().clone() for m in models for p, name in canonical_names(m).items()}
@@ -487,3 +487,38 @@ def shape_to_json(shape: GPTShape) -> dict:
 
 def shape_from_json(d: dict) -> GPTShape:
     return GPTShape(**dict(d, params_dtype=getattr(torch, d["params_dtype"])))
+
+
+def retained_bytes(root: object) -> int:
+    """Bytes of the Python objects, arrays and tensors reachable from ``root``, not counting modules
+    (the model it is attached to) or code: what an object like a scorer keeps of its own. Scalars
+    are counted at every reference: whether two equal ones are one object is up to the interpreter
+    (small ints are), which would make the count depend on their values."""
+    import sys
+    import types
+
+    import numpy as np
+
+    skipped = (torch.nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+    seen: set[int] = set()
+    total, stack = 0, [root]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, (int, float, complex, str, bytes)):
+            total += sys.getsizeof(obj)
+            continue
+        if id(obj) in seen or isinstance(obj, skipped):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size()
+            continue
+        total += obj.nbytes if isinstance(obj, np.ndarray) else sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        if hasattr(obj, "__dict__"):
+            stack.append(vars(obj))
+    return total

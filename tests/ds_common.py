@@ -201,7 +201,7 @@ def run_deepspeed_case(
     validation = {"validation": make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)}
     if n_targets == 2:
         validation["held-out"] = make_data(shape, n_val_batches, 2, seed + 2, first_id=2 * 10**6)
-    scoring = ScoringConfig(validation_split="split" if split else "replicate")
+    scoring = ScoringConfig(validation_split="split" if split else "replicate", accumulate_values=True)
     scorer = DeepSpeedScorer(engine, validation, lm_token_losses, scoring) if scored else None
 
     def batches_of_step(step: int) -> list:

@@ -81,9 +81,11 @@ def run_pretrain(config: dict, nproc: int, *overrides: str, kill: str | None = N
 
 
 def read_rows(run_dir: Path, stream: str = "scores") -> pa.Table:
-    """Every row of a dump stream, sorted (as any Parquet reader sees the directory)."""
+    """Every row of a dump stream, or of the values merged from it at the end of the run
+    (``"values"``), sorted (as any Parquet reader sees the directory)."""
     keys = {"scores": ["step", "target", "sample_id"], "steps": ["step", "target"], "values": ["target", "sample_id"]}
-    table = ds.dataset(run_dir / stream, format="parquet").to_table()
+    directory = run_dir / "merged" / "values" if stream == "values" else run_dir / stream
+    table = ds.dataset(directory, format="parquet").to_table()
     return table.sort_by([(k, "ascending") for k in keys[stream]])
 
 

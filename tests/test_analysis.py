@@ -226,7 +226,7 @@ def data_run(tmp_path_factory, megatron_world):
         )
         optimizer.step()
         records = scorer.end_step(lr=0.5)
-        writer.append(records, StepInfo(step, 0.5, 1.0, False, scorer.validation_losses[-1]))
+        writer.append(records, StepInfo(step, 0.5, 1.0, False, scorer.last_validation_losses))
     writer.close()
     scorer.detach()
     return run, open_sample_index(run)

@@ -1,5 +1,5 @@
 """DeepSpeed adapter in one process: per-sample scores against brute force at every ZeRO stage,
-identities, mixed precision, and what is refused (DESIGN §1, §4)."""
+identities, mixed precision, and what is refused (docs/DESIGN.md §1, §4)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _engine(shape, *, stage: int, gas: int, mbs: int = 2, clip: float = 0.0, dty
     return engine
 
 
-#: Scores of fp32 runs are exact to 1e-4 (DESIGN §1.3). Half-precision runs compute activations
+#: Scores of fp32 runs are exact to 1e-4 (docs/DESIGN.md §1.3). Half-precision runs compute activations
 #: and gradients in bf16/fp16, so they match the exact scores of the same (rounded) weights only to
 #: about the format's precision (bf16: 2^-8, fp16: 2^-11) relative to the largest score.
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}

@@ -221,10 +221,12 @@ def _state(model):
 
 @pytest.mark.parametrize("problem", ["missing", "duplicated"])
 def test_bad_sample_ids_record_nothing_and_the_next_step_works(gpt, problem):
+    from inrun_megatron.config import ScoringConfig
     from inrun_megatron.megatron import MegatronScorer
 
     shape, model = gpt
-    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6))
+    in_memory = ScoringConfig(keep_records=True, accumulate_values=True)  # so that "nothing" is observable
+    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6), in_memory)
     data = make_data(shape, 2, 2, seed=5)
     if problem == "missing":
         del data[1]["sample_ids"]
@@ -246,10 +248,11 @@ def test_bad_sample_ids_record_nothing_and_the_next_step_works(gpt, problem):
 
 
 def test_non_finite_validation_loss_stops_before_training(gpt):
+    from inrun_megatron.config import ScoringConfig
     from inrun_megatron.megatron import MegatronScorer
 
     shape, model = gpt
-    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6))
+    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6), ScoringConfig(keep_records=True))
     with torch.no_grad():
         model.output_layer.weight[3, 0] = float("nan")
     weights_before, grads_before = _state(model)

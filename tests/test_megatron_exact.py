@@ -1,4 +1,4 @@
-"""Per-sample scores of a single-process megatron GPT against brute force (DESIGN §1, §4).
+"""Per-sample scores of a single-process megatron GPT against brute force (docs/DESIGN.md §1, §4).
 
 Micro-batch size 3 runs the per-layer rules; micro-batch size 1 the microbatch-gradient path
 (``path="auto"`` picks it), which must also give the rules' scores per sample id.

@@ -1,4 +1,4 @@
-"""Parallel layouts: every layout gives the single-process scores per sample id (DESIGN §1.4).
+"""Parallel layouts: every layout gives the single-process scores per sample id (docs/DESIGN.md §1.3, identity 4).
 
 Tensor, pipeline (1F1B and interleaved), sequence and data parallelism, megatron DDP with and
 without overlapped, bucketed gradient reduction, the distributed optimizer, gradient

@@ -33,8 +33,8 @@ def _ok(proc) -> str:
 
 
 def _check_dump_consistency(run_dir, steps: int, global_batch: int, targets: list[str]) -> None:
-    """Every sample of every step appears exactly once per target; the accumulated values the
-    scorer carried (values/) equal the dump's rows summed in step order, bit for bit."""
+    """Every sample of every step appears exactly once per target; the accumulated values merged
+    at the end of the run (merged/) equal the dump's rows summed in step order, bit for bit."""
     rows = read_rows(run_dir)
     assert rows.num_rows == steps * global_batch * len(targets)
     for target in targets:

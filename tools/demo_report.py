@@ -89,7 +89,7 @@ def main() -> None:
         print(f"  {name:<12} {auroc(-v, mostly):>10.3f} " + " ".join(cells))
     run = args.run_dir
     print(f"\nscore records: {run / 'scores'} (Parquet, one stream per data-parallel replica); per-step table")
-    print(f"{run / 'steps'}; accumulated values {run / 'values'}; manifest {run / 'manifest.json'}")
+    print(f"{run / 'steps'}; accumulated values {run / 'merged'}; manifest {run / 'manifest.json'}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def sign_of(scores: Scores) -> str:
 
 
 #: Tolerance of the efficiency identity, relative to the step's sum of |raw| (fp32 scores are
-#: exact to about 1e-4 of their scale, DESIGN §1).
+#: exact to about 1e-4 of their scale, docs/DESIGN.md §1.3).
 EFFICIENCY_RTOL = 1e-4
 
 

@@ -56,6 +56,7 @@ from inrun_megatron.analysis.values import (
     bucket_of,
 )
 from inrun_megatron.records import MANIFEST, atomic_write_bytes, atomic_write_table, part_metadata
+from inrun_megatron.scores import step_values
 
 #: One spilled score row.
 SPILL_DTYPE = np.dtype(
@@ -69,8 +70,9 @@ SPILL_DTYPE = np.dtype(
         ("skipped", "?"),
     ]
 )
-#: Score columns copied into the spill records (besides the target, which names the spill folder).
-SPILLED = ("sample_id", "step", "value", "raw", "n_tokens", "skipped")
+#: Score columns read from the dump (besides the target, which names the spill folder); lr and
+#: clip_coef only go into the spilled value.
+READ = ("sample_id", "step", "raw", "lr", "clip_coef", "n_tokens", "skipped")
 
 #: Default memory budget of one merging process (``--memory-gib``).
 DEFAULT_MEMORY = 4 << 30
@@ -232,8 +234,12 @@ def _spill(
     with progress.task("reading score parts", sum(p.num_rows for _, p in share)) as advance:
         for index, part in share:
             sums, fact = [], PartFacts(index, None)
-            for _, batch in dump.batches([*SPILLED, "target"], [part]):
-                columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in SPILLED}
+            for _, batch in dump.batches([*READ, "target"], [part]):
+                columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in READ}
+                # the value from its definition, whatever the dump stored (dumps written before
+                # skipped steps stored value 0 hold NaN there)
+                lr, clip_coef = columns.pop("lr"), columns.pop("clip_coef")
+                columns["value"] = step_values(columns["raw"], lr, clip_coef, columns["skipped"])
                 step = columns["step"]
                 outside = (step < part.first_step) | (step > part.last_step)
                 if outside.any():
@@ -282,7 +288,7 @@ def _step_sums(target: str, rows: dict[str, np.ndarray]) -> pa.Table:
             "skipped_rows": np.bincount(inverse, weights=rows["skipped"], minlength=len(unique)).astype(np.int64),
             "raw_sum": np.bincount(inverse, weights=raw, minlength=len(unique)),
             "raw_abs_sum": np.bincount(inverse, weights=np.abs(raw), minlength=len(unique)),
-            "value_sum": np.bincount(inverse, weights=np.where(trained, rows["value"], 0.0), minlength=len(unique)),
+            "value_sum": np.bincount(inverse, weights=rows["value"], minlength=len(unique)),
         }
     )
 
@@ -396,7 +402,7 @@ def _accumulate(target: str, rows: dict[str, np.ndarray], facts: BucketFacts) ->
         {
             "target": pa.repeat(pa.scalar(target, pa.string()), len(starts)),
             "sample_id": sid[starts],
-            "value": np.add.reduceat(np.where(trained, rows["value"], 0.0), starts),
+            "value": np.add.reduceat(rows["value"], starts),
             "raw": np.add.reduceat(np.where(trained, rows["raw"], 0.0), starts),
             "n_steps": n_steps.astype(np.int32),
             "skipped_steps": (ends - starts - n_steps).astype(np.int32),

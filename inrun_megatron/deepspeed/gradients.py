@@ -1,4 +1,4 @@
-"""Where the validation gradient ``G`` lives under each ZeRO stage (DESIGN §2.4).
+"""Where the validation gradient ``G`` lives under each ZeRO stage (``docs/DESIGN.md`` §2.5).
 
 * ZeRO-0/1/2 keep every parameter whole on every rank, so every rank keeps the whole ``G``
   (:class:`DenseGradientStore`).

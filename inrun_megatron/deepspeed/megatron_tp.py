@@ -4,7 +4,7 @@ DeepSpeed does data parallelism and ZeRO; megatron-core's ``ColumnParallelLinear
 ``RowParallelLinear``, vocab-parallel embeddings and norms do tensor parallelism. Scoring reuses
 the Megatron adapter's site builders (:mod:`inrun_megatron.megatron.layers`) unchanged: linear
 layers are scored inside megatron's linear backward, tensor-parallel shards are summed over the
-TP group and TP duplicates counted once (DESIGN §2.3). DeepSpeed must be told the layout:
+TP group and TP duplicates counted once (``docs/DESIGN.md`` §2.4). DeepSpeed must be told the layout:
 ``deepspeed.initialize(..., mpu=MegatronMPU())``.
 """
 

@@ -8,8 +8,8 @@ Usage (a complete loop is in the README)::
         micro_batches = [next(batches) for _ in range(engine.gradient_accumulation_steps())]
         losses = scorer.forward_backward(micro_batches)  # validation pass, then the scored micro-steps
         engine.step()                                    # the optimizer step: clips, may skip (fp16)
-        scorer.end_step()                                # lr, clip coefficient, skipped: from the engine
-    scorer.values()                                      # {sample_id: accumulated value}
+        records = scorer.end_step()                      # lr, clip coefficient, skipped: from the engine
+        writer.append(records, ...)                      # a ScoreWriter makes the rows durable
     scorer.detach()
 
 Every batch carries ``sample_ids`` ``[micro_batch_size]`` (the dataset index of each sequence)
@@ -18,7 +18,7 @@ losses ``[b, s]``; it defines the validation loss (their masked mean over the va
 and, unless ``forward_backward`` gets its own ``loss_fn``, the training loss (their masked mean
 over each micro-batch, as Hugging Face models compute it).
 
-What a raw score is (DESIGN §1): ``<grad l_z, G>`` where ``l_z`` is sample z's term of the loss
+What a raw score is (``docs/DESIGN.md`` §1): ``<grad l_z, G>`` where ``l_z`` is sample z's term of the loss
 the optimizer received. DeepSpeed divides each micro-step's loss by the gradient accumulation
 steps, multiplies it by the fp16 loss scale and averages gradients over the data-parallel
 ranks; the per-layer partial scores see the first two in the output gradients, so each

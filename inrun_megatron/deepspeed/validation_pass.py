@@ -1,4 +1,4 @@
-"""The validation pass under DeepSpeed (DESIGN §2.1, §2.4): ``G_t`` without touching ZeRO.
+"""The validation pass under DeepSpeed (``docs/DESIGN.md`` §2.1, §2.5): ``G_t`` without touching ZeRO.
 
 For each target, every (local) validation batch goes forward through the *bare* module
 (``engine.module``, not ``engine``: the engine's forward would arm its backward prologue and

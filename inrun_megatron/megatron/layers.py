@@ -8,7 +8,7 @@
 * Word (vocab-parallel) and learned position embeddings: one tap on the word-embedding output.
 * Norms: torch LayerNorm/RMSNorm (megatron's ``WrappedTorchNorm``), tapped on ``[s, b, h]``.
 
-Counting (DESIGN §2.3): tensor-parallel shards are summed over TP ranks; a parameter whose
+Counting (``docs/DESIGN.md`` §2.4): tensor-parallel shards are summed over TP ranks; a parameter whose
 identical copy lives on every TP rank (row-parallel biases, position embeddings, norms
 without sequence parallelism) is counted on TP rank 0 only.
 """

@@ -6,8 +6,8 @@ Usage (a complete loop is in the README)::
     for step in range(n_steps):
         losses = scorer.forward_backward(get_forward_backward_func(), forward_step_func=...,
                                          data_iterator=..., model=model_chunks, ...)
-        scorer.end_optimizer_step(optimizer, optimizer.step())  # lr, clip coefficient, skipped
-    scorer.values("validation")   # {sample_id: accumulated value}
+        records = scorer.end_optimizer_step(optimizer, optimizer.step())  # lr, clip coefficient, skipped
+        writer.append(records, ...)   # a ScoreWriter makes the rows durable; inrun-scores merge sums them
     scorer.detach()
 
 Training batches must carry a ``sample_ids`` tensor ``[micro_batch_size]`` of global sample ids

@@ -1,4 +1,4 @@
-"""The validation pass (DESIGN §2.1): ``G_t`` at the step's weights, training state untouched.
+"""The validation pass (``docs/DESIGN.md`` §2.1): ``G_t`` at the step's weights, training state untouched.
 
 Runs the user's forward step on the validation batches through the same
 ``forward_backward_func`` (so pipeline schedules apply), with

@@ -7,7 +7,8 @@ previous checkpoint in charge and the half-written directory is overwritten by t
 
 What is saved: the model chunks and optimizer (sharded), the LR schedule, the iteration and the
 number of consumed samples (which fixes the data position), the run config, each rank's RNG
-states, and each data-parallel replica's scorer state (its step and accumulated values).
+states, and each data-parallel replica's scorer state (its step counter: nothing per sample, so
+a checkpoint does not grow as the run goes on; ``docs/DESIGN.md`` §2.7).
 """
 
 from __future__ import annotations

@@ -116,6 +116,9 @@ class ScoringSection:
     projection_dtype: str | None = None
     path: str = "auto"  # microbatch-gradient path at micro_batch_size 1, per-layer rules otherwise
     flush_every: int = 10  # score rows are written (one Parquet part per DP replica) every N steps
+    # at the end, rank 0 merges the rows into accumulated values (RUN/merged, as `inrun-scores merge`);
+    # a run with billions of rows merges faster offline: `mpirun -n N inrun-scores merge RUN -o OUT --mpi`
+    merge_values: bool = True
 
 
 @dataclass
@@ -180,7 +183,14 @@ CHOICES = {
 #: Sections a resumed run may change (``output``: a run directory may be moved); everything else
 #: must match the checkpoint. Not the number of steps: megatron sizes (and so shuffles) its
 #: datasets by it, which would remap sample ids.
-RESUMABLE_CHANGES = ("output", "checkpoint", "logging", "scoring.flush_every", "data.num_workers")
+RESUMABLE_CHANGES = (
+    "output",
+    "checkpoint",
+    "logging",
+    "scoring.flush_every",
+    "scoring.merge_values",
+    "data.num_workers",
+)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ training pass) and one rank per data-parallel replica streams its rows to the ru
     RUN/manifest.json        units, sign, config, parallel layout, versions, targets, data map
     RUN/scores/dpNNNNN/      score rows of DP replica NNNNN (append-only Parquet parts)
     RUN/steps/               per step: lr, clip coefficient, skipped, validation losses
-    RUN/values/dpNNNNN.parquet   accumulated values at the end of training
-    RUN/checkpoints/         megatron distributed checkpoints (scorer state included)
+    RUN/merged/              accumulated values per sample and target, merged from scores/ at the
+                             end of training (``inrun-scores merge``; ``scoring.merge_values``)
+    RUN/checkpoints/         megatron distributed checkpoints (scorer state included: its step)
     RUN/data_cache/          megatron's dataset indices (the sample-id map reads them)
 
 Running the same command again resumes from the last checkpoint; rows of steps after it that
@@ -64,16 +65,10 @@ from inrun_megatron.pretrain.progress import (
     progress_line,
     value_statistics,
 )
-from inrun_megatron.records import MANIFEST, ScoreWriter, StepInfo, atomic_write_table, read_manifest, write_manifest
+from inrun_megatron.records import MANIFEST, ScoreWriter, StepInfo, read_manifest, write_manifest
 
-VALUES_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.int64()),
-        pa.field("target", pa.string()),
-        pa.field("value", pa.float64()),  # accumulated value: sum over the steps that trained on the sample
-        pa.field("steps", pa.int64()),  # how many (not skipped) steps trained on it
-    ]
-)
+#: Where the run's accumulated values are merged at the end (an ``inrun-scores merge`` output).
+MERGED = "merged"
 
 
 def padded_vocab_size(tokenizer_vocab: int, divisible_by: int, tp: int) -> int:
@@ -289,11 +284,13 @@ class Pretraining:
             from inrun_megatron.megatron import MegatronScorer
 
             projection = None if c.scoring.projection_dtype is None else getattr(torch, c.scoring.projection_dtype)
+            # nothing in memory grows with the samples seen: rows stream to the dump, values are merged from it
             scoring = ScoringConfig(
                 validation_split=c.scoring.validation_split,
                 projection_dtype=projection,
                 path=c.scoring.path,
                 keep_records=False,
+                accumulate_values=False,
             )
             self.scorer = MegatronScorer(self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size)
         self.iteration = 0
@@ -382,7 +379,7 @@ class Pretraining:
                 },
                 "validation_targets": describe_targets(c.validation.targets, targets),
                 "shards": "scores/dpNNNNN holds the rows of data-parallel replica NNNNN; steps/ one row per step"
-                " and target; values/dpNNNNN.parquet the accumulated values at the end of training",
+                f" and target; {MERGED}/ the accumulated values merged from them at the end of training",
                 "data": self.data.manifest_section(tokenizer_spec, self.run_dir),
             },
         )
@@ -473,7 +470,7 @@ class Pretraining:
                     lr=lr,
                     clip_coef=float(columns["clip_coef"][0]),
                     skipped=bool(columns["skipped"][0]),
-                    validation_losses=self.scorer.validation_losses[-1],
+                    validation_losses=self.scorer.last_validation_losses,
                 )
                 self.writer.append(records, info)
                 if self.scalars_on:  # statistics over every replica's rows: all writers take part
@@ -485,7 +482,7 @@ class Pretraining:
                 self.save()
             if self.is_writer:  # the last pipeline stage has the loss
                 loss_sum, loss_tokens = mean_loss(losses, self.dp_group)
-                validation = self.scorer.validation_losses[-1] if self.scorer else {}
+                validation = self.scorer.last_validation_losses if self.scorer else {}
                 interval.add(times, loss_sum, loss_tokens, validation)
                 if self.sink is not None:
                     self._log_scalars(times, loss_sum / max(loss_tokens, 1.0), lr, validation, step_stats)
@@ -525,32 +522,34 @@ class Pretraining:
     def finish(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self._write_values()
         if self.sink is not None:
             self.sink.close()
-        dist.barrier()
+        dist.barrier()  # every replica's rows are durable
         if self.is_logger:
             where = f"score rows in {self.run_dir / 'scores'}" if self.scorer else "no scores (scoring off)"
             print(f"pretrain_gpt: done; {where}; checkpoint {self.config.checkpoint_dir}", flush=True)
-        dist.destroy_process_group()
+        merge = self.scorer is not None and self.config.scoring.merge_values and self.env.rank == 0
+        dist.destroy_process_group()  # the other ranks are done; the merge needs no peers
+        if merge:
+            self._merge_values()
 
-    def _write_values(self) -> None:
-        """This replica's accumulated values (the scorer's, carried through every checkpoint)."""
-        acc = self.scorer.accumulator
-        ids, targets, values, steps = [], [], [], []
-        for target, totals in sorted(acc.totals.items()):
-            seen = acc.steps_seen[target]
-            for sid in sorted(totals):
-                ids.append(sid)
-                targets.append(target)
-                values.append(totals[sid])
-                steps.append(seen[sid])
-        table = pa.Table.from_pydict(
-            {"sample_id": ids, "target": targets, "value": values, "steps": steps}, schema=VALUES_SCHEMA
+    def _merge_values(self) -> None:
+        """Sum the dump into accumulated values per sample and target (``inrun-scores merge RUN -o
+        RUN/merged``), out of core in this one process; replaces the output of an earlier finish."""
+        from inrun_megatron.analysis.dump import ScoreDump
+        from inrun_megatron.analysis.merge import merge
+
+        out = self.run_dir / MERGED
+        start = time.perf_counter()
+        if out.exists():  # derived data of this run directory, e.g. from a run finished before
+            shutil.rmtree(out)
+        report = merge(ScoreDump.open(self.run_dir), out)
+        samples = ", ".join(f"{n} for {t}" for t, n in report.samples.items())
+        print(
+            f"pretrain_gpt: accumulated values of {report.rows} score rows merged into {out} in"
+            f" {time.perf_counter() - start:.1f} s (samples: {samples}); e.g. `inrun-scores top {out}`",
+            flush=True,
         )
-        directory = self.run_dir / "values"
-        directory.mkdir(exist_ok=True)
-        atomic_write_table(directory / f"dp{self.dp_rank:05d}.parquet", table)
 
 
 # --------------------------------------------------------------------------------------
