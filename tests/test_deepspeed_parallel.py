@@ -142,7 +142,9 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
 @pytest.mark.megatron
 def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, tmp_path):
     """megatron-core TP=2 layers in DeepSpeed engines at DP=2, every ZeRO stage, against the
-    single-process Megatron adapter on the same global batches (no clipping: plain SGD)."""
+    single-process Megatron adapter on the same global batches (no clipping: plain SGD). At
+    micro-batch size 1 (ZeRO-1 and ZeRO-3) the microbatch-gradient path scores: tensor-parallel
+    shards summed over TP, TP duplicates (norms) counted on one TP rank."""
     from inrun_megatron.megatron.model import GPTShape
 
     from common import CASES as GPT_CASES
@@ -151,11 +153,18 @@ def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, 
     shape = GPTShape(num_layers=2, **GPT_CASES["rmsnorm-swiglu-nobias-tied-recompute"])
     run = dict(gas=2, mbs=2, steps=2, lr=0.5, seed=21)
     cases = [dict(shape=shape_to_json(shape), stage=s, **run) for s in (0, 1, 2, 3)]
+    cases += [dict(shape=shape_to_json(shape), stage=s, **dict(run, mbs=1)) for s in (1, 3)]
     ranks = launch("deepspeed_tp.py", 4, tmp_path, json.dumps(dict(tp=2, cases=cases)))
-    reference = run_case(shape, n_micro=run["gas"] * DP, mbs=run["mbs"], steps=run["steps"], lr=run["lr"], seed=21)
+    references = {
+        mbs: run_case(shape, n_micro=run["gas"] * DP, mbs=mbs, steps=run["steps"], lr=run["lr"], seed=21)
+        for mbs in (1, run["mbs"])
+    }
     for i, case in enumerate(cases):
-        name = f"TP=2 x DP=2 ZeRO-{case['stage']}"
+        path = "microbatch" if case["mbs"] == 1 else "rules"
+        name = f"TP=2 x DP=2 ZeRO-{case['stage']}, {path}"
+        reference = references[case["mbs"]]
         residuals = [_assert_rank_result(name, rank[i], case["stage"], run["lr"]) for rank in ranks]
+        assert all(rank[i]["path"] == path for rank in ranks), f"{name}: scored by {ranks[0][i]['path']}"
         errors = []
         for step in range(run["steps"]):
             # TP ranks of one DP replica hold the same (TP-reduced) scores; DP replicas own different samples.
