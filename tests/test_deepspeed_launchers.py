@@ -65,6 +65,7 @@ def _assert_same_scores(ours: dict, reference: dict, what: str) -> None:
         ids = [key for key in reference if key[0] == step]
         scale = max(abs(reference[k][0]) for k in ids)
         worst = max(abs(ours[k][0] - reference[k][0]) for k in ids) / scale
+        print(f"{what}: step {step}: max relative error vs the single-process run {worst:.2e}")
         assert worst <= 1e-4, f"{what}: step {step} differs from the single-process run by {worst:.2e}"
         for k in ids:
             assert np.allclose(ours[k][1:], reference[k][1:], rtol=1e-5), f"{what}: lr/clip of {k}"

@@ -4,7 +4,8 @@ Built only from the layers the DeepSpeed adapter scores without Megatron (``nn.L
 ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``), with the output projection optionally tied
 to the token embedding (one ``Parameter`` shared by both modules, as Hugging Face models do).
 Shared by the DeepSpeed entry point and the tests, so that both train exactly the model the
-scores are checked on. Batches use the standard format of :func:`inrun_megatron.validation.make_batch`.
+scores are checked on. Batches use the standard format of :func:`inrun_megatron.validation.make_batch`;
+:func:`hf_causal_lm_token_losses` reads the same batches into Hugging Face causal LMs.
 """
 
 from __future__ import annotations
