@@ -133,8 +133,8 @@ def test_hugging_face_model_is_refused_above_micro_batch_size_1(deepspeed_world)
 
 
 def test_entry_point_scores_a_hugging_face_model(tmp_path):
-    """``launch/deepspeed_train.py --model hf-gpt2 --micro-batch-size 1`` in one process at ZeRO-3:
-    the microbatch-gradient path scores every sequence of every step."""
+    """``launch/deepspeed_train.py --model hf-gpt2 --micro-batch-size 1 --scoring-path microbatch`` in
+    one process at ZeRO-3: the microbatch-gradient path scores every sequence of every step."""
     import sys
 
     import pyarrow.dataset as ds
@@ -145,9 +145,10 @@ def test_entry_point_scores_a_hugging_face_model(tmp_path):
     config = _config(tmp_path, "zero3.json", 2)
     run = tmp_path / "hf"
     _run(sys.executable, "launch/deepspeed_train.py", "--deepspeed_config", str(config), "--out", str(run),
-         "--steps", "2", "--model", "hf-gpt2", "--micro-batch-size", "1", "--num-layers", "1",
-         "--hidden-size", "16", "--vocab-size", "64", "--seq-length", "16")  # fmt: skip
-    assert read_manifest(run)["scoring_path"] == "microbatch"
+         "--steps", "2", "--model", "hf-gpt2", "--micro-batch-size", "1", "--scoring-path", "microbatch",
+         "--num-layers", "1", "--hidden-size", "16", "--vocab-size", "64", "--seq-length", "16")  # fmt: skip
+    manifest = read_manifest(run)
+    assert manifest["scoring"]["path"] == "microbatch" and manifest["scoring_path"] == "microbatch"
     table = ds.dataset(run / "scores", format="parquet").to_table().to_pydict()
     assert sorted(zip(table["step"], table["sample_id"])) == [(0, 0), (0, 1), (1, 2), (1, 3)]
     assert all(r == r and r != 0.0 for r in table["raw"]), table["raw"]
