@@ -20,7 +20,7 @@ export DS_BUILD_OPS ?= 0
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0 numpy
-	$(PIP) install -q -c constraints.txt -e '.[megatron,deepspeed,mpi,dev,pretrain,tensorboard,analysis]'
+	$(PIP) install -q -c constraints.txt -e '.[megatron,deepspeed,mpi,dev,pretrain,tensorboard,analysis,hf]'
 	$(PIP) install -q --no-deps --ignore-requires-python --target $(MCORE019) megatron-core==$(MCORE019_VERSION)
 	touch $(STAMP)
 

@@ -19,6 +19,7 @@ setup(
         "mpi": ["mpi4py>=4", "openmpi>=5"],
         "dev": ["pytest", "ruff"],
         "pretrain": ["tokenizers"],
+        "hf": ["transformers"],
         "tensorboard": ["tensorboard"],
         "analysis": ["rich", "matplotlib", "scipy"],
     },

@@ -7,8 +7,12 @@ Runs under every launcher (see the README for exact command lines)::
     mpirun -np 2 python launch/deepspeed_train.py --deepspeed_config ... --out RUN
 
 The model is the plain-PyTorch Llama- or GPT-style LM of :mod:`inrun_megatron.deepspeed.model`
-(``--model llama|gpt``), or a megatron-core GPT (``--model megatron-gpt``) whose layers are tensor
-parallel inside the DeepSpeed engine (``--tensor-model-parallel-size N``).
+(``--model llama|gpt``), a megatron-core GPT (``--model megatron-gpt``) whose layers are tensor
+parallel inside the DeepSpeed engine (``--tensor-model-parallel-size N``), or an unmodified Hugging
+Face ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` with random weights (``--model hf-llama|hf-gpt2``),
+which only micro-batch size 1 scores (``--micro-batch-size 1``; the microbatch-gradient path).
+``--scoring-path auto|rules|microbatch`` forces a scoring path (``auto``: the microbatch-gradient
+path at micro-batch size 1, the per-layer rules above).
 
 The data is synthetic: sequence ``i`` is drawn from a generator seeded by ``(seed, i)``, so any
 layout trains on exactly the same sequences. Step ``t`` trains on sample ids ``[t*N, (t+1)*N)``
@@ -29,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from inrun_megatron import ScoringConfig, __version__
+from inrun_megatron.config import SCORING_PATHS
 from inrun_megatron.distributed import init_distributed
 from inrun_megatron.records import ScoreWriter, StepInfo, write_manifest
 from inrun_megatron.validation import make_batch
@@ -44,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--model", choices=("llama", "gpt", "megatron-gpt"), default="llama")
+    p.add_argument("--model", choices=("llama", "gpt", "megatron-gpt", "hf-llama", "hf-gpt2"), default="llama")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-attention-heads", type=int, default=4)
@@ -53,6 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="with --model megatron-gpt")
     p.add_argument("--validation-sequences", type=int, default=8)
     p.add_argument("--validation-split", choices=("replicate", "split"), default="replicate")
+    p.add_argument(
+        "--scoring-path",
+        choices=SCORING_PATHS,
+        default="auto",
+        help="microbatch: each micro-step's parameter gradient (micro-batch size 1, any model); rules: per-layer"
+        " rules (any micro-batch size, supported layers only); auto: microbatch at micro-batch size 1, else rules",
+    )
+    p.add_argument(
+        "--micro-batch-size", type=int, default=None, help="overrides the config's train_micro_batch_size_per_gpu"
+    )
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (unused)")
     args = p.parse_args(argv)
     if args.tensor_model_parallel_size > 1 and args.model != "megatron-gpt":
@@ -87,7 +102,8 @@ def build_model(args, ds_config: dict):
     """The model, its per-token losses and the mpu DeepSpeed needs (None without megatron).
 
     Under ZeRO-3 the plain-PyTorch model is built as large models must be, partitioned from the
-    start (``deepspeed.zero.Init``), and initialised through gathered parameters.
+    start (``deepspeed.zero.Init``), and initialised through gathered parameters; the (tiny) Hugging
+    Face models are built whole and partitioned by ``deepspeed.initialize``.
     """
     size = dict(
         num_layers=args.num_layers,
@@ -99,6 +115,10 @@ def build_model(args, ds_config: dict):
     import deepspeed
 
     torch.manual_seed(args.seed)
+    if args.model.startswith("hf-"):
+        from inrun_megatron.deepspeed.model import hf_causal_lm_token_losses
+
+        return _hugging_face_model(args), hf_causal_lm_token_losses, None
     if args.model != "megatron-gpt":
         from inrun_megatron.deepspeed.model import TransformerLM, llama_shape, lm_token_losses
 
@@ -133,6 +153,30 @@ def build_model(args, ds_config: dict):
     return model, gpt_token_losses, MegatronMPU()
 
 
+def _hugging_face_model(args) -> torch.nn.Module:
+    """A freshly initialised, unmodified Hugging Face causal LM of the requested size."""
+    import transformers
+
+    if args.model == "hf-llama":
+        config = transformers.LlamaConfig(
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            intermediate_size=4 * args.hidden_size,
+            num_hidden_layers=args.num_layers,
+            num_attention_heads=args.num_attention_heads,
+            max_position_embeddings=args.seq_length,
+        )
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.GPT2Config(
+        vocab_size=args.vocab_size,
+        n_embd=args.hidden_size,
+        n_layer=args.num_layers,
+        n_head=args.num_attention_heads,
+        n_positions=args.seq_length,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     init_distributed()
@@ -143,12 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     from inrun_megatron.deepspeed import DeepSpeedScorer
 
     ds_config = json.loads(Path(args.deepspeed_config).read_text())
+    if args.micro_batch_size is not None:
+        ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch_size
+        ds_config.pop("train_batch_size", None)  # DeepSpeed derives it from the micro-batch size
     model, token_losses, mpu = build_model(args, ds_config)
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     optimizer = optimizer_class(model.parameters(), lr=args.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     mbs, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    scoring = ScoringConfig(validation_split=args.validation_split)
+    scoring = ScoringConfig(validation_split=args.validation_split, path=args.scoring_path)
     scorer = DeepSpeedScorer(engine, validation_batches(args, mbs), token_losses, scoring)
     dp_rank, dp_size = scorer.dp_rank, scorer.dp_size
     first_of_replica = mpu is None or mpu.get_model_parallel_rank() == 0
@@ -159,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                 "config": {"args": {k: str(v) for k, v in vars(args).items()}, "deepspeed": ds_config},
                 "scoring": scoring.to_dict(),
                 "layout": {"dp": dp_size, "tp": args.tensor_model_parallel_size, "zero_stage": scorer.zero_stage},
+                "scoring_path": scorer.path,
                 "versions": {
                     "inrun_megatron": __version__,
                     "torch": torch.__version__,

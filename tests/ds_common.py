@@ -104,8 +104,9 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
     of values, <G, w_t - w_t+1>)], "clip": [c_t], "skipped": [...], "losses": [...], "weights":
     {name: full tensor}}``; efficiency, ``abs_raw`` (the sum of |raw|) and sgd have one entry per
     step and target (efficiency and ``abs_raw`` only for applied steps: a skipped step's raw is
-    NaN), sums over the global batch. ZeRO-3 adds the store's memory counts; ``keep_gradients`` adds
-    step 0's ``G`` as ``{(target, parameter name): G}``. Plain SGD makes the SGD identity exact.
+    NaN), sums over the global batch; ``path``: the scoring path the scorer chose. ZeRO-3 adds the
+    store's memory counts; ``keep_gradients`` adds step 0's ``G`` as ``{(target, parameter name): G}``.
+    Plain SGD makes the SGD identity exact.
     """
     from deepspeed.utils import safe_get_full_grad
 
@@ -126,6 +127,7 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
         targets = [t.name for t in scorer.targets]
         if step == 0:
             out["isolation"] = validation_pass_isolation(scorer)
+            out["path"] = scorer.path
         out["losses"].append(scorer.forward_backward(data, loss_fn))
         if keep_gradients and step == 0:
             if scorer.zero_stage == 3:
@@ -185,9 +187,10 @@ def run_deepspeed_case(
     n_targets: int = 1,
     keep_gradients: bool = False,
     fp16_scale_power: int = 8,
+    path: str = "auto",
 ) -> dict:
     """:func:`train` of the plain-PyTorch LM under DeepSpeed (plain SGD, clipping at ``clip``);
-    ``n_targets=2`` adds a second validation set, ``held-out``."""
+    ``n_targets=2`` adds a second validation set, ``held-out``; ``path`` is the scoring path."""
     import deepspeed
 
     from inrun_megatron import ScoringConfig
@@ -201,7 +204,7 @@ def run_deepspeed_case(
     validation = {"validation": make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)}
     if n_targets == 2:
         validation["held-out"] = make_data(shape, n_val_batches, 2, seed + 2, first_id=2 * 10**6)
-    scoring = ScoringConfig(validation_split="split" if split else "replicate", accumulate_values=True)
+    scoring = ScoringConfig(validation_split="split" if split else "replicate", path=path, accumulate_values=True)
     scorer = DeepSpeedScorer(engine, validation, lm_token_losses, scoring) if scored else None
 
     def batches_of_step(step: int) -> list:

@@ -48,51 +48,136 @@ PRECISION_CASES = [
 ]
 
 
+def _validation_sets(model: str, shape) -> dict:
+    """The GPT cases score two validation sets at once."""
+    validation = {"validation": make_data(shape, 2, 2, seed=6, first_id=10**6)}
+    if model == "gpt-untied":
+        validation["held-out"] = make_data(shape, 1, 3, seed=7, first_id=2 * 10**6)
+    return validation
+
+
+def _score_one_step(shape, validation: dict, train: list, *, stage: int, dtype: str, path: str = "auto") -> dict:
+    """One scored step of ``train`` (one micro-batch per accumulation step) from seed-0 weights.
+
+    Returns the step's record ``columns``, the stored ``G`` by parameter name and target, the
+    paths that scored the micro-steps (``scorer.scoring`` while each ran), and per target the
+    efficiency identity's two sides (sum of raw, ``<g, G>`` from DeepSpeed's full gradient).
+    """
+    from deepspeed.utils import safe_get_full_grad
+    from ds_common import batch_dot
+
+    from inrun_megatron import ScoringConfig
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import lm_token_losses
+    from inrun_megatron.deepspeed.scorer import masked_token_mean
+
+    engine = _engine(shape, stage=stage, gas=len(train), mbs=len(train[0]["sample_ids"]), dtype=dtype)
+    scorer = DeepSpeedScorer(engine, validation, lm_token_losses, ScoringConfig(path=path))
+    training_loss, scored_by = masked_token_mean(lm_token_losses), set()
+
+    def loss_fn(model, batch):
+        scored_by.add(scorer.scoring)
+        return training_loss(model, batch)
+
+    scorer.forward_backward(train, loss_fn)
+    stored = {name: scorer.grads[p].clone() for name, p in engine.module.named_parameters()}
+    if stage == 3:  # the microbatch path dots each gathered G as a flat view, never a copy
+        for p in engine.module.parameters():
+            gathered = scorer.grads[p]
+            assert gathered.reshape(len(validation), -1).data_ptr() == gathered.data_ptr()
+    loss_scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
+    g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
+    dots = [batch_dot(scorer, g, k) for k in range(len(validation))]
+    engine.step()
+    c = scorer.end_step(lr=1.0).columns
+    scorer.detach()
+    efficiency = {t: (float(c["raw"][c["target"] == t].sum()), dot) for t, dot in zip(validation, dots)}
+    return dict(columns=c, G=stored, scored_by=scored_by, efficiency=efficiency)
+
+
+def _brute_force(shape, validation: dict, train: list, dtype: str) -> dict:
+    """Per target: ``G`` by name and every sample's raw score from one backward per sample, at the
+    same initial weights in a plain module (half precision: the exact scores of the rounded
+    weights the run trains)."""
+    from inrun_megatron.deepspeed.model import TransformerLM, lm_token_losses
+
+    torch.manual_seed(0)
+    reference_model = TransformerLM(shape).to(DEVICE)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    if half is not None:
+        with torch.no_grad():
+            for p in reference_model.parameters():
+                p.copy_(p.to(half))
+    out = {}
+    for target, batches in validation.items():
+        g_val = oracle.validation_gradient(reference_model, batches, lm_token_losses)
+        out[target] = (g_val, oracle.per_sample_raw(reference_model, train, lm_token_losses, g_val))
+    return out
+
+
+def _raw_of(columns: dict, target: str) -> dict[int, float]:
+    return {int(sid): r for t, sid, r in zip(columns["target"], columns["sample_id"], columns["raw"]) if t == target}
+
+
+def _max_relative_error(ours: dict[int, float], reference: dict[int, float]) -> float:
+    assert sorted(ours) == sorted(reference)
+    scale = max(abs(v) for v in reference.values())
+    assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)  # no degenerate scores
+    return max(abs(ours[sid] - reference[sid]) for sid in reference) / scale
+
+
 @pytest.mark.parametrize(
     "model,stage,dtype",
     [(m, s, "fp32") for m in MODELS for s in (0, 1, 2, 3)] + PRECISION_CASES,
 )
 def test_scores_match_brute_force(deepspeed_world, model, stage, dtype):
-    """Every sample's score and G of every target against one backward per sample (the GPT cases
-    score two validation sets at once)."""
-    from inrun_megatron.deepspeed import DeepSpeedScorer
-    from inrun_megatron.deepspeed.model import TransformerLM, llama_shape, lm_token_losses
+    """Every sample's score and G of every target against one backward per sample (micro-batch
+    size 2: the per-layer rules)."""
+    from inrun_megatron.deepspeed.model import llama_shape
 
     shape = llama_shape(**MODELS[model])
-    engine = _engine(shape, stage=stage, gas=3, dtype=dtype)
-    validation = {"validation": make_data(shape, 2, 2, seed=6, first_id=10**6)}
-    if model == "gpt-untied":
-        validation["held-out"] = make_data(shape, 1, 3, seed=7, first_id=2 * 10**6)
-    train = make_data(shape, 3, 2, seed=5)
-    scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
-    scorer.forward_backward(train)
-    stored = {name: scorer.grads[p].clone() for name, p in engine.module.named_parameters()}
-    engine.step()
-    c = scorer.end_step(lr=1.0).columns
-    scorer.detach()
-
-    # The reference: the same initial weights in a plain module, one backward per sample.
-    torch.manual_seed(0)
-    reference_model = TransformerLM(shape).to(DEVICE)
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    if half is not None:  # the exact (fp32) scores of the weights the half-precision run trains
-        with torch.no_grad():
-            for p in reference_model.parameters():
-                p.copy_(p.to(half))
+    validation, train = _validation_sets(model, shape), make_data(shape, 3, 2, seed=5)
+    ours = _score_one_step(shape, validation, train, stage=stage, dtype=dtype)
+    assert ours["scored_by"] == {"rules"}
     tol = TOLERANCE[dtype]
-    for k, (target, batches) in enumerate(validation.items()):
-        g_val = oracle.validation_gradient(reference_model, batches, lm_token_losses)
+    for k, (target, (g_val, reference)) in enumerate(_brute_force(shape, validation, train, dtype).items()):
         for name, g in g_val.items():
-            err = float((stored[name][k] - g).abs().max()) / float(g.abs().max())
-            assert err <= (1e-5 if half is None else tol), f"{target} {name}: G differs by {err:.2e}"
-        reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, g_val)
-        ours = {int(sid): r for t, sid, r in zip(c["target"], c["sample_id"], c["raw"]) if t == target}
-        assert sorted(ours) == sorted(reference)
-        scale = max(abs(v) for v in reference.values())
-        errors = {sid: abs(ours[sid] - reference[sid]) / scale for sid in reference}
-        print(f"{model} ZeRO-{stage} {dtype} {target}: max relative error vs brute force {max(errors.values()):.2e}")
-        assert max(errors.values()) <= tol, errors
-        assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)
+            err = float((ours["G"][name][k] - g).abs().max()) / float(g.abs().max())
+            assert err <= (1e-5 if dtype == "fp32" else tol), f"{target} {name}: G differs by {err:.2e}"
+        error = _max_relative_error(_raw_of(ours["columns"], target), reference)
+        print(f"{model} ZeRO-{stage} {dtype} {target}: max relative error vs brute force {error:.2e}")
+        assert error <= tol
+
+
+@pytest.mark.parametrize(
+    "model,stage,dtype",
+    [(m, s, "fp32") for m in MODELS for s in (0, 1, 2, 3)]
+    + [("llama-tied", 0, "bf16"), ("llama-tied", 3, "bf16"), ("gpt-untied", 2, "fp16")],
+)
+def test_microbatch_path_matches_brute_force_and_rules(deepspeed_world, model, stage, dtype):
+    """Micro-batch size 1 with gradient accumulation: ``path="auto"`` scores with each micro-step's
+    parameter gradients; every sample's score matches brute force and, per sample id, the per-layer
+    rules forced on the same run; the efficiency identity holds."""
+    from inrun_megatron.deepspeed.model import llama_shape
+
+    shape = llama_shape(**MODELS[model])
+    validation, train = _validation_sets(model, shape), make_data(shape, 3, 1, seed=5)
+    ours = _score_one_step(shape, validation, train, stage=stage, dtype=dtype)
+    rules = _score_one_step(shape, validation, train, stage=stage, dtype=dtype, path="rules")
+    assert ours["scored_by"] == {"microbatch"} and rules["scored_by"] == {"rules"}
+    tol = TOLERANCE[dtype]
+    for target, (_, reference) in _brute_force(shape, validation, train, dtype).items():
+        raw = _raw_of(ours["columns"], target)
+        error = _max_relative_error(raw, reference)
+        versus_rules = _max_relative_error(raw, _raw_of(rules["columns"], target))
+        total, dot = ours["efficiency"][target]
+        efficiency = abs(total - dot) / sum(abs(v) for v in raw.values())
+        print(
+            f"microbatch path, {model} ZeRO-{stage} {dtype} {target}: max relative error vs brute force"
+            f" {error:.2e}, vs rules {versus_rules:.2e}, efficiency residual {efficiency:.1e}"
+        )
+        assert error <= tol and versus_rules <= tol
+        assert efficiency <= (1e-5 if dtype == "fp32" else tol)
 
 
 @pytest.mark.parametrize("stage,dtype", [(0, "bf16"), (3, "bf16"), (1, "fp16"), (3, "fp16")])
@@ -169,17 +254,44 @@ def test_unsupported_deepspeed_features_are_refused_at_attach(deepspeed_world):
         assert feature in message and "Supported: " in message and "ZeRO stage 0, 1, 2 or 3" in message, message
 
 
-def test_layers_without_a_score_rule_are_refused(deepspeed_world):
-    class WithConv(torch.nn.Module):
-        vocab_size = 64
+class _WithConv(torch.nn.Module):
+    vocab_size = 64
 
-        def __init__(self):
-            super().__init__()
-            self.embedding = torch.nn.Embedding(64, 8)
-            self.conv = torch.nn.Conv1d(8, 8, 1)
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(64, 8)
+        self.conv = torch.nn.Conv1d(8, 8, 1)
 
-    message = _refusal(WithConv(), ds_config(stage=3, gas=1, mbs=2, clip=0.0))
+
+def test_layers_without_a_score_rule_are_refused_above_micro_batch_size_1(deepspeed_world):
+    """A layer no rule covers is refused at attach when micro-batches hold several sequences, with
+    the remedy; at micro-batch size 1 the microbatch-gradient path takes it (forcing the rules path
+    refuses it again), and the microbatch path refuses larger micro-batches."""
+    import deepspeed
+
+    from inrun_megatron import ScoringConfig
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import llama_shape, lm_token_losses
+
+    message = _refusal(_WithConv(), ds_config(stage=3, gas=1, mbs=2, clip=0.0))
     assert "'conv'" in message and "Conv1d" in message and "Linear" in message and "requires_grad=False" in message
+    assert "micro_batch_size 1" in message and "micro_batch_size 2" in message, message
+
+    def attach(mbs: int, path: str) -> DeepSpeedScorer:
+        model = _WithConv()
+        config = ds_config(stage=3, gas=1, mbs=mbs, clip=0.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        validation = make_data(llama_shape(), 2, 2, seed=1, first_id=10**6)
+        return DeepSpeedScorer(engine, validation, lm_token_losses, ScoringConfig(path=path))
+
+    scorer = attach(1, "auto")
+    assert scorer.path == "microbatch" and scorer.rules_unavailable and "'conv'" in scorer.rules_unavailable
+    scorer.detach()
+    with pytest.raises(NotImplementedError, match="'conv'"):
+        attach(1, "rules")
+    with pytest.raises(ValueError, match="one sequence's only with micro_batch_size 1, not 2"):
+        attach(2, "microbatch")
 
 
 def test_bad_step_input_is_rejected_before_any_work(deepspeed_world):
@@ -194,6 +306,7 @@ def test_bad_step_input_is_rejected_before_any_work(deepspeed_world):
     duplicated = [good[0], dict(good[1], sample_ids=good[0]["sample_ids"])]
     bad = {
         "takes the 2 micro-batches": good[:1],
+        "has batch size 1, but the engine's train_micro_batch_size_per_gpu is 2": make_data(shape, 2, 1, seed=2),
         "has no 'sample_ids'": no_ids,
         "occur more than once": duplicated,
     }

@@ -65,6 +65,7 @@ def _assert_same_scores(ours: dict, reference: dict, what: str) -> None:
         ids = [key for key in reference if key[0] == step]
         scale = max(abs(reference[k][0]) for k in ids)
         worst = max(abs(ours[k][0] - reference[k][0]) for k in ids) / scale
+        print(f"{what}: step {step}: max relative error vs the single-process run {worst:.2e}")
         assert worst <= 1e-4, f"{what}: step {step} differs from the single-process run by {worst:.2e}"
         for k in ids:
             assert np.allclose(ours[k][1:], reference[k][1:], rtol=1e-5), f"{what}: lr/clip of {k}"
@@ -78,19 +79,23 @@ def _single_process(tmp: Path, config: Path, *options: str) -> dict:
 
 
 def test_deepspeed_launcher_and_mpirun_end_to_end(tmp_path):
-    """ZeRO-3 under ``deepspeed --num_gpus 2`` and ZeRO-2 under ``mpirun -np 2`` (DP=2, 2 accumulation
-    steps) against one process with 4 accumulation steps."""
+    """ZeRO-3 under ``deepspeed --num_gpus 2`` (DP=2, 2 accumulation steps) and ZeRO-2 under ``mpirun
+    -np 2`` at micro-batch size 1 (DP=2, 4 accumulation steps: the microbatch-gradient path) against
+    one process with micro-batch size 2 and 4 accumulation steps (the per-layer rules). Every
+    micro-batch holds the same number of tokens, so all three train the same sequences per step
+    with the same per-sample loss terms."""
     reference = _single_process(tmp_path, _config(tmp_path, "zero1.json", 4))
     _run("launch/deepspeed_single_node.sh", "2", str(_config(tmp_path, "zero3.json", 2)), str(tmp_path / "ds"),
          "--steps", str(STEPS))  # fmt: skip
     _assert_same_scores(_scores(tmp_path / "ds"), reference, "deepspeed launcher, ZeRO-3, DP=2")
     env = _env()
     env.pop("MASTER_PORT")  # mpirun: rank 0 picks the rendezvous port and shares it over MPI
-    _run("launch/deepspeed_mpirun.sh", "2", str(_config(tmp_path, "zero2.json", 2)), str(tmp_path / "mpi"),
-         "--steps", str(STEPS), env=env)  # fmt: skip
-    _assert_same_scores(_scores(tmp_path / "mpi"), reference, "mpirun, ZeRO-2, DP=2")
+    _run("launch/deepspeed_mpirun.sh", "2", str(_config(tmp_path, "zero2.json", 4)), str(tmp_path / "mpi"),
+         "--steps", str(STEPS), "--micro-batch-size", "1", env=env)  # fmt: skip
+    _assert_same_scores(_scores(tmp_path / "mpi"), reference, "mpirun, ZeRO-2, DP=2, micro-batch size 1")
     manifest = read_manifest(tmp_path / "mpi")
     assert manifest["layout"] == {"dp": 2, "tp": 1, "zero_stage": 2}
+    assert manifest["scoring_path"] == "microbatch" and read_manifest(tmp_path / "ds")["scoring_path"] == "rules"
 
 
 @pytest.mark.megatron

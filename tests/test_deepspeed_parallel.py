@@ -1,6 +1,8 @@
 """DeepSpeed data parallelism (gloo, several processes): ZeRO stages 0/1/2/3 at DP=2 give the
 single-process scores per sample id, the identities hold, scoring changes nothing, and ZeRO-3
-keeps the validation gradient partitioned."""
+keeps the validation gradient partitioned. At micro-batch size 1 the microbatch-gradient path
+scores (each micro-step's local gradient, before DeepSpeed reduces or partitions it) and gives,
+per sample id, the single-process scores of the per-layer rules."""
 
 from __future__ import annotations
 
@@ -21,18 +23,21 @@ TARGETS = {"llama-tied": 1, "gpt-untied": 2}  # the GPT cases score two validati
 LAYERS = 4  # deep enough that one layer's G is a small part of the model's
 CASES = [dict(model="llama-tied", stage=s, split=split) for s in (0, 1, 2, 3) for split in (False, True)]
 CASES += [dict(model="gpt-untied", stage=1, split=False), dict(model="gpt-untied", stage=3, split=True)]
+# Micro-batch size 1: path "auto" takes the microbatch-gradient path; the reference runs the rules.
+CASES += [dict(model="llama-tied", stage=s, split=s % 2 == 1, mbs=1) for s in (0, 1, 2, 3)]
+CASES += [dict(model="gpt-untied", stage=3, split=True, mbs=1)]
 # Dropout: the validation pass must leave every RNG stream as it found it (no single-process twin).
 EQUIVALENCE_ONLY = [dict(model="gpt-untied", stage=s, split=False, dropout=0.2) for s in (2, 3)]
 
 
-def _reference(model: str) -> dict:
-    """The same global batches in one process: DP=1 with DP times the accumulation steps."""
+def _reference(model: str, mbs: int) -> dict:
+    """The same global batches in one process: DP=1 with DP times the accumulation steps, scored by
+    the per-layer rules."""
     from inrun_megatron.deepspeed.model import llama_shape
 
-    run = dict(RUN, gas=RUN["gas"] * DP)
-    return run_deepspeed_case(
-        llama_shape(**MODELS[model], num_layers=LAYERS), stage=0, n_targets=TARGETS[model], keep_gradients=True, **run
-    )
+    run = dict(RUN, gas=RUN["gas"] * DP, mbs=mbs)
+    shape = llama_shape(**MODELS[model], num_layers=LAYERS)
+    return run_deepspeed_case(shape, stage=0, n_targets=TARGETS[model], keep_gradients=True, path="rules", **run)
 
 
 def _relative_error(ranks: list, i: int, step: int, ref: dict) -> float:
@@ -81,7 +86,7 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
             stage=c["stage"],
             split=c["split"],
             n_targets=TARGETS[c["model"]],
-            **RUN,
+            **dict(RUN, mbs=c.get("mbs", RUN["mbs"])),
         )
         for c in CASES + EQUIVALENCE_ONLY
     ]
@@ -90,18 +95,21 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
     # Bad input on one rank is refused on every rank before any collective work (no hang).
     assert "rank(s) [1] rejected their input" in outputs[0]["rejection"], outputs[0]["rejection"]
     assert "has no 'sample_ids'" in outputs[1]["rejection"], outputs[1]["rejection"]
-    references = {m: _reference(m) for m in {c["model"] for c in CASES}}
+    references = {key: _reference(*key) for key in {(c["model"], c.get("mbs", RUN["mbs"])) for c in CASES}}
     for ref in references.values():  # the reference itself satisfies the identities
         efficiency, sgd = _residuals(ref, RUN["lr"])
         assert efficiency <= 1e-5 and sgd <= 1e-4, (efficiency, sgd)
     for i, case in enumerate(CASES + EQUIVALENCE_ONLY):
-        name = f"ZeRO-{case['stage']} {case['model']} {'split' if case['split'] else 'replicated'} validation"
+        mbs = case.get("mbs", RUN["mbs"])
+        path = "microbatch" if mbs == 1 else "rules"
+        name = f"ZeRO-{case['stage']} {case['model']} {'split' if case['split'] else 'replicated'} validation, {path}"
         residuals = [_assert_rank_result(name, rank[i], case["stage"], RUN["lr"]) for rank in ranks]
+        assert all(rank[i]["path"] == path for rank in ranks), f"{name}: scored by {ranks[0][i]['path']}"
         for rank in ranks:
             assert min(rank[i]["clip"]) < 1.0, f"{name}: clipping at 1.0 should be active in some step"
         if case in EQUIVALENCE_ONLY:
             continue
-        ref = references[case["model"]]
+        ref = references[case["model"], mbs]
         errors = []
         for step in range(RUN["steps"]):
             errors.append(_relative_error(ranks, i, step, ref["raw"][step]))
@@ -134,7 +142,9 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
 @pytest.mark.megatron
 def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, tmp_path):
     """megatron-core TP=2 layers in DeepSpeed engines at DP=2, every ZeRO stage, against the
-    single-process Megatron adapter on the same global batches (no clipping: plain SGD)."""
+    single-process Megatron adapter on the same global batches (no clipping: plain SGD). At
+    micro-batch size 1 (ZeRO-1 and ZeRO-3) the microbatch-gradient path scores: tensor-parallel
+    shards summed over TP, TP duplicates (norms) counted on one TP rank."""
     from inrun_megatron.megatron.model import GPTShape
 
     from common import CASES as GPT_CASES
@@ -143,11 +153,18 @@ def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, 
     shape = GPTShape(num_layers=2, **GPT_CASES["rmsnorm-swiglu-nobias-tied-recompute"])
     run = dict(gas=2, mbs=2, steps=2, lr=0.5, seed=21)
     cases = [dict(shape=shape_to_json(shape), stage=s, **run) for s in (0, 1, 2, 3)]
+    cases += [dict(shape=shape_to_json(shape), stage=s, **dict(run, mbs=1)) for s in (1, 3)]
     ranks = launch("deepspeed_tp.py", 4, tmp_path, json.dumps(dict(tp=2, cases=cases)))
-    reference = run_case(shape, n_micro=run["gas"] * DP, mbs=run["mbs"], steps=run["steps"], lr=run["lr"], seed=21)
+    references = {
+        mbs: run_case(shape, n_micro=run["gas"] * DP, mbs=mbs, steps=run["steps"], lr=run["lr"], seed=21)
+        for mbs in (1, run["mbs"])
+    }
     for i, case in enumerate(cases):
-        name = f"TP=2 x DP=2 ZeRO-{case['stage']}"
+        path = "microbatch" if case["mbs"] == 1 else "rules"
+        name = f"TP=2 x DP=2 ZeRO-{case['stage']}, {path}"
+        reference = references[case["mbs"]]
         residuals = [_assert_rank_result(name, rank[i], case["stage"], run["lr"]) for rank in ranks]
+        assert all(rank[i]["path"] == path for rank in ranks), f"{name}: scored by {ranks[0][i]['path']}"
         errors = []
         for step in range(run["steps"]):
             # TP ranks of one DP replica hold the same (TP-reduced) scores; DP replicas own different samples.

@@ -4,7 +4,8 @@ Built only from the layers the DeepSpeed adapter scores without Megatron (``nn.L
 ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``), with the output projection optionally tied
 to the token embedding (one ``Parameter`` shared by both modules, as Hugging Face models do).
 Shared by the DeepSpeed entry point and the tests, so that both train exactly the model the
-scores are checked on. Batches use the standard format of :func:`inrun_megatron.validation.make_batch`.
+scores are checked on. Batches use the standard format of :func:`inrun_megatron.validation.make_batch`;
+:func:`hf_causal_lm_token_losses` reads the same batches into Hugging Face causal LMs.
 """
 
 from __future__ import annotations
@@ -135,12 +136,25 @@ class TransformerLM(nn.Module):
         return self.output_layer(self.final_norm(x))
 
 
-def lm_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token next-token cross-entropy ``[b, s]`` (float32, float64 for a float64 model).
-
-    ``model`` may be the bare module or the DeepSpeed engine wrapping it.
-    """
-    logits = model(batch["tokens"], batch["position_ids"])
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy ``[b, s]`` of ``logits [b, s, vocab]`` against already shifted
+    ``labels [b, s]``, in float32 (float64 for float64 logits)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    labels = batch["labels"]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view_as(labels)
+
+
+def lm_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token next-token cross-entropy ``[b, s]`` of :class:`TransformerLM` (float32, float64
+    for a float64 model). ``model`` may be the bare module or the DeepSpeed engine wrapping it."""
+    return token_cross_entropy(model(batch["tokens"], batch["position_ids"]), batch["labels"])
+
+
+def hf_causal_lm_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token cross-entropy ``[b, s]`` of a Hugging Face causal LM (``LlamaForCausalLM``,
+    ``GPT2LMHeadModel``, any ``AutoModelForCausalLM``), bare or wrapped in a DeepSpeed engine.
+
+    The model gets no ``labels``: it would shift them once more and return only their mean, while
+    the batch format's labels are already the next tokens and scoring needs every token's loss.
+    """
+    output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], use_cache=False)
+    return token_cross_entropy(output.logits, batch["labels"])

@@ -18,12 +18,30 @@ losses ``[b, s]``; it defines the validation loss (their masked mean over the va
 and, unless ``forward_backward`` gets its own ``loss_fn``, the training loss (their masked mean
 over each micro-batch, as Hugging Face models compute it).
 
+Two scoring paths give the same scores (``docs/DESIGN.md`` §2.2, §2.3); the engine's micro-batch size picks
+one at attach (``ScoringConfig.path`` forces either):
+
+* micro-batch size 1: the *microbatch-gradient path*. The micro-batch's one sequence owns the
+  micro-step's whole gradient, so its score is that gradient dotted with ``G``, parameter by
+  parameter, from a tensor hook on each parameter (:mod:`inrun_megatron.microbatch_gradients`).
+  Any module with trainable parameters is scored: unmodified Hugging Face models
+  (:func:`inrun_megatron.deepspeed.model.hf_causal_lm_token_losses`), anything with a gradient.
+  The hook sees this micro-step's local gradient before DeepSpeed touches it: DeepSpeed 0.19's
+  ZeRO-1/2/3 and bf16 optimizers reduce, partition or copy gradients in
+  ``register_post_accumulate_grad_hook`` hooks, which autograd runs after a parameter's tensor
+  hooks, and ZeRO-0 all-reduces after the backward. Under ZeRO-3 the hook receives the full
+  gathered gradient and gathers that one parameter's ``G`` (the same all-gather on every rank, in
+  the backward's order).
+* larger micro-batches: per-layer rules inside each layer's backward, for models built from
+  ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm`` or megatron-core
+  tensor-parallel layers; another trainable module is refused at attach.
+
 What a raw score is (``docs/DESIGN.md`` §1): ``<grad l_z, G>`` where ``l_z`` is sample z's term of the loss
 the optimizer received. DeepSpeed divides each micro-step's loss by the gradient accumulation
 steps, multiplies it by the fp16 loss scale and averages gradients over the data-parallel
-ranks; the per-layer partial scores see the first two in the output gradients, so each
-micro-step's scores are divided by the factor DeepSpeed's backward actually applied to its loss
-(measured, not assumed) times GAS and by the data-parallel size.
+ranks; both paths see the first two (in the layers' output gradients, in the parameters'
+gradients), so each micro-step's scores are divided by the factor DeepSpeed's backward actually
+applied to its loss (measured, not assumed) times GAS and by the data-parallel size.
 """
 
 from __future__ import annotations
@@ -126,16 +144,18 @@ class DeepSpeedScorer(Scorer):
     """Exact per-sample In-Run Data Shapley scores for a model trained by a DeepSpeed engine.
 
     Args:
-        engine: the ``DeepSpeedEngine`` returned by ``deepspeed.initialize``; its module is built
-            from ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm`` (weights may be
-            tied) or megatron-core tensor-parallel layers.
+        engine: the ``DeepSpeedEngine`` returned by ``deepspeed.initialize``. With
+            ``train_micro_batch_size_per_gpu`` 1 its module may be any model; with larger
+            micro-batches it is built from ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``,
+            ``nn.RMSNorm`` (weights may be tied) or megatron-core tensor-parallel layers.
         validation: the validation set (a list of batches in the training batch format), or a dict
             ``{target name: batches}`` of several sets, each scored separately. Every rank passes
             the same batches.
         token_losses: ``token_losses(model, batch) -> [b, s]`` per-token losses (e.g.
-            :func:`inrun_megatron.deepspeed.model.lm_token_losses`); called with the engine in
-            training and with ``engine.module`` in the validation pass.
-        config: scoring options.
+            :func:`inrun_megatron.deepspeed.model.lm_token_losses`,
+            :func:`~inrun_megatron.deepspeed.model.hf_causal_lm_token_losses`); called with the
+            engine in training and with ``engine.module`` in the validation pass.
+        config: scoring options (``path``: which scoring path; see the module docstring).
         vocab_size: the model's vocabulary size, when neither ``module.vocab_size`` nor
             ``module.config.vocab_size`` gives it (used to check the validation token ids).
     """
@@ -169,6 +189,8 @@ class DeepSpeedScorer(Scorer):
 
                 builders = megatron_tp.attach(self)
             self.build_sites([("", engine.module)], builders)
+            self.micro_batch_size = int(engine.train_micro_batch_size_per_gpu())
+            self.path = self.path_for(self.micro_batch_size)  # refuses what neither path can score
             self._record_fp32_clip_norm()
         except Exception:
             self.detach()
@@ -313,7 +335,7 @@ class DeepSpeedScorer(Scorer):
                 " forward_backward() only right after an optimizer step (engine.step() at a boundary)"
             )
         else:
-            error = _batch_format_error(micro_batches)
+            error = _batch_format_error(micro_batches, self.micro_batch_size, self.path)
         flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=engine.device)
         flags[dist.get_rank()] = error is not None
         dist.all_reduce(flags)
@@ -384,13 +406,16 @@ def _record_factor(applied: torch.Tensor, microbatch: int, grad: torch.Tensor) -
     applied[microbatch] = float(grad)
 
 
-def _batch_format_error(micro_batches: list[Batch]) -> str | None:
-    sizes = set()
+def _batch_format_error(micro_batches: list[Batch], micro_batch_size: int, path: str) -> str | None:
     for m, batch in enumerate(micro_batches):
         if not isinstance(batch, Mapping) or "tokens" not in batch or "labels" not in batch:
             return f"micro-batch {m} is not a dict with 'tokens' and 'labels' (and 'sample_ids', 'loss_mask')"
         size = int(batch["tokens"].shape[0])
-        sizes.add(size)
+        if size != micro_batch_size:
+            return (
+                f"micro-batch {m} has batch size {size}, but the engine's train_micro_batch_size_per_gpu is"
+                f" {micro_batch_size} (the scoring path, {path!r}, was chosen from it at attach)"
+            )
         ids = batch.get("sample_ids")
         if ids is None:
             return (
@@ -399,6 +424,4 @@ def _batch_format_error(micro_batches: list[Batch]) -> str | None:
             )
         if torch.as_tensor(ids).numel() != size:
             return f"micro-batch {m}: 'sample_ids' has {torch.as_tensor(ids).numel()} entries for {size} sequences"
-    if len(sizes) > 1:
-        return f"micro-batches of different sizes {sorted(sizes)}: pad every micro-batch to the same size"
     return None
