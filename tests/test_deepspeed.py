@@ -72,7 +72,7 @@ def _score_one_step(shape, validation: dict, train: list, *, stage: int, dtype: 
     from inrun_megatron.deepspeed.scorer import masked_token_mean
 
     engine = _engine(shape, stage=stage, gas=len(train), mbs=len(train[0]["sample_ids"]), dtype=dtype)
-    scorer = DeepSpeedScorer(engine, validation, lm_token_losses, ScoringConfig(path=path))
+    scorer = DeepSpeedScorer(engine, validation, lm_token_losses, ScoringConfig(path=path, accumulate_values=True))
     training_loss, scored_by = masked_token_mean(lm_token_losses), set()
 
     def loss_fn(model, batch):
@@ -283,7 +283,7 @@ def test_layers_without_a_score_rule_are_refused_above_micro_batch_size_1(deepsp
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         validation = make_data(llama_shape(), 2, 2, seed=1, first_id=10**6)
-        return DeepSpeedScorer(engine, validation, lm_token_losses, ScoringConfig(path=path))
+        return DeepSpeedScorer(engine, validation, lm_token_losses, ScoringConfig(path=path, accumulate_values=True))
 
     scorer = attach(1, "auto")
     assert scorer.path == "microbatch" and scorer.rules_unavailable and "'conv'" in scorer.rules_unavailable

@@ -62,6 +62,7 @@ def _run(name: str, *, stage: int, scored: bool) -> dict:
     is kept as ``initial`` for the reference."""
     import deepspeed
 
+    from inrun_megatron import ScoringConfig
     from inrun_megatron.deepspeed import DeepSpeedScorer
     from inrun_megatron.deepspeed.model import hf_causal_lm_token_losses
     from inrun_megatron.deepspeed.scorer import masked_token_mean
@@ -73,7 +74,8 @@ def _run(name: str, *, stage: int, scored: bool) -> dict:
     config = ds_config(stage=stage, gas=GAS, mbs=1, clip=1.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config)
     validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
-    scorer = DeepSpeedScorer(engine, validation, hf_causal_lm_token_losses) if scored else None
+    in_memory = ScoringConfig(accumulate_values=True)  # train() reads scorer.values()
+    scorer = DeepSpeedScorer(engine, validation, hf_causal_lm_token_losses, in_memory) if scored else None
 
     def batches_of_step(step: int) -> list:
         return make_data(shape, GAS, 1, seed=100 + step, first_id=1000 * step)
