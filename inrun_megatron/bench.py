@@ -67,7 +67,7 @@ class _PeakMemory:
 def _init_single_process() -> torch.device:
     cuda = torch.cuda.is_available()
     if not cuda:
-        from inrun_megatron.megatron import cpu_shims
+        from inrun_megatron import cpu_shims
 
         cpu_shims.install()
     from megatron.core import parallel_state

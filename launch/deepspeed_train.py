@@ -20,7 +20,6 @@ layout trains on exactly the same sequences. Step ``t`` trains on sample ids ``[
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -114,7 +113,7 @@ def build_model(args, ds_config: dict):
                 model.init_weights()
         return model, lm_token_losses, None
     if not torch.cuda.is_available():  # before megatron-core is first imported
-        from inrun_megatron.megatron import cpu_shims
+        from inrun_megatron import cpu_shims
 
         cpu_shims.install()
     from megatron.core import parallel_state, tensor_parallel
@@ -136,8 +135,10 @@ def build_model(args, ds_config: dict):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     init_distributed()
-    if not torch.cuda.is_available():  # gloo does the collectives: skip DeepSpeed's 30 s shm-op build
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not torch.cuda.is_available():  # fp16 on any CPU; gloo does the collectives (no shm-op build)
+        from inrun_megatron import cpu_shims
+
+        cpu_shims.install_deepspeed()
     import deepspeed
 
     from inrun_megatron.deepspeed import DeepSpeedScorer

@@ -61,7 +61,7 @@ def efficiency_error(
 
 def megatron_device_mode() -> contextlib.AbstractContextManager:
     """Keeps megatron code off ``cuda`` device strings, where the tests run on the CPU."""
-    from inrun_megatron.megatron import cpu_shims
+    from inrun_megatron import cpu_shims
 
     return cpu_shims.CudaToCpuMode() if DEVICE.type == "cpu" else contextlib.nullcontext()
 
@@ -379,8 +379,9 @@ def run_case(
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_attr_wrapped_model
 
+    from inrun_megatron import cpu_shims
     from inrun_megatron.config import ScoringConfig
-    from inrun_megatron.megatron import MegatronScorer, clip_coefficient, cpu_shims
+    from inrun_megatron.megatron import MegatronScorer, clip_coefficient
     from inrun_megatron.megatron.model import build_gpt_chunks
 
     tp_rank, tp_size = (

@@ -8,12 +8,12 @@ parallel rank ``r`` takes micro-batches ``r, r + dp, ...``, so a single process 
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 import torch.distributed as dist
 
+from inrun_megatron import cpu_shims
 from inrun_megatron.deepspeed.model import TransformerLM, lm_token_losses
 from inrun_megatron.deepspeed.scorer import masked_token_mean
 from inrun_megatron.distributed import free_port
@@ -23,10 +23,11 @@ from common import BACKEND, DEVICE, make_data
 
 
 def init_deepspeed() -> None:
-    """DeepSpeed on the (possibly 1-rank) world; its shared-memory op (a 30 s JIT build) skipped."""
+    """DeepSpeed on the (possibly 1-rank) world, with the CPU shims on a CPU-only machine."""
+    if DEVICE.type == "cpu":
+        cpu_shims.install_deepspeed()
     import deepspeed
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:  # the pytest process: a world of one
         dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")

@@ -1,6 +1,6 @@
 """Megatron-Core adapter: scores inside megatron's own layers, schedules and DDP.
 
-Names are imported lazily so that ``inrun_megatron.megatron.cpu_shims`` can patch megatron-core
+Names are imported lazily so that ``inrun_megatron.cpu_shims`` can patch megatron-core
 on a CPU-only machine before megatron-core is first imported.
 """
 

@@ -103,7 +103,7 @@ def _cpu_mode():
     """megatron's optimizer assumes CUDA; on a CPU-only machine its calls run in the CPU shims' mode."""
     if torch.cuda.is_available():
         return contextlib.nullcontext()
-    from inrun_megatron.megatron import cpu_shims
+    from inrun_megatron import cpu_shims
 
     return cpu_shims.CudaToCpuMode()
 
