@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from inrun_megatron import ScoringConfig, __version__
 from inrun_megatron.distributed import init_distributed
+from inrun_megatron.megatron import quiet_library_warnings
 from inrun_megatron.records import ScoreWriter, StepInfo, write_manifest
 from inrun_megatron.validation import make_batch
 
@@ -133,6 +134,7 @@ def build_model(args, ds_config: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_library_warnings()  # megatron-core (--model megatron-gpt) warns on import about missing GPU kernels
     args = parse_args(argv)
     init_distributed()
     if not torch.cuda.is_available():  # fp16 on any CPU; gloo does the collectives (no shm-op build)
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             clip_coef=float(c["clip_coef"][0]),
             skipped=bool(c["skipped"][0]),
             validation_losses=scorer.validation_losses[-1],
+            batch_dots=scorer.batch_dots[-1],
         )
         if writer is not None:
             writer.append(records, info)

@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import yaml
 
+from inrun_megatron.config import PROJECTION_DTYPES, VALIDATION_SPLITS
 from inrun_megatron.data.validation_sets import TargetSpec
 
 
@@ -170,8 +171,8 @@ CHOICES = {
     "model.precision": ("fp32", "bf16", "fp16"),
     "optimizer.type": ("adam", "sgd"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
-    "scoring.validation_split": ("replicate", "split"),
-    "scoring.projection_dtype": (None, "float32", "float64"),
+    "scoring.validation_split": VALIDATION_SPLITS,
+    "scoring.projection_dtype": (None, *PROJECTION_DTYPES),
 }
 
 #: Sections a resumed run may change (``output``: a run directory may be moved); everything else
