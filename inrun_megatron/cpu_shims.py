@@ -209,8 +209,24 @@ def simulate_cpu_fp16() -> None:
     if choice not in ("", "absent", "present"):
         raise ValueError(f"{CPU_FP16_ENV}={choice!r}: expected 'absent', 'present' or unset (the CPU's own answer)")
     if choice:
-        reported = choice == "present"
-        torch.ops.mkldnn._is_mkldnn_fp16_supported = lambda: reported
+        packet = torch.ops.mkldnn._is_mkldnn_fp16_supported
+        original = getattr(packet, "wrapped_op", packet)  # installed twice: wrap the real op only
+        torch.ops.mkldnn._is_mkldnn_fp16_supported = _ReportedOp(original, choice == "present")
+
+
+class _ReportedOp:
+    """Answers a fixed value when called; everything else (``.default``, the overloads torch's
+    export utilities enumerate) is the wrapped operator's."""
+
+    def __init__(self, op: Any, reported: bool):
+        self.wrapped_op = op
+        self.reported = reported
+
+    def __call__(self, *args: Any, **kwargs: Any) -> bool:
+        return self.reported
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped_op, name)
 
 
 def install_deepspeed() -> None:

@@ -129,6 +129,7 @@ import torch
 from inrun_megatron import cpu_shims
 cpu_shims.simulate_cpu_fp16()
 cpu = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+torch.ops.mkldnn._is_mkldnn_fp16_supported.default  # torch.export enumerates every op's overloads
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 unpatched = bool(CPU_Accelerator.is_fp16_supported(None))
 cpu_shims.install_deepspeed()
