@@ -14,6 +14,11 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export GLOO_SOCKET_IFNAME ?= lo
 export DS_BUILD_OPS ?= 0
+# What the CPU reports as its fp16 support (oneDNN fp16 kernels: AVX512-FP16/AMX-FP16), which
+# DeepSpeed's CPU accelerator consults: absent, present, or empty for the CPU's own answer.
+# `make test INRUN_CPU_FP16=absent` runs the suite as on a CPU without it; the CPU shims make
+# DeepSpeed fp16 train, and its tests pass, either way.
+export INRUN_CPU_FP16 ?=
 
 .PHONY: venv test test-fast lint format demo bench bench-scores clean
 

@@ -10,7 +10,7 @@ setup(
     description="Exact per-sample In-Run Data Shapley inside Megatron-Core and DeepSpeed pretraining",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["inrun_megatron", "inrun_megatron.*"]),
     install_requires=["torch>=2.4", "numpy", "packaging", "pyyaml", "pyarrow"],
     extras_require={

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from inrun_megatron.config import PROJECTION_DTYPES
 from inrun_megatron.distributed import free_port
 
 
@@ -67,7 +68,7 @@ class _PeakMemory:
 def _init_single_process() -> torch.device:
     cuda = torch.cuda.is_available()
     if not cuda:
-        from inrun_megatron.megatron import cpu_shims
+        from inrun_megatron import cpu_shims
 
         cpu_shims.install()
     from megatron.core import parallel_state
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
         "--projection-dtype",
-        choices=["float32", "bfloat16"],
+        choices=PROJECTION_DTYPES,
         default=None,
         help="dtype of the score GEMMs (ScoringConfig.projection_dtype); default: the library's choice",
     )
@@ -108,13 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from inrun_megatron.megatron import quiet_library_warnings
+
+    quiet_library_warnings()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = _init_single_process()
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.config import ScoringConfig, projection_dtype
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import GPTShape, build_gpt, gpt_forward_step, make_batch
 
@@ -151,8 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     data = batches(n_micro, mbs, 0)
     fb = get_forward_backward_func()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    projection_dtype = None if args.projection_dtype is None else getattr(torch, args.projection_dtype)
-    scorer = MegatronScorer(model, validation, ScoringConfig(projection_dtype=projection_dtype))
+    scorer = MegatronScorer(model, validation, ScoringConfig(projection_dtype=projection_dtype(args.projection_dtype)))
     kwargs = dict(
         forward_step_func=gpt_forward_step,
         model=model,

@@ -6,8 +6,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+#: The accepted values of each option: the one list that ScoringConfig, the run configs' YAML
+#: validation and the command lines check against.
 VALIDATION_SPLITS = ("replicate", "split")
 SCORING_PATHS = ("auto", "rules", "microbatch")
+#: dtypes the per-layer score GEMMs may be forced to, by name (``torch.<name>``).
+PROJECTION_DTYPES = ("float32", "float64", "bfloat16")
 
 
 @dataclass
@@ -54,8 +58,18 @@ class ScoringConfig:
             raise ValueError(f"validation_split must be one of {VALIDATION_SPLITS}, got {self.validation_split!r}")
         if self.path not in SCORING_PATHS:
             raise ValueError(f"path must be one of {SCORING_PATHS}, got {self.path!r}")
+        allowed = [getattr(torch, name) for name in PROJECTION_DTYPES]
+        if self.projection_dtype is not None and self.projection_dtype not in allowed:
+            raise ValueError(f"projection_dtype must be None or one of {allowed}, got {self.projection_dtype!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["projection_dtype"] = None if self.projection_dtype is None else str(self.projection_dtype)
         return d
+
+
+def projection_dtype(name: str | None) -> torch.dtype | None:
+    """``ScoringConfig.projection_dtype`` from its name in a run config or on a command line."""
+    if name is not None and name not in PROJECTION_DTYPES:
+        raise ValueError(f"projection dtype {name!r} is not one of {PROJECTION_DTYPES}")
+    return None if name is None else getattr(torch, name)

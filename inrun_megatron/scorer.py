@@ -4,7 +4,9 @@ An adapter subclasses :class:`Scorer`, builds its sites with :meth:`Scorer.build
 computes ``G`` into :attr:`Scorer.grads`, runs the training pass between
 :meth:`begin_scoring` / :meth:`end_scoring`, reduces the ``[K, M, B]`` partials over its
 model-parallel groups and hands them to :meth:`finish_pass`. The user closes each step with
-:meth:`end_step`, which returns the step's records.
+:meth:`end_step`, which returns the step's records;
+:meth:`finish_pass` also takes ``<g, G>`` per target (:meth:`gradient_dots`, the efficiency
+identity's right-hand side).
 
 Nothing a scorer keeps grows with the number of samples seen unless asked for
 (``ScoringConfig.keep_records`` / ``accumulate_values``): its state is the step counter
@@ -45,6 +47,7 @@ class PendingStep:
     sample_ids: torch.Tensor  # [M, B]
     n_tokens: torch.Tensor  # [M, B]
     validation_losses: dict[str, float]
+    batch_dots: torch.Tensor  # [K] <g_t, G_t> of the whole global batch, loss scale removed
 
 
 class Scorer:
@@ -61,6 +64,7 @@ class Scorer:
         self.records: list[StepRecords] = []  # every step's, with config.keep_records
         self.accumulator = ValueAccumulator() if self.config.accumulate_values else None
         self.last_validation_losses: dict[str, float] = {}  # of the last step closed by end_step
+        self.last_batch_dots: dict[str, float] = {}  # <g_t, G_t> per target, of the last step closed
         self.sites: list[Site] = []
         self.grads: GradientStore | None = None
         self._pending: PendingStep | None = None
@@ -81,6 +85,15 @@ class Scorer:
         ``sequence_parallel``: each rank's gradient of it covers only its own tokens.
         """
         return getattr(param, "sequence_parallel", False) or self.counts(param)
+
+    def gradient_dots(self) -> torch.Tensor:
+        """``<g_t, G_t>`` per target ``[K]`` (float64): the gradient the optimizer is about to step
+        with (before clipping, loss scale removed) dotted with ``G``, over the whole global batch
+        and every parameter once. By the efficiency identity it equals the sum of the step's raw
+        scores over every data-parallel replica; the records store it so that ``inrun-scores
+        verify`` checks every step. Adapters call it after the training pass, before the
+        optimizer step."""
+        raise NotImplementedError
 
     @property
     def dp_rank(self) -> int:
@@ -206,10 +219,11 @@ class Scorer:
         sample_ids: torch.Tensor,
         n_tokens: torch.Tensor,
         validation_losses: dict[str, float],
+        batch_dots: torch.Tensor,
     ) -> None:
         """Accept a reduced step after checking its sample ids over the whole global batch."""
         self._check_sample_ids(sample_ids)
-        self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses)
+        self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses, batch_dots)
 
     def _check_sample_ids(self, ids: torch.Tensor) -> None:
         group = self.dp_group
@@ -256,6 +270,7 @@ class Scorer:
         if self.accumulator is not None:
             self.accumulator.add(records)
         self.last_validation_losses = pending.validation_losses
+        self.last_batch_dots = {t.name: float(d) for t, d in zip(self.targets, pending.batch_dots.tolist())}
         self.step += 1
         return records
 

@@ -148,6 +148,10 @@ class GradientStore:
     def __getitem__(self, param: torch.nn.Parameter) -> torch.Tensor:
         return self._grads[param]
 
+    @property
+    def n_targets(self) -> int:
+        return next(iter(self._grads.values())).shape[0]
+
     def __contains__(self, param: torch.nn.Parameter) -> bool:
         return param in self._grads
 

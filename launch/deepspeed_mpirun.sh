@@ -9,7 +9,7 @@ CONFIG=${2:?deepspeed JSON config}
 OUT=${3:?run directory}
 shift 3
 EXPORTS=()  # forward the environment the ranks need, where it is set
-for v in PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME MASTER_ADDR MASTER_PORT; do
+for v in PATH PYTHONPATH DS_ACCELERATOR INRUN_CPU_FP16 OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME MASTER_ADDR MASTER_PORT; do
     if [[ -n "${!v:-}" ]]; then EXPORTS+=(-x "$v"); fi
 done
 # shellcheck disable=SC2086  # MPIRUN_ARGS is a list of options

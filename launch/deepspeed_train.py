@@ -24,7 +24,6 @@ layout trains on exactly the same sequences. Step ``t`` trains on sample ids ``[
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from inrun_megatron import ScoringConfig, __version__
 from inrun_megatron.config import SCORING_PATHS
 from inrun_megatron.distributed import init_distributed
+from inrun_megatron.megatron import quiet_library_warnings
 from inrun_megatron.records import ScoreWriter, StepInfo, write_manifest
 from inrun_megatron.validation import make_batch
 
@@ -134,7 +134,7 @@ def build_model(args, ds_config: dict):
                 model.init_weights()
         return model, lm_token_losses, None
     if not torch.cuda.is_available():  # before megatron-core is first imported
-        from inrun_megatron.megatron import cpu_shims
+        from inrun_megatron import cpu_shims
 
         cpu_shims.install()
     from megatron.core import parallel_state, tensor_parallel
@@ -178,10 +178,13 @@ def _hugging_face_model(args) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_library_warnings()  # megatron-core (--model megatron-gpt) warns on import about missing GPU kernels
     args = parse_args(argv)
     init_distributed()
-    if not torch.cuda.is_available():  # gloo does the collectives: skip DeepSpeed's 30 s shm-op build
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not torch.cuda.is_available():  # fp16 on any CPU; gloo does the collectives (no shm-op build)
+        from inrun_megatron import cpu_shims
+
+        cpu_shims.install_deepspeed()
     import deepspeed
 
     from inrun_megatron.deepspeed import DeepSpeedScorer
@@ -230,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             clip_coef=float(c["clip_coef"][0]),
             skipped=bool(c["skipped"][0]),
             validation_losses=scorer.last_validation_losses,
+            batch_dots=scorer.last_batch_dots,
         )
         if writer is not None:
             writer.append(records, info)

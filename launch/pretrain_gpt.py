@@ -8,9 +8,11 @@ Extra ``key=value`` arguments override the config; ``--check --world-size N`` on
 Run the same command again to resume from the last checkpoint. See inrun_megatron/pretrain/train.py.
 """
 
-from inrun_megatron.pretrain.train import main, quiet_library_warnings
+from inrun_megatron.megatron import quiet_library_warnings
 
-quiet_library_warnings()  # also in the helper processes megatron's checkpoint writer starts
+quiet_library_warnings()  # before megatron-core is imported; also in the checkpoint writer's helper processes
+
+from inrun_megatron.pretrain.train import main  # noqa: E402
 
 if __name__ == "__main__":  # megatron's checkpoint writer starts helper processes that re-import this file
     main()

@@ -8,8 +8,11 @@ TP=4 run and the single-process reference train identical weights.
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from inrun_megatron.distributed import free_port  # noqa: F401  (used by conftest and workers)
@@ -59,9 +62,49 @@ def efficiency_error(
     return abs(total - batch_dot) / allowed
 
 
+def verified_efficiency(run_dir, *, steps: int, rtol: float = 1e-5) -> dict[str, dict]:
+    """``inrun-scores verify`` of a run directory: no problem found, and the efficiency identity
+    checked on all ``steps`` steps of every target to ``rtol`` of the step's sum of |raw|.
+    Returns the per-target efficiency check."""
+    from inrun_megatron.analysis.commands import verify
+
+    report = verify(run_dir)
+    assert report.ok, report.data["problems"]
+    checked = report.data["checked"]["efficiency"]
+    for target, e in checked.items():
+        assert e["steps_measured"] == e["steps_applied"] == steps, f"{run_dir} {target}: {e}"
+        assert e["max_rel_error"] <= rtol, f"{run_dir} {target}: efficiency residual {e['max_rel_error']:.2e}"
+    return checked
+
+
+def plant_wrong_row(run_dir, step: int) -> None:
+    """Negate the largest score of ``step`` in one part of the dump: its sum of raw no longer equals
+    the recorded <g, G> by twice that score, a sizeable share of the step's sum of |raw|."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from inrun_megatron.records import part_steps
+
+    part = next(
+        p
+        for p in sorted(Path(run_dir, "scores").rglob("part-*.parquet"))
+        if part_steps(p)[0] <= step <= part_steps(p)[1]
+    )
+    table = original = pq.read_table(part)
+    raw = table.column("raw").to_numpy().copy()
+    in_step = table.column("step").to_numpy() == step
+    row = int(np.flatnonzero(in_step)[np.argmax(np.abs(raw[in_step]))])
+    raw[row] = -raw[row]
+    table = table.set_column(table.schema.get_field_index("raw"), "raw", pa.array(raw))
+    value = pc.multiply(pc.multiply(table.column("lr"), table.column("clip_coef")), table.column("raw"))
+    table = table.set_column(table.schema.get_field_index("value"), "value", value)
+    pq.write_table(table.replace_schema_metadata(original.schema.metadata), part)  # the run id stays
+
+
 def megatron_device_mode() -> contextlib.AbstractContextManager:
     """Keeps megatron code off ``cuda`` device strings, where the tests run on the CPU."""
-    from inrun_megatron.megatron import cpu_shims
+    from inrun_megatron import cpu_shims
 
     return cpu_shims.CudaToCpuMode() if DEVICE.type == "cpu" else contextlib.nullcontext()
 
@@ -206,71 +249,6 @@ def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], v
     return scorer, records
 
 
-def model_dot(chunks: list[torch.nn.Module], a: dict, b: dict) -> tuple[float, float]:
-    """``(<a, b>, sum |a_i b_i|)`` over every parameter of the model, each counted once:
-    tensor-parallel duplicates on one TP rank, the last stage's copy of a tied embedding not at
-    all; summed over the model-parallel group (the right-hand sides of the docs/DESIGN.md §1.3 identities;
-    the second number bounds how far rounding ``a`` moves the first)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    total = torch.zeros(2, dtype=torch.float64)
-    for p in _counted_params(chunks):
-        if a.get(p) is not None:
-            _add_dot(total, a[p], b[p])
-    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return float(total[0]), float(total[1])
-
-
-def _add_dot(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    products = a.double() * b.double()
-    total += torch.stack([products.sum(), products.abs().sum()]).to(total.device)
-
-
-def _counted_params(chunks: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
-    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
-    from megatron.core.transformer.module import param_is_not_shared
-
-    return [
-        p
-        for chunk in chunks
-        for p in chunk.parameters()
-        if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p)
-    ]
-
-
-def optimizer_gradient_dot(chunks: list[torch.nn.Module], other: dict) -> tuple[float, float]:
-    """:func:`model_dot` of ``g`` and ``other``, with ``g`` the gradient the optimizer sees (after megatron's gradient
-    reduction). Under the distributed optimizer each DP rank holds only its shard of every
-    gradient bucket, so the dot product is summed over the shards of the DP ranks."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel
-
-    ddp = [c for c in chunks if isinstance(c, DistributedDataParallel)]
-    if not ddp or not ddp[0].ddp_config.use_distributed_optimizer:
-        grads = {p: (p.main_grad if hasattr(p, "main_grad") else p.grad) for c in chunks for p in c.parameters()}
-        return model_dot(chunks, grads, other)
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    counted = set(_counted_params(chunks))
-    total = torch.zeros(2, dtype=torch.float64)
-    for chunk in ddp:
-        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            for bucket in buffer.buckets:
-                shard = bucket.grad_data.numel() // dp
-                lo = bucket.grad_data.storage_offset() + dp_rank * shard
-                for p in bucket.params_list:
-                    if p not in counted:
-                        continue
-                    start = p.main_grad.storage_offset()
-                    a, b = max(lo, start) - start, min(lo + shard, start + p.numel()) - start
-                    if a < b:
-                        _add_dot(total, p.main_grad.reshape(-1)[a:b], other[p].reshape(-1)[a:b])
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return float(total[0]), float(total[1])
-
-
 @contextlib.contextmanager
 def data_parallel_traffic():
     """Count the elements all-reduced or reduce-scattered over the data-parallel group (megatron
@@ -377,15 +355,17 @@ def run_case(
     and the final ``weights`` by canonical name.
     With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
     ``ScoreWriter`` (on one rank per DP replica), every step's records are dumped too, with
-    ``<g, G>`` as the step's batch_dot.
+    the scorer's ``<g, G>`` as the step's batch_dot.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_attr_wrapped_model
 
+    from inrun_megatron import cpu_shims
     from inrun_megatron.config import ScoringConfig
-    from inrun_megatron.megatron import MegatronScorer, clip_coefficient, cpu_shims
+    from inrun_megatron.megatron import MegatronScorer, clip_coefficient
+    from inrun_megatron.megatron.gradient_dot import model_dot, optimizer_gradient_dot
     from inrun_megatron.megatron.model import build_gpt_chunks
 
     tp_rank, tp_size = (
@@ -445,7 +425,8 @@ def run_case(
             g_val = scorer.grads.target(0)
             before = {p: p.detach().clone() for c in chunks for p in c.parameters()}
             loss_scale = 1.0 if ddp is None else float(opt.get_loss_scale())
-            batch_dot, batch_abs = (x / loss_scale for x in optimizer_gradient_dot(chunks, g_val))
+            gradient_dot = optimizer_gradient_dot(chunks, g_val, with_abs=True)
+            batch_dot, batch_abs = float(gradient_dot.dot[0]) / loss_scale, float(gradient_dot.abs_sum[0]) / loss_scale
         if ddp is None:
             opt.step()
             result = (True, None, None)
@@ -463,12 +444,14 @@ def run_case(
             dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
             out["efficiency"].append((float(sums[0]), batch_dot, batch_abs))
             moved = {p: before[p] - p.detach() for p in before}
-            out["sgd"].append((float(sums[1]), model_dot(chunks, moved, g_val)[0]))
+            out["sgd"].append((float(sums[1]), float(model_dot(chunks, moved, g_val).dot[0])))
+            recorded = scorer.batch_dots[-1][scorer.targets[0].name]  # what the scorer stores for the step
+            assert recorded == batch_dot or not math.isfinite(batch_dot), (recorded, batch_dot)
             if writer is not None:
                 from inrun_megatron.records import StepInfo
 
-                val_losses, target = scorer.last_validation_losses, scorer.targets[0].name
-                info = StepInfo(step, lr, out["clip_coef"][-1], out["skipped"][-1], val_losses, {target: batch_dot})
+                val_losses = scorer.last_validation_losses
+                info = StepInfo(step, lr, out["clip_coef"][-1], out["skipped"][-1], val_losses, scorer.last_batch_dots)
                 writer.append(records, info)
     out["weights"] = {name: p.detach().clone() for m in models for p, name in canonical_names(m).items()}
     out["n_params"] = sum(p.numel() for c in chunks for p in c.parameters())

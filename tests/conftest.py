@@ -14,7 +14,7 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 import torch
 
-from inrun_megatron.megatron import cpu_shims
+from inrun_megatron import cpu_shims
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -8,12 +8,12 @@ parallel rank ``r`` takes micro-batches ``r, r + dp, ...``, so a single process 
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 import torch.distributed as dist
 
+from inrun_megatron import cpu_shims
 from inrun_megatron.deepspeed.model import TransformerLM, lm_token_losses
 from inrun_megatron.deepspeed.scorer import masked_token_mean
 from inrun_megatron.distributed import free_port
@@ -23,10 +23,11 @@ from common import BACKEND, DEVICE, make_data
 
 
 def init_deepspeed() -> None:
-    """DeepSpeed on the (possibly 1-rank) world; its shared-memory op (a 30 s JIT build) skipped."""
+    """DeepSpeed on the (possibly 1-rank) world, with the CPU shims on a CPU-only machine."""
+    if DEVICE.type == "cpu":
+        cpu_shims.install_deepspeed()
     import deepspeed
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:  # the pytest process: a world of one
         dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -61,16 +62,20 @@ def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def batch_dot(scorer, grads: dict, target: int = 0) -> float:
-    """``<a, G>`` of one target over every scored parameter once (tied weights once, tensor-parallel
-    duplicates on one rank, shards summed over the model-parallel group); ``grads[param]`` full."""
-    total = torch.zeros((), dtype=torch.float64)
+def batch_dot(scorer, grads: dict, target: int = 0) -> tuple[float, float]:
+    """``(<a, G>, sum |a_i G_i|)`` of one target over every scored parameter once (tied weights
+    once, tensor-parallel duplicates on one rank, shards summed over the model-parallel group) from
+    full tensors ``grads[param]`` and fully gathered ``G``: the reference for the library's
+    :func:`inrun_megatron.deepspeed.gradient_dot.optimizer_gradient_dot`, which reads only the
+    shards each rank owns."""
+    total = torch.zeros(2, dtype=torch.float64)
     for p in scorer.grads.params():
         if scorer.counts(p):
-            total += (grads[p].double() * scorer.grads[p][target].double()).sum().cpu()
+            products = grads[p].double() * scorer.grads[p][target].double()
+            total += torch.stack([products.sum(), products.abs().sum()]).cpu()
     if scorer.engine.mpu is not None:
         dist.all_reduce(total, group=scorer.engine.mpu.get_model_parallel_group())
-    return float(total)
+    return float(total[0]), float(total[1])
 
 
 def validation_pass_isolation(scorer) -> dict:
@@ -100,7 +105,8 @@ def validation_pass_isolation(scorer) -> dict:
 def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradients: bool = False) -> dict:
     """``steps`` optimizer steps: scored, or (``scorer=None``) DeepSpeed's plain loop.
 
-    Returns ``{"raw": [{target: {sample_id: raw}}], "efficiency": [(sum raw, <g, G>)], "sgd": [(sum
+    Returns ``{"raw": [{target: {sample_id: raw}}], "efficiency": [(sum raw, the scorer's <g, G>, checked
+    against the full gradients)], "sgd": [(sum
     of values, <G, w_t - w_t+1>)], "clip": [c_t], "skipped": [...], "losses": [...], "weights":
     {name: full tensor}}``; efficiency, ``abs_raw`` (the sum of |raw|) and sgd have one entry per
     step and target (efficiency and ``abs_raw`` only for applied steps: a skipped step's raw is
@@ -143,6 +149,7 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
         before = full_weights(engine.module)
         engine.step()
         records = scorer.end_step()
+        recorded = scorer.batch_dots[-1]  # the library's <g, G>, from each rank's own gradient shards
         after = full_weights(engine.module)
         c = records.columns
         raw = {t: {} for t in targets}
@@ -159,9 +166,13 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
         moved = {p: before[names[p]] - after[names[p]] for p in scorer.grads.params()}
         for k, t in enumerate(targets):
             if not skipped:
-                out["efficiency"].append((sum(sum(r[t].values()) for r, _ in everyone), dots[k]))
+                reference, reference_abs = dots[k]
+                assert abs(recorded[t] - reference) <= 1e-9 * reference_abs, (
+                    f"step {step}, {t}: the scorer's <g, G> {recorded[t]} != {reference} from the full gradients"
+                )
+                out["efficiency"].append((sum(sum(r[t].values()) for r, _ in everyone), recorded[t]))
                 out["abs_raw"].append(sum(sum(abs(x) for x in r[t].values()) for r, _ in everyone))
-            out["sgd"].append((sum(v[t] for _, v in everyone), batch_dot(scorer, moved, k)))
+            out["sgd"].append((sum(v[t] for _, v in everyone), batch_dot(scorer, moved, k)[0]))
     out["weights"] = full_weights(engine.module)
     if scorer is not None:
         out["values"] = scorer.values()

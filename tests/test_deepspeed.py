@@ -209,6 +209,42 @@ def test_mixed_precision_identities_and_skipped_steps(deepspeed_world, stage, dt
         assert abs(value - change) <= tol * 0.5 * result["clip"][i] * scale, f"step {i}: SGD identity"
 
 
+_CPU_FP16_PROBE = """
+import torch
+from inrun_megatron import cpu_shims
+cpu_shims.simulate_cpu_fp16()
+cpu = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+torch.ops.mkldnn._is_mkldnn_fp16_supported.default  # torch.export enumerates every op's overloads
+from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+unpatched = bool(CPU_Accelerator.is_fp16_supported(None))
+cpu_shims.install_deepspeed()
+from deepspeed.accelerator import get_accelerator
+print(cpu, unpatched, get_accelerator().is_fp16_supported(), torch.float16 in get_accelerator().supported_dtypes())
+"""
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU shims only: on a GPU, DeepSpeed's CUDA accelerator decides fp16")
+@pytest.mark.parametrize("reported", ["absent", "present"])
+def test_cpu_fp16_switch_and_deepspeed_fp16_on_either_kind_of_cpu(reported):
+    """INRUN_CPU_FP16 makes a process report the CPU's fp16 support absent or present (DeepSpeed's
+    own check follows it), and with the CPU shims DeepSpeed accepts fp16 either way: the fp16
+    tests above run on both kinds of CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from inrun_megatron.cpu_shims import CPU_FP16_ENV
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", **{CPU_FP16_ENV: reported})
+    out = subprocess.run([sys.executable, "-c", _CPU_FP16_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    present = reported == "present"
+    assert out.stdout.split()[-4:] == [str(present), str(present), "True", "True"], out.stdout
+    env[CPU_FP16_ENV] = "maybe"
+    out = subprocess.run([sys.executable, "-c", _CPU_FP16_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and f"{CPU_FP16_ENV}='maybe'" in out.stderr
+
+
 def _refusal(model: torch.nn.Module, config: dict) -> str:
     import deepspeed
 

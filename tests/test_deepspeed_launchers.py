@@ -17,6 +17,8 @@ import pytest
 from inrun_megatron.distributed import free_port
 from inrun_megatron.records import read_manifest
 
+from common import plant_wrong_row, verified_efficiency
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +34,10 @@ def _env() -> dict:
     return env
 
 
-def _run(*cmd: str, env: dict | None = None) -> None:
+def _run(*cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
 
 
 def _config(tmp: Path, name: str, accumulation_steps: int) -> Path:
@@ -96,6 +99,27 @@ def test_deepspeed_launcher_and_mpirun_end_to_end(tmp_path):
     manifest = read_manifest(tmp_path / "mpi")
     assert manifest["layout"] == {"dp": 2, "tp": 1, "zero_stage": 2}
     assert manifest["scoring_path"] == "microbatch" and read_manifest(tmp_path / "ds")["scoring_path"] == "rules"
+    for run in ("reference-zero1-gas4", "ds", "mpi"):  # <g, G> from each rank's own gradient shards
+        verified_efficiency(tmp_path / run, steps=STEPS)
+
+
+def test_verify_names_the_step_of_a_wrong_row(tmp_path, capsys):
+    """``inrun-scores verify`` on a DeepSpeed run prints the efficiency check of every step, and fails
+    naming the step once one row is wrong."""
+    from inrun_megatron.analysis import cli
+
+    config = _config(tmp_path, "zero2.json", 2)
+    _run(sys.executable, "launch/deepspeed_train.py", "--deepspeed_config", str(config), "--out",
+         str(tmp_path / "run"), "--steps", str(STEPS))  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(["verify", str(tmp_path / "run"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "efficiency identity" in out and "steps checked" in out and "worst residual" in out
+    assert f"│ validation │ {STEPS}" in out, out
+    plant_wrong_row(tmp_path / "run", step=1)
+    assert cli.main(["verify", str(tmp_path / "run"), "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert any("efficiency identity fails for target 'validation' at steps 1 " in p for p in problems), problems
 
 
 @pytest.mark.megatron
@@ -103,6 +127,8 @@ def test_torchrun_tensor_parallel_end_to_end(tmp_path):
     """A megatron-core GPT at TP=2 inside DeepSpeed (ZeRO-1) under torchrun against TP=1."""
     config = _config(tmp_path, "zero1.json", 4)
     reference = _single_process(tmp_path, config, "--model", "megatron-gpt")
-    _run("launch/deepspeed_torchrun.sh", "2", str(config), str(tmp_path / "tp"), "--steps", str(STEPS),
-         "--model", "megatron-gpt", "--tensor-model-parallel-size", "2")  # fmt: skip
+    proc = _run("launch/deepspeed_torchrun.sh", "2", str(config), str(tmp_path / "tp"), "--steps", str(STEPS),
+                "--model", "megatron-gpt", "--tensor-model-parallel-size", "2")  # fmt: skip
+    assert "UserWarning" not in proc.stderr, proc.stderr[-3000:]  # megatron's import warnings are quieted
     _assert_same_scores(_scores(tmp_path / "tp"), reference, "torchrun, TP=2 inside DeepSpeed")
+    verified_efficiency(tmp_path / "tp", steps=STEPS)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from common import verified_efficiency
 from launcher import TESTS
 from pretrain_common import accumulate_from_rows, prepare_data, read_rows, run_pretrain, srun_like, tiny_config
 
@@ -151,6 +152,8 @@ def test_killed_runs_resume_to_the_same_values(data_dir, tmp_path):
     assert "resumed at step" in out
 
     _check_dump_consistency(run, steps, 8, ["heldout-a"])
+    for directory in (run, tmp_path / "reference"):  # <g, G> recorded on every step, resumed ones included
+        verified_efficiency(directory, steps=steps)
     for stream in ("scores", "steps", "values"):
         ours, reference = read_rows(run, stream).to_pylist(), read_rows(tmp_path / "reference", stream).to_pylist()
         assert len(ours) == len(reference), f"{where}: {stream}"

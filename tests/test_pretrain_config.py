@@ -58,6 +58,24 @@ def test_bad_configs_name_the_key(overrides, message):
     assert message in str(error.value)
 
 
+def test_scoring_choices_come_from_scoring_config():
+    """The run config accepts exactly the scoring options ScoringConfig accepts, bfloat16 score GEMMs
+    (benchmarked in the README) included."""
+    import torch
+
+    from inrun_megatron.config import PROJECTION_DTYPES, ScoringConfig, projection_dtype
+
+    for name in PROJECTION_DTYPES:
+        config = load_run_config(None, [f"scoring.projection_dtype={name}"], raw=_raw())
+        scoring = ScoringConfig(projection_dtype=projection_dtype(config.scoring.projection_dtype))
+        assert scoring.projection_dtype == getattr(torch, name)
+    assert "bfloat16" in PROJECTION_DTYPES
+    with pytest.raises(ConfigError, match=r"scoring\.projection_dtype: 'int8' is not one of"):
+        load_run_config(None, ["scoring.projection_dtype=int8"], raw=_raw())
+    with pytest.raises(ValueError, match="projection_dtype must be None or one of"):
+        ScoringConfig(projection_dtype=torch.int8)
+
+
 def test_overrides_reach_nested_keys_and_list_items():
     overrides = ["data.sources.2.weight=0.5", "training.train_iters=70", "validation.targets=[]", "scoring.enabled=0"]
     with pytest.raises(ConfigError, match=r"scoring\.enabled: expected bool, got 0"):

@@ -14,7 +14,7 @@ from common import free_port
 pytestmark = pytest.mark.megatron
 
 SETUP = """
-from inrun_megatron.megatron import cpu_shims
+from inrun_megatron import cpu_shims
 cpu_shims.install()
 import torch, torch.distributed as dist
 from megatron.core import parallel_state

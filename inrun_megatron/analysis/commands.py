@@ -75,14 +75,18 @@ def efficiency(totals: pa.Table, target: str, rtol: float = EFFICIENCY_RTOL) -> 
     dot = t.column("batch_dot").to_numpy(zero_copy_only=False).astype(float)
     skipped = pc.fill_null(t.column("skipped"), False).to_numpy(zero_copy_only=False)
     rows = t.column("rows").to_numpy()
-    measured = np.isfinite(dot) & ~skipped & (rows > 0)
+    applied = ~skipped & (rows > 0)
+    measured = np.isfinite(dot) & applied
     raw = t.column("raw_sum").to_numpy()[measured]
     scale = t.column("raw_abs_sum").to_numpy()[measured]
     err = np.abs(raw - dot[measured]) / np.where(scale > 0, scale, 1.0)
-    steps = t.column("step").to_numpy()[measured]
+    steps_all = t.column("step").to_numpy()
+    steps = steps_all[measured]
     lr_clip = t.column("lr").to_numpy(zero_copy_only=False) * t.column("clip_coef").to_numpy(zero_copy_only=False)
     return {
         "steps_measured": int(measured.sum()),
+        "steps_applied": int(applied.sum()),
+        "unmeasured": steps_all[applied & ~measured].tolist(),
         "raw_sum": float(raw.sum()),
         "batch_dot_sum": float(dot[measured].sum()),
         "value_sum": float(t.column("value_sum").to_numpy()[measured].sum()),
@@ -181,13 +185,37 @@ def verify(
         problems += _row_problems(dump, found, rtol)
         checked = {"rows": found.rows, "parts": found.parts, "replicas": len(dump.replicas), "targets": found.targets}
         checked |= {"steps": step_facts(found.step_totals)["count"], "duplicates": found.duplicates}
+        checked["efficiency"] = {target: efficiency(found.step_totals, target, rtol) for target in found.targets}
+        for target, e in checked["efficiency"].items():
+            if e["unmeasured"]:
+                notes.append(
+                    f"target {target!r}: no <g_t, G_t> (batch_dot) recorded for steps {_ids(e['unmeasured'])};"
+                    " the efficiency identity is unchecked there"
+                )
     elif problems:
         notes.append("row-level checks (duplicates, missing steps, efficiency) run once the file problems are fixed")
     data = {"path": str(path), "ok": not problems, "problems": [str(p) for p in problems], "checked": checked}
     table = Table(f"verify {path}", ["file", "problem"], [[str(p.path), p.message] for p in problems])
+    tables = [table]
     if not problems:
-        table = Table(f"verify {path}: OK", ["checked", ""], [[k, v] for k, v in checked.items()])
-    return Report(data, [table], notes, ok=not problems)
+        rows = [[k, v] for k, v in checked.items() if k != "efficiency"]
+        tables = [Table(f"verify {path}: OK", ["checked", ""], rows)]
+    if checked:
+        tables.append(_efficiency_table(checked["efficiency"], rtol))
+    return Report(data, tables, notes, ok=not problems)
+
+
+def _efficiency_table(by_target: dict, rtol: float) -> Table:
+    """Per target: steps whose sum of raw was checked against <g_t, G_t>, and the worst residual."""
+    return Table(
+        f"efficiency identity: sum of raw over every replica's rows of a step = <g_t, G_t> (batch_dot),"
+        f" residual relative to the step's sum of |raw|, tolerance {rtol:g}",
+        ["target", "steps checked", "of applied steps", "worst residual", "at step", "violations"],
+        [
+            [t, e["steps_measured"], e["steps_applied"], e["max_rel_error"], e["worst_step"], len(e["violations"])]
+            for t, e in by_target.items()
+        ],
+    )
 
 
 def _row_problems(dump: ScoreDump, found, rtol: float) -> list[Problem]:

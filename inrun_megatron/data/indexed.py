@@ -46,7 +46,7 @@ def megatron_datasets_module():
     with warnings.catch_warnings():  # megatron warns on import about GPU kernels reading data never uses
         warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
         if not torch.cuda.is_available():
-            from inrun_megatron.megatron import cpu_shims
+            from inrun_megatron import cpu_shims
 
             cpu_shims.install()  # megatron-core >= 0.17 needs its triton-only module stubbed first
         from megatron.core.datasets import indexed_dataset

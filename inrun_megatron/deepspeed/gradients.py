@@ -144,6 +144,10 @@ class PartitionedGradientStore(ValidationGradients):
             strides[d] = strides[d + 1] * shape[d + 1]
         return gathered.as_strided((k, *shape), (world * n, *strides))
 
+    def local_partition(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """This rank's partition ``[K, n]`` of ``G``, aligned with ``param.ds_tensor`` (no gather)."""
+        return self._grads[param]
+
     def accumulate(self, param: torch.nn.Parameter, k: int, grad: torch.Tensor) -> None:
         part = self._grads[param][k]
         n, numel = part.numel(), param.ds_numel

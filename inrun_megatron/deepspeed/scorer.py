@@ -55,6 +55,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from inrun_megatron.config import ScoringConfig
+from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
 from inrun_megatron.deepspeed.validation_pass import run_validation_pass
 from inrun_megatron.scorer import Scorer, clip_coefficient
@@ -254,6 +255,11 @@ class DeepSpeedScorer(Scorer):
             return 1.0
         return float(self.engine.optimizer.loss_scale)
 
+    def gradient_dots(self) -> torch.Tensor:
+        """``<g, G>`` per target, ``g`` as the engine's optimizer will step with it (reduced over
+        data parallelism, before clipping), the fp16 loss scale removed."""
+        return optimizer_gradient_dot(self.engine, self.grads, self.counts).dot / self.fp16_loss_scale()
+
     def release_gathered_parameters(self) -> None:
         """ZeRO-3: re-partition parameters whose release hook a gradient-free input skipped, as
         DeepSpeed does after each of its own backward passes."""
@@ -310,7 +316,7 @@ class DeepSpeedScorer(Scorer):
         gas = engine.gradient_accumulation_steps()
         raw /= (applied.to(raw.device) * gas * self.dp_size).view(1, n_micro, 1)
         n_tokens = torch.stack([loss_mask_of(b).sum(-1) for b in micro_batches]).round().to(torch.int64)
-        self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses)
+        self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses, self.gradient_dots())
         return losses
 
     def _check_step_input(self, micro_batches: list[Batch]) -> torch.Tensor:

@@ -1,15 +1,25 @@
 """Megatron-Core adapter: scores inside megatron's own layers, schedules and DDP.
 
-Names are imported lazily so that ``inrun_megatron.megatron.cpu_shims`` can patch megatron-core
+Names are imported lazily so that ``inrun_megatron.cpu_shims`` can patch megatron-core
 on a CPU-only machine before megatron-core is first imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 __all__ = ["MegatronScorer", "check_megatron_version", "clip_coefficient"]
+
+
+def quiet_library_warnings() -> None:
+    """megatron-core warns on import about missing Apex/Transformer Engine kernels and
+    deprecations, and torch's checkpointing about deprecations, on every rank; none of it is
+    actionable for a user of the entry points or ``inrun-bench``. Call before megatron-core is
+    imported."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch\.distributed\.checkpoint)\.")
 
 
 def __getattr__(name: str) -> Any:

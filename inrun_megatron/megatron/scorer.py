@@ -30,6 +30,7 @@ from megatron.core.utils import get_model_config
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron import layers
+from inrun_megatron.megatron.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.megatron.validation_pass import run_validation_pass
 from inrun_megatron.microbatch_gradients import gradient_scores
 from inrun_megatron.scorer import Scorer, clip_coefficient
@@ -251,6 +252,11 @@ class MegatronScorer(Scorer):
             scale /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
         return scale
 
+    def gradient_dots(self) -> torch.Tensor:
+        """``<g, G>`` per target, ``g`` as megatron's optimizer will step with it (reduced over data
+        parallelism by ``finalize_model_grads``, before clipping), the fp16 loss scale removed."""
+        return optimizer_gradient_dot(self.chunks, self.grads).dot / self.loss_scale()
+
     def end_optimizer_step(self, optimizer, step_result: tuple) -> StepRecords:
         """Close the step from megatron's optimizer and what its ``step()`` returned.
 
@@ -306,7 +312,7 @@ class MegatronScorer(Scorer):
             raw = self.end_scoring(completed)
         sample_ids, n_tokens = self._reduce(raw, captured, n_micro, mbs)
         raw *= self._gradient_scale()
-        self.finish_pass(raw, sample_ids, n_tokens, validation_losses)
+        self.finish_pass(raw, sample_ids, n_tokens, validation_losses, self.gradient_dots())
         return result
 
     @staticmethod

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-from inrun_megatron.config import SCORING_PATHS, VALIDATION_SPLITS
+from inrun_megatron.config import PROJECTION_DTYPES, SCORING_PATHS, VALIDATION_SPLITS
 from inrun_megatron.data.validation_sets import TargetSpec
 
 
@@ -177,7 +177,7 @@ CHOICES = {
     "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
     "scoring.validation_split": VALIDATION_SPLITS,
     "scoring.path": SCORING_PATHS,
-    "scoring.projection_dtype": (None, "float32", "float64"),
+    "scoring.projection_dtype": (None, *PROJECTION_DTYPES),
 }
 
 #: Sections a resumed run may change (``output``: a run directory may be moved); everything else

@@ -53,7 +53,7 @@ def fail(env: ProcessEnv, message: str, code: int = 2) -> None:
 def init_distributed(layout: Layout, seed: int) -> None:
     """Process groups (NCCL on GPUs, gloo on CPUs) and megatron's model-parallel state."""
     if not torch.cuda.is_available():
-        from inrun_megatron.megatron import cpu_shims
+        from inrun_megatron import cpu_shims
 
         cpu_shims.install()
     distributed.init_distributed()  # a wrapping script may have set it up already

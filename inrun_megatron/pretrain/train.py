@@ -28,7 +28,6 @@ import math
 import platform
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from inrun_megatron import __version__
-from inrun_megatron.config import ScoringConfig
+from inrun_megatron.config import ScoringConfig, projection_dtype
 from inrun_megatron.data.datasets import Source, TrainingData, batch_iterator, build_training_data, check_sources
 from inrun_megatron.data.tokenizer import Tokenizer
 from inrun_megatron.data.validation_sets import build_targets, describe_targets, jsonl_sequences
@@ -98,7 +97,7 @@ def _cpu_mode():
     """megatron's optimizer assumes CUDA; on a CPU-only machine its calls run in the CPU shims' mode."""
     if torch.cuda.is_available():
         return contextlib.nullcontext()
-    from inrun_megatron.megatron import cpu_shims
+    from inrun_megatron import cpu_shims
 
     return cpu_shims.CudaToCpuMode()
 
@@ -283,7 +282,7 @@ class Pretraining:
         if c.scoring.enabled:
             from inrun_megatron.megatron import MegatronScorer
 
-            projection = None if c.scoring.projection_dtype is None else getattr(torch, c.scoring.projection_dtype)
+            projection = projection_dtype(c.scoring.projection_dtype)
             # nothing in memory grows with the samples seen: rows stream to the dump, values are merged from it
             scoring = ScoringConfig(
                 validation_split=c.scoring.validation_split,
@@ -471,6 +470,7 @@ class Pretraining:
                     clip_coef=float(columns["clip_coef"][0]),
                     skipped=bool(columns["skipped"][0]),
                     validation_losses=self.scorer.last_validation_losses,
+                    batch_dots=self.scorer.last_batch_dots,
                 )
                 self.writer.append(records, info)
                 if self.scalars_on:  # statistics over every replica's rows: all writers take part
@@ -569,14 +569,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def quiet_library_warnings() -> None:
-    """megatron-core and torch's checkpointing warn about missing GPU kernels and deprecations
-    on every rank; none of it is actionable for a user of this script."""
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch\.distributed\.checkpoint)\.")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
+    from inrun_megatron.megatron import quiet_library_warnings
+
     quiet_library_warnings()
     args = parse_args(argv)
     try:

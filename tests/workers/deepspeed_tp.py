@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from inrun_megatron.megatron import cpu_shims
+from inrun_megatron import cpu_shims
 
 cpu_shims.install()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from inrun_megatron.megatron import cpu_shims
+from inrun_megatron import cpu_shims
 
 cpu_shims.install()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch.distributed as dist
 
-from inrun_megatron.megatron import cpu_shims
+from inrun_megatron import cpu_shims
 
 cpu_shims.install()
 

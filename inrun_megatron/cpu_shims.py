@@ -1,23 +1,31 @@
-"""Run megatron-core on a CPU-only machine with gloo, for tests, the demo and CPU benchmarks.
+"""Run megatron-core and DeepSpeed on a CPU-only machine with gloo, for tests, the demo and CPU benchmarks.
+
+The one module of CPU-only patches; production code on GPUs never imports it, and nothing in the
+scoring library depends on it.
 
 megatron-core assumes CUDA in a handful of places (RNG tracker, ``cuda`` device strings,
-streams, a triton-only MoE module, the CUDA kernel of gradient accumulation fusion). This
-module patches exactly those places so that megatron's real layers, schedules, DDP and
-optimizer run unmodified on the CPU. Production
-code on GPUs never imports it; nothing in the scoring library depends on it.
+streams, a triton-only MoE module, the CUDA kernel of gradient accumulation fusion).
+:func:`install` patches exactly those places so that megatron's real layers, schedules, DDP
+and optimizer run unmodified on the CPU. Call it once, before building models, and wrap
+megatron optimizer construction and ``optimizer.step()`` in :class:`CudaToCpuMode`. Model
+configs also need ``pipeline_dtype`` when PP > 1 and ``batch_p2p_comm=False,
+batch_p2p_sync=False`` (see :data:`REQUIRED_CONFIG`).
 
-Call :func:`install` once, before building models, and wrap megatron optimizer construction
-and ``optimizer.step()`` in :class:`CudaToCpuMode`. Model configs also need
-``pipeline_dtype`` when PP > 1 and ``batch_p2p_comm=False, batch_p2p_sync=False``
-(see :data:`REQUIRED_CONFIG`).
+DeepSpeed's CPU accelerator refuses fp16 on CPUs without oneDNN fp16 kernels although torch
+computes fp16 on any CPU, and builds a shared-memory op that gloo does not need:
+:func:`install_deepspeed` handles both. ``INRUN_CPU_FP16=absent|present`` (:data:`CPU_FP16_ENV`)
+makes a process report the CPU's fp16 support as absent or present, so that either kind of CPU
+can be simulated on the other.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import logging
 import operator
+import os
 import sys
 import types
 from functools import reduce
@@ -25,6 +33,11 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+#: Environment variable that overrides what this process reports as the CPU's fp16 support
+#: (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``, true on CPUs with AVX512-FP16 or AMX-FP16):
+#: ``absent`` or ``present``; unset or empty, the CPU's own answer.
+CPU_FP16_ENV = "INRUN_CPU_FP16"
 
 #: TransformerConfig fields that megatron-core needs on the CPU.
 REQUIRED_CONFIG = {"batch_p2p_comm": False, "batch_p2p_sync": False, "use_cpu_initialization": True}
@@ -206,3 +219,56 @@ def seed(value: int) -> None:
 
     torch.manual_seed(value)
     tensor_parallel.model_parallel_cuda_manual_seed(value)
+
+
+def simulate_cpu_fp16() -> None:
+    """Make ``torch.ops.mkldnn._is_mkldnn_fp16_supported()`` answer as :data:`CPU_FP16_ENV` says.
+
+    DeepSpeed's CPU accelerator asks exactly this to decide whether fp16 is supported, so
+    setting the variable turns a machine into the other kind for everything that asks.
+    """
+    choice = os.environ.get(CPU_FP16_ENV, "")
+    if choice not in ("", "absent", "present"):
+        raise ValueError(f"{CPU_FP16_ENV}={choice!r}: expected 'absent', 'present' or unset (the CPU's own answer)")
+    if choice:
+        packet = torch.ops.mkldnn._is_mkldnn_fp16_supported
+        original = getattr(packet, "wrapped_op", packet)  # installed twice: wrap the real op only
+        torch.ops.mkldnn._is_mkldnn_fp16_supported = _ReportedOp(original, choice == "present")
+
+
+class _ReportedOp:
+    """Answers a fixed value when called; everything else (``.default``, the overloads torch's
+    export utilities enumerate) is the wrapped operator's."""
+
+    def __init__(self, op: Any, reported: bool):
+        self.wrapped_op = op
+        self.reported = reported
+
+    def __call__(self, *args: Any, **kwargs: Any) -> bool:
+        return self.reported
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped_op, name)
+
+
+def install_deepspeed() -> None:
+    """Prepare DeepSpeed's CPU accelerator for training with gloo on any CPU. Call before
+    ``deepspeed.initialize``.
+
+    * fp16: DeepSpeed 0.19's CPU accelerator reports fp16 supported only where oneDNN has fp16
+      kernels (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``: AVX512-FP16/AMX-FP16) and the
+      engine then refuses fp16 configs; yet torch computes fp16 on every CPU (oneDNN's kernels
+      only make it faster). Where DeepSpeed's own check says no, it is patched to say yes, so
+      fp16 trains, and is tested, on both kinds of CPU; where it says yes it runs unpatched.
+    * The shared-memory communication op, a 30 s JIT build on first use, is skipped: gloo does
+      the collectives.
+    """
+    if torch.cuda.is_available():
+        raise RuntimeError("install_deepspeed() is for CPU-only machines; a GPU is present, run DeepSpeed unpatched")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    simulate_cpu_fp16()
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    if not CPU_Accelerator.is_fp16_supported(None):
+        CPU_Accelerator.is_fp16_supported = lambda self: True
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
