@@ -1,4 +1,4 @@
-"""Dot products over a model's parameters: the right-hand sides of the DESIGN §1 identities.
+"""Dot products over a model's parameters: the right-hand sides of the identities of docs/DESIGN.md §1.3.
 
 The efficiency identity says ``sum_z raw_t(z) = <g_t, G_t>``, ``g_t`` the gradient the optimizer
 steps with. The adapters compute ``<g_t, G_t>`` once per step from the gradient as their

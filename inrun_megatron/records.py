@@ -163,7 +163,7 @@ def scores_table(records: StepRecords) -> pa.Table:
 class StepInfo:
     """Per-step facts stored once per step and target (replica 0's ``steps`` stream).
 
-    ``batch_dots``: ``<g_t, G_t>`` per target, the scorer's ``batch_dots[-1]`` after ``end_step``;
+    ``batch_dots``: ``<g_t, G_t>`` per target, the scorer's ``last_batch_dots`` after ``end_step``;
     ``inrun-scores verify`` checks the efficiency identity against it (NaN where left out).
     """
 

@@ -445,7 +445,7 @@ def run_case(
             out["efficiency"].append((float(sums[0]), batch_dot, batch_abs))
             moved = {p: before[p] - p.detach() for p in before}
             out["sgd"].append((float(sums[1]), float(model_dot(chunks, moved, g_val).dot[0])))
-            recorded = scorer.batch_dots[-1][scorer.targets[0].name]  # what the scorer stores for the step
+            recorded = scorer.last_batch_dots[scorer.targets[0].name]  # what the scorer stores for the step
             assert recorded == batch_dot or not math.isfinite(batch_dot), (recorded, batch_dot)
             if writer is not None:
                 from inrun_megatron.records import StepInfo

@@ -149,7 +149,7 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
         before = full_weights(engine.module)
         engine.step()
         records = scorer.end_step()
-        recorded = scorer.batch_dots[-1]  # the library's <g, G>, from each rank's own gradient shards
+        recorded = scorer.last_batch_dots  # the library's <g, G>, from each rank's own gradient shards
         after = full_weights(engine.module)
         c = records.columns
         raw = {t: {} for t in targets}

@@ -1,4 +1,4 @@
-"""``<a, b>`` over a megatron-core model's parameters, each counted once (DESIGN §1 identities).
+"""``<a, b>`` over a megatron-core model's parameters, each counted once (the identities of docs/DESIGN.md §1.3).
 
 Counted once: tensor-parallel duplicates (``param_is_not_tensor_parallel_duplicate``) on one TP
 rank, the last pipeline stage's copy of a tied embedding (``param_is_not_shared``) not at all;
