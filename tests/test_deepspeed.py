@@ -87,7 +87,7 @@ def _score_one_step(shape, validation: dict, train: list, *, stage: int, dtype: 
             assert gathered.reshape(len(validation), -1).data_ptr() == gathered.data_ptr()
     loss_scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
     g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
-    dots = [batch_dot(scorer, g, k) for k in range(len(validation))]
+    dots = [batch_dot(scorer, g, k)[0] for k in range(len(validation))]
     engine.step()
     c = scorer.end_step(lr=1.0).columns
     scorer.detach()
