@@ -17,7 +17,9 @@ wherever the forward step pulls a batch from its data iterator.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -73,6 +75,34 @@ class _CapturingIterator(Iterator):
         return batch
 
 
+@dataclass(frozen=True)
+class PassTimings:
+    """Wall-clock seconds of the parts of one scored :meth:`MegatronScorer.forward_backward`."""
+
+    validation: float  # the validation pass: G of every target
+    training: float  # megatron's forward_backward_func over the training microbatches, scoring included
+    bookkeeping: float  # reducing the partial scores and checking the sample ids
+
+
+class _Stopwatch:
+    """Times between laps; reads the clock only when ``enabled``, after synchronising CUDA, so that
+    unmeasured steps pay nothing and measured ones time finished work, not queued kernels."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.laps: list[float] = []
+        self.lap()
+
+    def lap(self) -> None:
+        if self.enabled:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.laps.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        return [end - start for start, end in zip(self.laps, self.laps[1:])]
+
+
 class MegatronScorer(Scorer):
     """Exact per-sample In-Run Data Shapley scores for megatron-core model chunks.
 
@@ -84,6 +114,9 @@ class MegatronScorer(Scorer):
             dict ``{target name: batches}`` of several sets, each scored separately. Every rank
             passes the same batches.
         config: scoring options.
+
+    Set ``time_passes = True`` to have each :meth:`forward_backward` leave its :class:`PassTimings`
+    in ``last_timings`` (benchmarks; it synchronises CUDA between the passes, so it is off by default).
     """
 
     def __init__(
@@ -93,6 +126,8 @@ class MegatronScorer(Scorer):
         config: ScoringConfig | None = None,
     ):
         super().__init__(validation, config)
+        self.time_passes = False
+        self.last_timings: PassTimings | None = None
         check_megatron_version(self.config.allow_untested_megatron)
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
         self.models = [_unwrap(c) for c in self.chunks]
@@ -241,9 +276,11 @@ class MegatronScorer(Scorer):
                 raise TypeError(f"forward_backward() needs the keyword argument {key!r}")
         if self._pending is not None:
             raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
+        stopwatch = _Stopwatch(self.time_passes)
         validation_losses = run_validation_pass(
             self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
         )
+        stopwatch.lap()
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
         captured: list[list] = []
         kwargs = dict(kwargs, data_iterator=self._capture(kwargs["data_iterator"], captured))
@@ -254,9 +291,13 @@ class MegatronScorer(Scorer):
             completed = True
         finally:
             raw = self.end_scoring(completed)
+        stopwatch.lap()
         sample_ids, n_tokens = self._reduce(raw, captured, n_micro, mbs)
         raw *= self._gradient_scale()
         self.finish_pass(raw, sample_ids, n_tokens, validation_losses)
+        stopwatch.lap()
+        if stopwatch.enabled:
+            self.last_timings = PassTimings(*stopwatch.intervals())
         return result
 
     @staticmethod
