@@ -306,7 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'scored step by part':34}{'median (s)':>11}{'share of plain step':>21}")
     for name, seconds in breakdown.items():
         print(f"  {name:32}{seconds:>11.3f}{seconds / median['plain']:>21.3f}   {notes.get(name, '')}".rstrip())
-    print(f"validation-gradient store G (persistent, not in the peaks above): {g_bytes / 2**20:.1f} MiB")
+    print(
+        f"validation-gradient store G (persistent, not in the peaks above): {g_bytes / 2**20:.1f} MiB"
+        f" ({g_bytes:,} bytes)"
+    )
     print(f"flop_ratio={flops['scored'] / flops['plain']:.3f}")
     print(f"overhead_ratio={ratio:.3f}")
 
