@@ -87,6 +87,10 @@ def _init_single_process() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
+#: The clocks a benchmark can read (``--clock``).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def validation_layout(train_tokens: int, seq: int, fraction: float, targets: int) -> tuple[int, int]:
     """``(sequences per target, their length)``: a budget of ``fraction`` of a step's training tokens,
     dealt into equal shares, one per target.
@@ -140,6 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="what a time is: wall-clock seconds, or the CPU seconds of this process (every thread), which on a"
+        " CPU shared with other work count this benchmark's own work (use with --threads 1)",
+    )
     args = p.parse_args(argv)
     for name in ("micro_batch_size", "microbatches", "targets", "steps"):
         if getattr(args, name) < 1:
@@ -149,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--path microbatch scores whole microbatches, so it needs --micro-batch-size 1,"
             f" not {args.micro_batch_size}"
         )
+    if args.clock == "cpu" and torch.cuda.is_available():
+        p.error("--clock cpu counts CPU work only, not the GPU's; time GPU runs with the wall clock")
     try:
         validation_layout(
             args.micro_batch_size * args.microbatches * args.seq, args.seq, args.val_fraction, args.targets
@@ -215,10 +228,12 @@ def main(argv: list[str] | None = None) -> None:
         micro_batch_size=mbs,
     )
 
+    clock = CLOCKS[args.clock]
+
     def now() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return clock()
 
     # Seconds of each part, per timed step: the plain training pass (forward_backward_func alone),
     # and the scored step's passes as the scorer timed them, plus its end_step.
@@ -250,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         step()
         return now() - start
 
-    scorer.time_passes = True
+    scorer.pass_clock = clock
     for _ in range(args.warmup):
         plain_step()
         scored_step()
@@ -290,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"step: {n_micro} microbatches x {mbs} sequences = {train_tokens} training tokens, scoring path {path};"
         f" validation {args.targets} target(s) x {n_val} x {val_seq} = {val_tokens} tokens"
-        f" (validation/training tokens = {val_tokens / train_tokens:.3f}); {args.steps} timed steps each"
+        f" (validation/training tokens = {val_tokens / train_tokens:.3f}); {args.steps} timed steps each,"
+        f" {args.clock} clock"
     )
     print(f"{'':8}{'step time (s)':>15}{'min (s)':>10}{'GFLOP':>10}{'peak mem (MiB)':>16}")
     for name in ("plain", "scored"):

@@ -60,9 +60,9 @@ def test_bench_rules_path_reports_breakdown_and_overhead_ratio():
 
 def test_bench_microbatch_path_with_targets_sharing_the_validation_budget():
     options = ["--micro-batch-size", "1", "--microbatches", "8"]
-    shared = run_bench(*options, "--targets", "3")
+    shared = run_bench(*options, "--targets", "3", "--clock", "cpu")
     # 256 training tokens, a budget of 32 validation tokens dealt into 3 targets of one 10-token sequence
-    assert "validation 3 target(s) x 1 x 10 = 30 tokens" in shared
+    assert "validation 3 target(s) x 1 x 10 = 30 tokens" in shared and "cpu clock" in shared
     g_three = check_report(shared, path="microbatch")
     rules = run_bench(*options, "--path", "rules")
     g_one = check_report(rules, path="rules")

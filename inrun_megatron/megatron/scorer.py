@@ -17,7 +17,6 @@ wherever the forward step pulls a batch from its data iterator.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,7 +76,7 @@ class _CapturingIterator(Iterator):
 
 @dataclass(frozen=True)
 class PassTimings:
-    """Wall-clock seconds of the parts of one scored :meth:`MegatronScorer.forward_backward`."""
+    """Seconds (on :attr:`MegatronScorer.pass_clock`) of the parts of one scored ``forward_backward``."""
 
     validation: float  # the validation pass: G of every target
     training: float  # megatron's forward_backward_func over the training microbatches, scoring included
@@ -85,19 +84,19 @@ class PassTimings:
 
 
 class _Stopwatch:
-    """Times between laps; reads the clock only when ``enabled``, after synchronising CUDA, so that
-    unmeasured steps pay nothing and measured ones time finished work, not queued kernels."""
+    """Times between laps; reads ``clock`` (if any) after synchronising CUDA, so that unmeasured
+    steps pay nothing and measured ones time finished work, not queued kernels."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, clock: Callable[[], float] | None):
+        self.clock = clock
         self.laps: list[float] = []
         self.lap()
 
     def lap(self) -> None:
-        if self.enabled:
+        if self.clock is not None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.laps.append(time.perf_counter())
+            self.laps.append(self.clock())
 
     def intervals(self) -> list[float]:
         return [end - start for start, end in zip(self.laps, self.laps[1:])]
@@ -115,8 +114,9 @@ class MegatronScorer(Scorer):
             passes the same batches.
         config: scoring options.
 
-    Set ``time_passes = True`` to have each :meth:`forward_backward` leave its :class:`PassTimings`
-    in ``last_timings`` (benchmarks; it synchronises CUDA between the passes, so it is off by default).
+    Set ``pass_clock`` to a clock (``time.perf_counter``, or ``time.process_time`` on a shared CPU) to
+    have each :meth:`forward_backward` leave its :class:`PassTimings` in ``last_timings``
+    (benchmarks; it synchronises CUDA between the passes, so it is off by default).
     """
 
     def __init__(
@@ -126,7 +126,7 @@ class MegatronScorer(Scorer):
         config: ScoringConfig | None = None,
     ):
         super().__init__(validation, config)
-        self.time_passes = False
+        self.pass_clock: Callable[[], float] | None = None
         self.last_timings: PassTimings | None = None
         check_megatron_version(self.config.allow_untested_megatron)
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
@@ -276,7 +276,7 @@ class MegatronScorer(Scorer):
                 raise TypeError(f"forward_backward() needs the keyword argument {key!r}")
         if self._pending is not None:
             raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
-        stopwatch = _Stopwatch(self.time_passes)
+        stopwatch = _Stopwatch(self.pass_clock)
         validation_losses = run_validation_pass(
             self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
         )
@@ -296,7 +296,7 @@ class MegatronScorer(Scorer):
         raw *= self._gradient_scale()
         self.finish_pass(raw, sample_ids, n_tokens, validation_losses)
         stopwatch.lap()
-        if stopwatch.enabled:
+        if stopwatch.clock is not None:
             self.last_timings = PassTimings(*stopwatch.intervals())
         return result
 
