@@ -132,6 +132,21 @@ def check_targets(targets: list[ValidationTarget], vocab_size: int) -> None:
             raise ValueError(f"{where} has no token with a nonzero loss mask: its loss is undefined")
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` (on one device) is finite.
+
+    A sum is finite only if all its summands are (an inf or NaN never cancels to a finite value),
+    so one sum per tensor and a single host read decide the usual case in one pass over the data,
+    where ``isfinite().all()`` per tensor reads it twice, allocates a mask and waits for the device
+    once per tensor. Only a non-finite sum, which finite values can also give by overflowing, is
+    checked element by element.
+    """
+    tensors = list(tensors)
+    if not tensors or bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 class GradientStore:
     """``G`` for every scored parameter, stacked over targets: ``store[param] -> [K, *param.shape]``.
 

@@ -18,6 +18,7 @@ wherever the forward step pulls a batch from its data iterator.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,34 @@ class _CapturingIterator(Iterator):
         return batch
 
 
+@dataclass(frozen=True)
+class PassTimings:
+    """Seconds (on :attr:`MegatronScorer.pass_clock`) of the parts of one scored ``forward_backward``."""
+
+    validation: float  # the validation pass: G of every target
+    training: float  # megatron's forward_backward_func over the training microbatches, scoring included
+    bookkeeping: float  # reducing the partial scores, checking the sample ids, <g, G> per target
+
+
+class _Stopwatch:
+    """Times between laps; reads ``clock`` (if any) after synchronising CUDA, so that unmeasured
+    steps pay nothing and measured ones time finished work, not queued kernels."""
+
+    def __init__(self, clock: Callable[[], float] | None):
+        self.clock = clock
+        self.laps: list[float] = []
+        self.lap()
+
+    def lap(self) -> None:
+        if self.clock is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.laps.append(self.clock())
+
+    def intervals(self) -> list[float]:
+        return [end - start for start, end in zip(self.laps, self.laps[1:])]
+
+
 class MegatronScorer(Scorer):
     """Exact per-sample In-Run Data Shapley scores for megatron-core model chunks.
 
@@ -91,6 +120,10 @@ class MegatronScorer(Scorer):
         micro_batch_size: the training micro-batch size, if known: the scoring path is then
             resolved when attaching, so a model that path cannot score is refused here, naming
             the module, instead of at the first step.
+
+    Set ``pass_clock`` to a clock (``time.perf_counter``, or ``time.process_time`` on a shared CPU) to
+    have each :meth:`forward_backward` leave its :class:`PassTimings` in ``last_timings``
+    (benchmarks; it synchronises CUDA between the passes, so it is off by default).
     """
 
     def __init__(
@@ -104,6 +137,8 @@ class MegatronScorer(Scorer):
         # <main_grad, G> per target as last read, of weights whose gradient megatron's fused
         # accumulation writes into main_grad (see _local_scores); main_grad is zero when a step starts.
         self._main_grad_scores: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.pass_clock: Callable[[], float] | None = None
+        self.last_timings: PassTimings | None = None
         check_megatron_version(self.config.allow_untested_megatron)
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
         self.models = [_unwrap(c) for c in self.chunks]
@@ -297,9 +332,11 @@ class MegatronScorer(Scorer):
         if self._pending is not None:
             raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
         self.path_for(kwargs["micro_batch_size"])  # a step no path can score is refused before any work
+        stopwatch = _Stopwatch(self.pass_clock)
         validation_losses = run_validation_pass(
             self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
         )
+        stopwatch.lap()
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
         captured: list[list] = []
         kwargs = dict(kwargs, data_iterator=self._capture(kwargs["data_iterator"], captured))
@@ -310,9 +347,13 @@ class MegatronScorer(Scorer):
             completed = True
         finally:
             raw = self.end_scoring(completed)
+        stopwatch.lap()
         sample_ids, n_tokens = self._reduce(raw, captured, n_micro, mbs)
         raw *= self._gradient_scale()
         self.finish_pass(raw, sample_ids, n_tokens, validation_losses, self.gradient_dots())
+        stopwatch.lap()
+        if stopwatch.clock is not None:
+            self.last_timings = PassTimings(*stopwatch.intervals())
         return result
 
     @staticmethod

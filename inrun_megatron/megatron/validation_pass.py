@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import get_model_config
 
 from inrun_megatron.distributed import collective_device
-from inrun_megatron.validation import Batch, evaluation_state, loss_mask_of
+from inrun_megatron.validation import Batch, all_finite, evaluation_state, loss_mask_of
 
 if TYPE_CHECKING:
     from inrun_megatron.megatron.scorer import MegatronScorer
@@ -201,7 +201,7 @@ def _backward_target(
 
 def _finite_everywhere(scorer: MegatronScorer, losses: torch.Tensor) -> bool:
     """Whether the losses and ``G`` are finite on every rank (one collective: all ranks agree)."""
-    finite = bool(torch.isfinite(losses).all()) and all(bool(torch.isfinite(g).all()) for g in scorer.grads.values())
+    finite = bool(torch.isfinite(losses).all()) and all_finite(scorer.grads.values())
     bad = torch.tensor(0.0 if finite else 1.0, device=losses.device)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad)
