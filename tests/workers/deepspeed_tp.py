@@ -26,6 +26,7 @@ from common import load_canonical_weights, make_data, shape_from_json, token_los
 def run(shape, *, stage: int, gas: int, mbs: int, steps: int, lr: float, seed: int, scored: bool) -> dict:
     import deepspeed
 
+    from inrun_megatron import ScoringConfig
     from inrun_megatron.deepspeed import DeepSpeedScorer, MegatronMPU
     from inrun_megatron.deepspeed.scorer import masked_token_mean
     from inrun_megatron.megatron.model import build_gpt
@@ -41,7 +42,9 @@ def run(shape, *, stage: int, gas: int, mbs: int, steps: int, lr: float, seed: i
         config=ds_config(stage=stage, gas=gas, mbs=mbs, clip=0.0),
         mpu=MegatronMPU(),
     )
-    scorer = DeepSpeedScorer(engine, make_data(shape, 2, 2, seed + 1, first_id=10**6), token_losses) if scored else None
+    in_memory = ScoringConfig(accumulate_values=True)  # train() reads scorer.values()
+    validation = make_data(shape, 2, 2, seed + 1, first_id=10**6)
+    scorer = DeepSpeedScorer(engine, validation, token_losses, in_memory) if scored else None
 
     def batches_of_step(step: int) -> list:
         return make_data(shape, gas * dp, mbs, seed + 100 + step, first_id=1000 * step)[dp_rank::dp]
