@@ -107,24 +107,8 @@ def test_unsupported_module_is_named_at_attach(gpt):
     # Without a micro-batch size the path is chosen per step: a step that needs the rules is refused
     # before any of its work (no forward step runs).
     scorer = MegatronScorer(model, validation)
-    calls = []
-
-    def counting_step(data_iterator, model):
-        calls.append(1)
-        return forward_step(data_iterator, model)
-
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     with pytest.raises(NotImplementedError, match=named):
-        scorer.forward_backward(
-            get_forward_backward_func(),
-            forward_step_func=counting_step,
-            data_iterator=iter(make_data(shape, 2, 2, seed=5)),
-            model=model,
-            num_microbatches=2,
-            seq_length=shape.seq_length,
-            micro_batch_size=2,
-        )
+        _counted_forward_steps(scorer, model, shape, calls := [])
     assert calls == [] and all(p.grad is None for p in model.parameters())
     scorer.detach()
     assert _no_hooks_left(model)
@@ -256,24 +240,8 @@ def test_non_finite_validation_loss_stops_before_training(gpt):
     with torch.no_grad():
         model.output_layer.weight[3, 0] = float("nan")
     weights_before, grads_before = _state(model)
-    calls = []
-
-    def counting_step(data_iterator, model):
-        calls.append(1)
-        return forward_step(data_iterator, model)
-
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     with pytest.raises(FloatingPointError, match="non-finite validation loss"):
-        scorer.forward_backward(
-            get_forward_backward_func(),
-            forward_step_func=counting_step,
-            data_iterator=iter(make_data(shape, 2, 2, seed=5)),
-            model=model,
-            num_microbatches=2,
-            seq_length=shape.seq_length,
-            micro_batch_size=2,
-        )
+        _counted_forward_steps(scorer, model, shape, calls := [])
     weights_after, grads_after = _state(model)
     assert all(
         torch.allclose(weights_before[n], weights_after[n], rtol=0, atol=0, equal_nan=True) for n in weights_before
@@ -292,3 +260,22 @@ def test_end_step_needs_a_scored_step(gpt):
     with pytest.raises(RuntimeError, match="needs a scored forward/backward"):
         scorer.end_step(lr=0.1)
     scorer.detach()
+
+
+def _counted_forward_steps(scorer, model, shape, calls: list) -> None:
+    """A scored step of two microbatches of 2 sequences, appending to ``calls`` for every forward step run."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def counting_step(data_iterator, model):
+        calls.append(1)
+        return forward_step(data_iterator, model)
+
+    scorer.forward_backward(
+        get_forward_backward_func(),
+        forward_step_func=counting_step,
+        data_iterator=iter(make_data(shape, 2, 2, seed=5)),
+        model=model,
+        num_microbatches=2,
+        seq_length=shape.seq_length,
+        micro_batch_size=2,
+    )
