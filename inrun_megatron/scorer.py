@@ -177,7 +177,11 @@ class Scorer:
     # one step
 
     def path_for(self, micro_batch_size: int) -> str:
-        """The scoring path of a step with this micro-batch size; raises (before any work) if none can score it."""
+        """The scoring path of a step with this micro-batch size; raises if none can score it.
+
+        Adapters call it when attaching (where the micro-batch size is known) and before a step's
+        validation pass, so a refusal always comes before any work.
+        """
         path = self.config.path
         if path == "auto":
             path = "microbatch" if micro_batch_size == 1 else "rules"
@@ -185,12 +189,11 @@ class Scorer:
             raise ValueError(
                 f"the microbatch-gradient path (ScoringConfig(path='microbatch')) scores the gradient of a whole"
                 f" microbatch, which is one sequence's only with micro_batch_size 1, not {micro_batch_size};"
-                " use path='auto' or 'rules' for larger microbatches. Nothing of this step was run."
+                " use path='auto' or 'rules' for larger microbatches"
             )
         if path == "rules" and self.rules_unavailable:
             raise NotImplementedError(
-                f"{self.rules_unavailable} (a step with micro_batch_size {micro_batch_size} needs the per-layer"
-                " rules). Nothing of this step was run."
+                f"{self.rules_unavailable} (a step with micro_batch_size {micro_batch_size} needs the per-layer rules)"
             )
         return path
 
