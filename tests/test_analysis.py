@@ -280,6 +280,22 @@ def test_by_source_sums_and_curves(data_run, tmp_path, capsys):
     assert {Path(f).name for f in figures} >= {"sources.png", "source_curves.png"}
 
 
+@pytest.mark.megatron
+def test_by_source_in_a_step_view(data_run, capsys):
+    """by-source --view: per-source sums of the view's values (checked against numpy elsewhere)."""
+    run, index = data_run
+    with Scores(run) as scores:
+        table = pa.Table.from_batches(scores.view("step-rank").batches("prose", ["sample_id", "value"]))
+    ids, values = table["sample_id"].to_numpy(), table["value"].to_numpy()
+    source = np.array(index.lookup(ids).column("source").to_pylist())
+    answer = scores_cli("by-source", run, "--view", "step-rank", capsys=capsys)
+    assert answer["view"]["name"] == "step-rank" and len(answer["sources"]) == len(SOURCES)
+    for row in answer["sources"]:
+        mine = values[source == row["source"]]
+        assert row["samples"] == len(mine) and row["sum"] == pytest.approx(mine.sum(), rel=1e-12)
+    assert sum(r["sum"] for r in answer["sources"]) == pytest.approx(0.5 * len(values), rel=1e-12)  # seen once: a step's ranks average 1/2
+
+
 # ---------------------------------------------------------------------------------------------
 # synthetic dumps: merge
 
@@ -489,7 +505,7 @@ def test_plot_writes_png_figures(synthetic, tmp_path, capsys):
 def test_human_output_and_the_console_script(synthetic, capsys):
     assert cli.main(["top", str(synthetic), "-k", "3", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "highest accumulated values" in out and "sign: positive = the sample lowered the validation loss" in out
+    assert "highest values, view accumulated (nats)" in out and "sign: positive = the sample lowered the validation loss" in out
     script = Path(sys.executable).with_name("inrun-scores")
     proc = subprocess.run([script, "verify", synthetic], capture_output=True, text=True)
     assert proc.returncode == 0 and "OK" in proc.stdout
