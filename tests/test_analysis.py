@@ -293,7 +293,8 @@ def test_by_source_in_a_step_view(data_run, capsys):
     for row in answer["sources"]:
         mine = values[source == row["source"]]
         assert row["samples"] == len(mine) and row["sum"] == pytest.approx(mine.sum(), rel=1e-12)
-    assert sum(r["sum"] for r in answer["sources"]) == pytest.approx(0.5 * len(values), rel=1e-12)  # seen once: a step's ranks average 1/2
+    # every sample is seen once, and a step's ranks average 1/2
+    assert sum(r["sum"] for r in answer["sources"]) == pytest.approx(0.5 * len(values), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +506,8 @@ def test_plot_writes_png_figures(synthetic, tmp_path, capsys):
 def test_human_output_and_the_console_script(synthetic, capsys):
     assert cli.main(["top", str(synthetic), "-k", "3", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "highest values, view accumulated (nats)" in out and "sign: positive = the sample lowered the validation loss" in out
+    assert "highest values, view accumulated (nats)" in out
+    assert "sign: positive = the sample lowered the validation loss" in out
     script = Path(sys.executable).with_name("inrun-scores")
     proc = subprocess.run([script, "verify", synthetic], capture_output=True, text=True)
     assert proc.returncode == 0 and "OK" in proc.stdout

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -144,13 +145,19 @@ def main() -> None:
     sample_ids = values[view][0]
     fractions = corrupted_fractions(index, sample_ids)
     mostly = sum(fractions.values()) > 0.5
+    kinds = ", ".join(f"{kind}: {(f > 0.5).sum()}" for kind, f in sorted(fractions.items()))
+    kinds += f"; clean: {(sum(fractions.values()) == 0).sum()}"
     print(
         f"\nplanted corruption: {mostly.sum()} of {len(sample_ids)} training sequences are mostly from corrupted"
-        " documents.\nThe lists above use the view "
-        f"{view!r}: {VIEWS[view].definition} ({VIEWS[view].unit}). Values of sequences seen once\nare dominated by"
-        " when they were seen (learning rate and gradient size early in training); this view compares each\n"
-        "sequence with the other sequences of its own step, and keeps the sign (positive = helped)."
+        f" documents\n({kinds}).\n"
     )
+    explained = (
+        f"The lists above use the view {view!r}: {VIEWS[view].definition} ({VIEWS[view].unit}). Accumulated"
+        " values of sequences seen once are dominated by when they were seen (learning rate and gradient size"
+        " early in training); this view compares each sequence with the other sequences of its own step, and"
+        " keeps the sign (positive = helped)."
+    )
+    print(textwrap.fill(explained, width=110))
     rows = {
         f"{name} / {t}": corruption_aurocs(v, fractions) for name, (_, per) in values.items() for t, v in per.items()
     }
