@@ -14,7 +14,8 @@ averages that comparison over the steps that trained on the sample:
 Out of core, in three passes with the memory bound of a merge (:mod:`.merge`): the rows of one
 target are spilled into buckets by step (so that a step's rows meet), each step bucket is turned
 into per-row view values and spilled into buckets by sample id, and each sample bucket is summed
-(``merge``'s own reduction) and divided by the sample's non-skipped steps. The output is a
+(``merge``'s own reduction, in step order) and divided by the sample's non-skipped steps; a
+sample no step trained on gets the view's neutral value. The output is a
 directory in the merged format (:mod:`.values`) whose ``value`` column holds the view, so every
 command reads it as it reads accumulated values.
 """
@@ -106,9 +107,10 @@ def check_view(name: str) -> View:
 def per_step_view(view: str, step: np.ndarray, value: np.ndarray, skipped: np.ndarray) -> np.ndarray:
     """The view's per-row quantity for rows of one target, every row of each present step included.
 
-    Statistics of a step run over its non-skipped rows; skipped rows get 0 (they changed
-    nothing and are not counted in the sample's steps). A step whose values are all equal (or
-    zero) gives z = 0 and scaled = 0: it says nothing about one sample against another.
+    Statistics of a step run over its non-skipped rows, sorted by value, so that they depend on
+    the rows alone (not on their order or the bucket count); skipped rows get 0 (they changed
+    nothing and are not counted in the sample's steps). A step whose values are all equal gives
+    z = 0, one whose values are all 0 gives scaled = 0: it tells no sample from another.
     """
     out = np.zeros(len(value))
     trained = ~skipped
@@ -130,12 +132,12 @@ def per_step_view(view: str, step: np.ndarray, value: np.ndarray, skipped: np.nd
         midrank = np.repeat(first_rank + (tie_len - 1) / 2.0, tie_len)
         out[order] = (midrank - 0.5) / n
         return out
-    mean = np.add.reduceat(v, starts) / counts
     if view == "step-scaled":
         scale = np.add.reduceat(np.abs(v), starts) / counts
         out[order] = np.divide(v, scale[group], out=np.zeros(len(v)), where=scale[group] > 0)
         return out
     if view == "step-z":
+        mean = np.add.reduceat(v, starts) / counts
         std = np.sqrt(np.add.reduceat(np.square(v - mean[group]), starts) / counts)
         out[order] = np.divide(v - mean[group], std[group], out=np.zeros(len(v)), where=std[group] > 0)
         return out
