@@ -828,3 +828,16 @@ def test_drop_negative_needs_a_signed_view(synthetic, tmp_path, capsys):
         "curate", synthetic, "-o", tmp_path / "k.txt", "--view", "step-z", "--drop-negative", capsys=capsys, expect=2
     )
     assert "--drop-negative needs a view whose sign means helped or hurt (accumulated, step-scaled)" in err
+
+
+def test_a_step_that_tells_no_sample_apart_gives_the_neutral_value():
+    """A step with lr 0 (all values 0) and a step of equal values, next to an ordinary step."""
+    from inrun_megatron.analysis.views import VIEWS, per_step_view
+
+    step = np.array([0, 0, 0, 1, 1, 2, 2])
+    value = np.array([0.0, 0.0, 0.0, 2.0, 2.0, -1.0, 3.0])
+    skipped = np.zeros(7, dtype=bool)
+    assert per_step_view("step-z", step, value, skipped).tolist() == [0, 0, 0, 0, 0, -1, 1]
+    assert per_step_view("step-scaled", step, value, skipped).tolist() == [0, 0, 0, 1, 1, -0.5, 1.5]
+    assert per_step_view("step-rank", step, value, skipped).tolist() == [0.5] * 5 + [0.25, 0.75]
+    assert [VIEWS[v].neutral for v in ("step-z", "step-scaled", "step-rank")] == [0.0, 0.0, 0.5]
