@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from inrun_megatron.analysis.dump import DumpError, ScoreDump, read_table
 from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.values import VALUES_FORMAT, MergedValues
+from inrun_megatron.analysis.views import DEFAULT_VIEW, ROW_FIELDS, check_view, write_view
 from inrun_megatron.records import MANIFEST
 
 ROW_COLUMNS = ["sample_id", "step", "value", "raw", "skipped"]
@@ -54,6 +55,7 @@ class Scores:
         self.merged: MergedValues | None = None
         self._temporary: Path | None = None
         self._index = _UNOPENED
+        self._views: dict[tuple[str, str], MergedValues] = {}
         if _format_of(self.path) == VALUES_FORMAT:
             self.merged = MergedValues.open(self.path)
         else:
@@ -92,12 +94,35 @@ class Scores:
             )
         return self.merged
 
-    def rows(self, target: str | None = None, sample_ids: np.ndarray | None = None) -> Iterator[pa.Table]:
-        """Per-step rows (``ROW_COLUMNS`` plus ``target``) of one target or all, optionally of some samples.
+    def view(self, name: str, target: str | None = None) -> MergedValues:
+        """Values of one target in the view ``name`` (docs/DESIGN.md §1.6), in the merged format.
+
+        ``accumulated`` is :meth:`values` itself; the step views are computed from the per-step
+        rows into a temporary directory, once per view and target.
+        """
+        check_view(name)
+        values = self.values()
+        if name == DEFAULT_VIEW:
+            return values
+        target = values.target(target)
+        if (name, target) not in self._views:
+            if self._temporary is None:
+                self._temporary = Path(tempfile.mkdtemp(prefix="inrun-scores-", dir=self.work_dir))
+            out = self._temporary / f"view-{name}-{len(self._views)}"
+            rows = self.rows(target, columns=ROW_FIELDS)
+            self._views[name, target] = write_view(
+                values, rows, name, target, out, memory_bytes=self.memory_bytes, progress=self.progress
+            )
+        return self._views[name, target]
+
+    def rows(
+        self, target: str | None = None, sample_ids: np.ndarray | None = None, columns: Sequence[str] = ROW_COLUMNS
+    ) -> Iterator[pa.Table]:
+        """Per-step rows (``columns`` plus ``target``) of one target or all, optionally of some samples.
 
         From a merged directory's ``per_step`` parts when it has them, else from the dump.
         """
-        columns = ["target", *ROW_COLUMNS]
+        columns = ["target", *columns]
         if self.merged is not None and self.merged.has_per_step:
             filters = [("sample_id", "in", sample_ids.tolist())] if sample_ids is not None else None
             for path in self.merged.parts("per_step"):
