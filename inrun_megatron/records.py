@@ -24,16 +24,15 @@ import os
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from inrun_megatron.scores import SCORE_CONTRACT, StepRecords
+from inrun_megatron.step_result import StepResult
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -159,22 +158,6 @@ def scores_table(records: StepRecords) -> pa.Table:
     return pa.Table.from_pydict({name: arrays[name] for name in SCORE_SCHEMA.names}, schema=SCORE_SCHEMA)
 
 
-@dataclass
-class StepInfo:
-    """Per-step facts stored once per step and target (replica 0's ``steps`` stream).
-
-    ``batch_dots``: ``<g_t, G_t>`` per target, the scorer's ``last_batch_dots`` after ``end_step``;
-    ``inrun-scores verify`` checks the efficiency identity against it (NaN where left out).
-    """
-
-    step: int
-    lr: float
-    clip_coef: float
-    skipped: bool
-    validation_losses: Mapping[str, float]
-    batch_dots: Mapping[str, float] | None = None
-
-
 class _PartStream:
     """One append-only directory of step-ranged Parquet parts."""
 
@@ -227,11 +210,13 @@ class _PartStream:
 
 
 class ScoreWriter:
-    """Writes one data-parallel replica's score rows (and, on replica 0, the per-step table).
+    """Writes one data-parallel replica's score rows (and, on replica 0, the per-step table): the
+    Parquet :class:`~inrun_megatron.step_result.ResultSink`.
 
-    Rows are buffered and flushed every ``flush_every`` steps (and on :meth:`close`), each flush
-    one atomic Parquet part. Call from one rank per DP replica (after the model-parallel
-    reduction every rank of a replica holds the same rows).
+    Rows are buffered and flushed every ``flush_every`` steps (and on :meth:`flush` and
+    :meth:`close`), each flush one atomic Parquet part. Use it on one rank per DP replica (after
+    the model-parallel reduction every rank of a replica holds the same rows), as that rank's
+    scorer's sink or by calling :meth:`write` with each step's result.
     """
 
     def __init__(
@@ -251,10 +236,11 @@ class ScoreWriter:
         self.steps = _PartStream(run_dir / "steps", STEP_SCHEMA, self.run_id, resume_step) if write_steps else None
         self._since_flush = 0
 
-    def append(self, records: StepRecords, info: StepInfo) -> None:
-        self.scores.append(info.step, scores_table(records))
+    def write(self, result: StepResult) -> None:
+        """Buffer the step's rows (and its per-step row per target on replica 0)."""
+        self.scores.append(result.step, scores_table(result.records))
         if self.steps is not None:
-            self.steps.append(info.step, step_table(info))
+            self.steps.append(result.step, step_table(result))
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
             self.flush()
@@ -274,18 +260,18 @@ class ScoreWriter:
         return self.scores.rows_written
 
 
-def step_table(info: StepInfo) -> pa.Table:
-    targets = list(info.validation_losses)
-    dots = info.batch_dots or {}
+def step_table(result: StepResult) -> pa.Table:
+    """The step's rows of the ``steps`` stream: one per target (``STEP_SCHEMA``)."""
+    targets = result.targets
     return pa.Table.from_pydict(
         {
-            "step": [info.step] * len(targets),
+            "step": [result.step] * len(targets),
             "target": targets,
-            "lr": [info.lr] * len(targets),
-            "clip_coef": [info.clip_coef] * len(targets),
-            "skipped": [info.skipped] * len(targets),
-            "validation_loss": [float(info.validation_losses[t]) for t in targets],
-            "batch_dot": [float(dots.get(t, np.nan)) for t in targets],
+            "lr": [result.lr] * len(targets),
+            "clip_coef": [result.clip_coef] * len(targets),
+            "skipped": [result.skipped] * len(targets),
+            "validation_loss": [float(result.validation_losses[t]) for t in targets],
+            "batch_dot": [float(result.batch_dots[t]) for t in targets],
         },
         schema=STEP_SCHEMA,
     )

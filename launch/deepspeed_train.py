@@ -35,7 +35,7 @@ from inrun_megatron import ScoringConfig, __version__
 from inrun_megatron.config import SCORING_PATHS
 from inrun_megatron.distributed import init_distributed
 from inrun_megatron.megatron import quiet_library_warnings
-from inrun_megatron.records import ScoreWriter, StepInfo, write_manifest
+from inrun_megatron.records import ScoreWriter, write_manifest
 from inrun_megatron.validation import make_batch
 
 VALIDATION_FIRST_ID = 10**9
@@ -220,27 +220,18 @@ def main(argv: list[str] | None = None) -> None:
         )
     dist.barrier()
     writer = ScoreWriter(args.out, dp_rank=dp_rank) if first_of_replica else None
+    scorer.sink = writer  # end_step writes each step's rows (one rank per data-parallel replica)
     for step in range(args.steps):
         losses = scorer.forward_backward(
             micro_batches(step, mbs=mbs, gas=gas, dp_rank=dp_rank, dp_size=dp_size, args=args)
         )
         engine.step()
-        records = scorer.end_step()
-        c = records.columns
-        info = StepInfo(
-            step=step,
-            lr=float(c["lr"][0]),
-            clip_coef=float(c["clip_coef"][0]),
-            skipped=bool(c["skipped"][0]),
-            validation_losses=scorer.last_validation_losses,
-            batch_dots=scorer.last_batch_dots,
-        )
-        if writer is not None:
-            writer.append(records, info)
+        result = scorer.end_step()
         if dist.get_rank() == 0:
             print(
-                f"step {step}: loss {sum(losses) / len(losses):.4f} validation {info.validation_losses}"
-                f" lr {info.lr:.3g} clip {info.clip_coef:.3f} skipped {info.skipped}",
+                f"step {result.step}: loss {sum(losses) / len(losses):.4f} validation"
+                f" {dict(result.validation_losses)} lr {result.lr:.3g} clip {result.clip_coef:.3f}"
+                f" skipped {result.skipped}",
                 flush=True,
             )
     if writer is not None:

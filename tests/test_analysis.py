@@ -187,7 +187,6 @@ def data_run(tmp_path_factory, megatron_world):
     from inrun_megatron.data.validation_sets import TargetSpec, build_targets
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import GPTShape, build_gpt, gpt_forward_step
-    from inrun_megatron.records import StepInfo
 
     root = tmp_path_factory.mktemp("data_run")
     rng = random.Random(0)
@@ -209,11 +208,11 @@ def data_run(tmp_path_factory, megatron_world):
         [TargetSpec("prose", source="prose", sequences=4)], data, tokenizer, seq_length=16, micro_batch_size=4
     )
     model = build_gpt(GPTShape(vocab_size=tokenizer.vocab_size, seq_length=16))
-    scorer = MegatronScorer(model, targets)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     writer = ScoreWriter(run, dp_rank=0, flush_every=4)
+    scorer = MegatronScorer(model, targets, sink=writer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     batches = batch_iterator(data.train, consumed=0, micro_batch_size=4, dp_rank=0, dp_size=1)
-    for step in range(6):
+    for _ in range(6):
         optimizer.zero_grad()
         scorer.forward_backward(
             get_forward_backward_func(),
@@ -225,8 +224,7 @@ def data_run(tmp_path_factory, megatron_world):
             micro_batch_size=4,
         )
         optimizer.step()
-        records = scorer.end_step(lr=0.5)
-        writer.append(records, StepInfo(step, 0.5, 1.0, False, scorer.last_validation_losses))
+        scorer.end_step(lr=0.5)
     writer.close()
     scorer.detach()
     return run, open_sample_index(run)

@@ -7,16 +7,16 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
-from inrun_megatron.records import ScoreWriter, StepInfo, read_manifest, temporary_path, write_manifest
-from inrun_megatron.scores import ValueAccumulator, make_step_records
+from inrun_megatron.records import ScoreWriter, read_manifest, temporary_path, write_manifest
+from inrun_megatron.scores import ValueAccumulator
+from inrun_megatron.step_result import StepResult, make_step_result
 
 
-def _records(step: int, skipped: bool = False):
+def _result(step: int, skipped: bool = False) -> StepResult:
     raw = torch.arange(6, dtype=torch.float64).reshape(1, 2, 3) + step
     ids = torch.arange(6).reshape(2, 3) + 100 * step
-    return make_step_records(
+    return make_step_result(
         step=step,
-        targets=["val"],
         raw=raw,
         sample_ids=ids,
         n_tokens=torch.full((2, 3), 7),
@@ -24,17 +24,19 @@ def _records(step: int, skipped: bool = False):
         clip_coef=0.8,
         skipped=skipped,
         dp_rank=0,
+        validation_losses={"val": 3.0},
+        batch_dots={"val": float(raw.sum())},
     )
 
 
-def _info(step: int, skipped: bool = False) -> StepInfo:
-    return StepInfo(step=step, lr=0.5, clip_coef=0.8, skipped=skipped, validation_losses={"val": 3.0})
+def _records(step: int, skipped: bool = False):
+    return _result(step, skipped).records
 
 
 def _write(run, steps, *, resume_step=None, flush_every=2, skipped=()):
     writer = ScoreWriter(run, dp_rank=0, flush_every=flush_every, resume_step=resume_step)
     for s in steps:
-        writer.append(_records(s, s in skipped), _info(s, s in skipped))
+        writer.write(_result(s, s in skipped))
     writer.close()
 
 

@@ -64,7 +64,8 @@ from inrun_megatron.pretrain.progress import (
     progress_line,
     value_statistics,
 )
-from inrun_megatron.records import MANIFEST, ScoreWriter, StepInfo, read_manifest, write_manifest
+from inrun_megatron.records import MANIFEST, ScoreWriter, read_manifest, write_manifest
+from inrun_megatron.step_result import StepResult
 
 #: Where the run's accumulated values are merged at the end (an ``inrun-scores merge`` output).
 MERGED = "merged"
@@ -288,10 +289,10 @@ class Pretraining:
                 validation_split=c.scoring.validation_split,
                 projection_dtype=projection,
                 path=c.scoring.path,
-                keep_records=False,
                 accumulate_values=False,
             )
             self.scorer = MegatronScorer(self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size)
+            self.scorer.pass_clock = time.perf_counter  # each step's result times its training pass
         self.iteration = 0
         if resume is not None:
             from inrun_megatron.pretrain import checkpoint
@@ -316,6 +317,7 @@ class Pretraining:
             self.writer = ScoreWriter(
                 self.run_dir, dp_rank=self.dp_rank, flush_every=c.scoring.flush_every, resume_step=resume_step
             )
+            self.scorer.sink = self.writer  # end_step writes each step's rows
         self.scalars_on = bool(c.logging.tensorboard or c.logging.wandb_project)
         self.sink = None
         if self.is_logger and self.scalars_on:
@@ -408,20 +410,14 @@ class Pretraining:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, times: StepTimes):
-        """One optimizer step; returns (megatron's losses, the scorer's records or None)."""
+    def train_step(self, times: StepTimes) -> tuple[list, StepResult | None]:
+        """One optimizer step; returns (megatron's losses, the scorer's step result or None).
+
+        The scorer's sink (this rank's writer, if any) has the step's rows when it returns."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         c = self.config
         forward_backward = get_forward_backward_func()
-
-        def timed(**kwargs):
-            start = time.perf_counter()
-            result = forward_backward(**kwargs)
-            if kwargs["forward_step_func"] is forward_step:  # the training pass, not the validation pass
-                times.training_pass += time.perf_counter() - start
-            return result
-
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -434,12 +430,20 @@ class Pretraining:
             seq_length=c.model.seq_length,
             micro_batch_size=c.training.micro_batch_size,
         )
-        losses = self.scorer.forward_backward(timed, **kwargs) if self.scorer else timed(**kwargs)
+        if self.scorer is None:
+            start = time.perf_counter()
+            losses = forward_backward(**kwargs)
+            times.training_pass = time.perf_counter() - start
+        else:
+            losses = self.scorer.forward_backward(forward_backward, **kwargs)
         with _cpu_mode():
-            result = self.optimizer.step()
-        records = self.scorer.end_optimizer_step(self.optimizer, result) if self.scorer else None
+            update = self.optimizer.step()
+        result = None
+        if self.scorer is not None:
+            result = self.scorer.end_optimizer_step(self.optimizer, update)
+            times.training_pass = result.timings.training
         self.scheduler.step(1)
-        return losses, records
+        return losses, result
 
     def save(self) -> None:
         from inrun_megatron.pretrain import checkpoint
@@ -459,22 +463,12 @@ class Pretraining:
         while self.iteration < total:
             times = StepTimes()
             start = time.perf_counter()
-            losses, records = self.train_step(times)
-            lr = float(self.optimizer.param_groups[0]["lr"]) if records is None else float(records.columns["lr"][0])
+            losses, result = self.train_step(times)
+            lr = float(self.optimizer.param_groups[0]["lr"]) if result is None else result.lr
             step_stats = None
-            if records is not None and self.writer is not None:
-                columns = records.columns
-                info = StepInfo(
-                    step=int(columns["step"][0]),
-                    lr=lr,
-                    clip_coef=float(columns["clip_coef"][0]),
-                    skipped=bool(columns["skipped"][0]),
-                    validation_losses=self.scorer.last_validation_losses,
-                    batch_dots=self.scorer.last_batch_dots,
-                )
-                self.writer.append(records, info)
-                if self.scalars_on:  # statistics over every replica's rows: all writers take part
-                    step_stats = value_statistics(records, self.dp_group)
+            if result is not None and self.writer is not None and self.scalars_on:
+                # statistics over every replica's rows: all writers take part
+                step_stats = value_statistics(result.records, self.dp_group)
             self.iteration += 1
             times.step = time.perf_counter() - start
             save_interval = c.checkpoint.save_interval
@@ -482,7 +476,7 @@ class Pretraining:
                 self.save()
             if self.is_writer:  # the last pipeline stage has the loss
                 loss_sum, loss_tokens = mean_loss(losses, self.dp_group)
-                validation = self.scorer.last_validation_losses if self.scorer else {}
+                validation = result.validation_losses if result is not None else {}
                 interval.add(times, loss_sum, loss_tokens, validation)
                 if self.sink is not None:
                     self._log_scalars(times, loss_sum / max(loss_tokens, 1.0), lr, validation, step_stats)
