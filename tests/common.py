@@ -501,3 +501,17 @@ def retained_bytes(root: object) -> int:
         if hasattr(obj, "__dict__"):
             stack.append(vars(obj))
     return total
+
+
+def manifest_for_tests(data_parallel: int = 1, **fields):
+    """The manifest of a dump a test writes itself: ``data_parallel`` replicas, one target named
+    ``validation``, unless ``fields`` say otherwise."""
+    from inrun_megatron.records import Manifest, RunLayout
+
+    defaults = dict(
+        entry_point="tests",
+        config={},
+        layout=RunLayout(world_size=data_parallel, data_parallel=data_parallel),
+        targets=[{"name": "validation"}],
+    )
+    return Manifest(**(defaults | fields))

@@ -26,7 +26,9 @@ from inrun_megatron.analysis.merge import merge
 from inrun_megatron.analysis.stats import distribution, select_best
 from inrun_megatron.analysis.synthetic import SyntheticRun, write_synthetic_dump
 from inrun_megatron.analysis.values import MergedValues
-from inrun_megatron.records import ScoreWriter, part_metadata, write_manifest
+from inrun_megatron.records import SCHEMA_VERSION, ScoreWriter, part_metadata, write_manifest
+
+from common import manifest_for_tests
 
 SYNTHETIC = SyntheticRun(steps=24, replicas=3, targets=("web", "code"), epochs=3, flush_every=5, skipped_steps=(7,))
 
@@ -79,7 +81,7 @@ def real_run(tmp_path_factory, megatron_world):
     from common import CASES, run_case
 
     run = tmp_path_factory.mktemp("real") / "run"
-    write_manifest(run, {"layout": {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1}})
+    write_manifest(run, manifest_for_tests())
     writer = ScoreWriter(run, dp_rank=0, flush_every=4)
     shape = GPTShape(num_layers=2, params_dtype=torch.float64, **CASES["layernorm-gelu-bias-untied"])
     result = run_case(shape, n_micro=2, mbs=3, steps=6, lr=0.5, seed=21, epoch_steps=3, writer=writer)
@@ -203,7 +205,7 @@ def data_run(tmp_path_factory, megatron_world):
     data = build_training_data(
         sources, tokenizer, seq_length=16, seed=3, split="90,10,0", train_samples=48, cache_dir=run / "cache"
     )
-    write_manifest(run, {"data": data.manifest_section(tokenizer.spec(), run)})
+    write_manifest(run, manifest_for_tests(data=data.manifest_section(tokenizer.spec(), run)))
     targets = build_targets(
         [TargetSpec("prose", source="prose", sequences=4)], data, tokenizer, seq_length=16, micro_batch_size=4
     )
@@ -540,9 +542,10 @@ def test_parts_of_another_run_or_schema_version_are_named(synthetic, copy_of, tm
     stranger.unlink()
     newer = run / "steps" / "part-s00000025-s00000029.parquet"
     table = pq.read_table(sorted((run / "steps").iterdir())[0])
-    pq.write_table(table.replace_schema_metadata(part_metadata(ScoreDump.open(run).run_id, 2)), newer)
+    newer_version = SCHEMA_VERSION + 1
+    pq.write_table(table.replace_schema_metadata(part_metadata(ScoreDump.open(run).run_id, newer_version)), newer)
     err = _expect_error(run, tmp_path, str(newer), capsys)
-    assert "schema version 2" in err
+    assert f"schema version {newer_version}" in err
 
     newer.unlink()
     source = sorted((run / "scores" / "dp00001").iterdir())[0]
@@ -554,7 +557,7 @@ def test_parts_of_another_run_or_schema_version_are_named(synthetic, copy_of, tm
 
 
 def test_empty_run_and_missing_manifest(tmp_path, capsys):
-    write_manifest(tmp_path / "empty", {})
+    write_manifest(tmp_path / "empty", manifest_for_tests())
     err = _expect_error(tmp_path / "empty", tmp_path, str(tmp_path / "empty" / "scores"), capsys)
     assert "empty run" in err
     err = _expect_error(tmp_path / "nothing", tmp_path, "no manifest", capsys)

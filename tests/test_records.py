@@ -11,6 +11,8 @@ from inrun_megatron.records import ScoreWriter, read_manifest, temporary_path, w
 from inrun_megatron.scores import ValueAccumulator
 from inrun_megatron.step_result import StepResult, make_step_result
 
+from common import manifest_for_tests
+
 
 def _result(step: int, skipped: bool = False) -> StepResult:
     raw = torch.arange(6, dtype=torch.float64).reshape(1, 2, 3) + step
@@ -41,7 +43,7 @@ def _write(run, steps, *, resume_step=None, flush_every=2, skipped=()):
 
 
 def test_rows_round_trip_with_contract(tmp_path):
-    write_manifest(tmp_path, {"config": {"lr": 0.5}})
+    write_manifest(tmp_path, manifest_for_tests(config={"lr": 0.5}, targets=[{"name": "val"}]))
     _write(tmp_path, range(5), skipped={3})
     table = ds.dataset(tmp_path / "scores", format="parquet").to_table().sort_by([("step", "ascending")])
     assert table.num_rows == 30
@@ -52,12 +54,13 @@ def test_rows_round_trip_with_contract(tmp_path):
     steps = ds.dataset(tmp_path / "steps", format="parquet").to_table()
     assert sorted(steps["step"].to_pylist()) == [0, 1, 2, 3, 4]
     manifest = read_manifest(tmp_path)
-    assert "positive = the sample lowered the validation loss" in manifest["contract"]["sign"]
-    assert manifest["config"] == {"lr": 0.5}
+    assert "positive = the sample lowered the validation loss" in manifest.contract["sign"]
+    assert manifest.config == {"lr": 0.5} and manifest.targets == [{"name": "val"}]
+    assert "nats" in manifest.columns["scores"]["value"] and "<g_t, G_t>" in manifest.columns["steps"]["batch_dot"]
 
 
 def test_half_written_part_is_ignored_and_cleaned(tmp_path):
-    write_manifest(tmp_path, {})
+    write_manifest(tmp_path, manifest_for_tests())
     _write(tmp_path, range(2))
     debris = temporary_path(tmp_path / "scores" / "dp00000" / "part-s00000002-s00000003.parquet")
     debris.write_bytes(b"PAR1 truncated")
@@ -68,7 +71,7 @@ def test_half_written_part_is_ignored_and_cleaned(tmp_path):
 
 
 def test_resume_drops_steps_after_the_checkpoint(tmp_path):
-    write_manifest(tmp_path, {})
+    write_manifest(tmp_path, manifest_for_tests())
     _write(tmp_path, range(7), flush_every=3)  # parts 0-2, 3-5, 6-6
     _write(tmp_path, range(5, 9), resume_step=4)  # crash after step 6, checkpoint at step 4
     table = ds.dataset(tmp_path / "scores", format="parquet").to_table()
@@ -78,7 +81,7 @@ def test_resume_drops_steps_after_the_checkpoint(tmp_path):
 
 
 def test_existing_stream_needs_resume_step(tmp_path):
-    write_manifest(tmp_path, {})
+    write_manifest(tmp_path, manifest_for_tests())
     _write(tmp_path, range(2))
     with pytest.raises(FileExistsError, match="resume_step"):
         ScoreWriter(tmp_path, dp_rank=0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inrun_megatron.records import ScoreWriter, write_manifest
+from inrun_megatron.records import Manifest, RunLayout, ScoreWriter, write_manifest
 from inrun_megatron.step_result import make_step_result
 
 
@@ -48,18 +48,22 @@ class SyntheticRun:
         return math.ceil(self.steps * self.global_batch / self.epochs)
 
 
-def write_synthetic_dump(run_dir: str | Path, run: SyntheticRun, manifest: dict | None = None) -> Path:
+def write_synthetic_dump(run_dir: str | Path, run: SyntheticRun) -> Path:
     """Write ``run`` as a score dump in ``run_dir`` (which must not hold score parts yet)."""
     run_dir = Path(run_dir)
-    write_manifest(
-        run_dir,
-        {
-            "config": {"synthetic": vars(run) | {"targets": list(run.targets)}},
-            "layout": {"data_parallel": run.replicas},
-            "targets": list(run.targets),
-            **(manifest or {}),
-        },
+    manifest = Manifest(
+        entry_point="synthetic",
+        config={"synthetic": vars(run) | {"targets": list(run.targets)}},
+        layout=RunLayout(
+            world_size=run.replicas,
+            data_parallel=run.replicas,
+            micro_batch_size=run.micro_batch_size,
+            num_microbatches=run.micro_batches,
+            global_batch_size=run.global_batch,
+        ),
+        targets=[{"name": t} for t in run.targets],
     )
+    write_manifest(run_dir, manifest)
     rng = np.random.default_rng(run.seed)
     quality = rng.standard_t(df=3, size=run.samples) * 0.5 + 0.1
     target_scale = 1.0 + 0.5 * np.arange(len(run.targets))

@@ -22,20 +22,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
-import platform
 import shutil
 import time
 from collections.abc import Sequence
 
-import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from inrun_megatron import __version__
 from inrun_megatron.config import ScoringConfig, projection_dtype
 from inrun_megatron.data.datasets import Source, TrainingData, batch_iterator, build_training_data, check_sources
 from inrun_megatron.data.tokenizer import Tokenizer
@@ -64,7 +59,15 @@ from inrun_megatron.pretrain.progress import (
     progress_line,
     value_statistics,
 )
-from inrun_megatron.records import MANIFEST, ScoreWriter, read_manifest, write_manifest
+from inrun_megatron.records import (
+    MANIFEST,
+    Manifest,
+    RunLayout,
+    ScoreWriter,
+    library_versions,
+    read_manifest,
+    write_manifest,
+)
 from inrun_megatron.step_result import StepResult
 
 #: Where the run's accumulated values are merged at the end (an ``inrun-scores merge`` output).
@@ -182,7 +185,7 @@ class Pretraining:
         if iteration is not None:
             old = checkpoint.saved_config(self.config.checkpoint_dir, iteration)
         elif (self.run_dir / MANIFEST).exists():
-            old = read_manifest(self.run_dir).get("config")
+            old = read_manifest(self.run_dir).config
         if old is not None:
             changed = unresumable_changes(old, new)
             if changed:
@@ -344,46 +347,40 @@ class Pretraining:
         import megatron.core
 
         c = self.config
-        previous = read_manifest(self.run_dir) if (self.run_dir / MANIFEST).exists() else {}
+        previous = read_manifest(self.run_dir) if (self.run_dir / MANIFEST).exists() else None
         tokenizer_spec = self.tokenizer.spec()
         if self.tokenizer.path is not None:  # keep the run directory self-contained
             shutil.copyfile(self.tokenizer.path, self.run_dir / "tokenizer.json")
             tokenizer_spec["path"] = "tokenizer.json"
         layout = self.layout
-        write_manifest(
-            self.run_dir,
-            {
-                "run_id": previous.get("run_id"),
-                "created": previous.get("created") or datetime.datetime.now(datetime.UTC).isoformat(),
-                "entry_point": "launch/pretrain_gpt.py",
-                "launcher": self.env.launcher,
-                "resumed_from": [*previous.get("resumed_from", []), *([resume] if resume is not None else [])],
-                "config": c.to_dict(),
-                "parallel_layout": {
-                    "world_size": layout.world_size,
-                    "tensor_model_parallel_size": layout.tp,
-                    "pipeline_model_parallel_size": layout.pp,
-                    "virtual_pipeline_model_parallel_size": layout.vpp,
-                    "data_parallel_size": layout.dp,
-                    "num_microbatches": layout.num_microbatches,
-                    "micro_batch_size": c.training.micro_batch_size,
-                    "global_batch_size": c.training.global_batch_size,
-                },
-                "model": {"vocab_size": vocab, "parameters": parameter_count(c, vocab)},
-                "versions": {
-                    "inrun_megatron": __version__,
-                    "megatron_core": megatron.core.__version__,
-                    "torch": torch.__version__,
-                    "python": platform.python_version(),
-                    "pyarrow": pa.__version__,
-                    "numpy": np.__version__,
-                },
-                "validation_targets": describe_targets(c.validation.targets, targets),
-                "shards": "scores/dpNNNNN holds the rows of data-parallel replica NNNNN; steps/ one row per step"
-                f" and target; {MERGED}/ the accumulated values merged from them at the end of training",
-                "data": self.data.manifest_section(tokenizer_spec, self.run_dir),
-            },
+        manifest = Manifest(
+            entry_point="launch/pretrain_gpt.py",
+            config=c.to_dict(),
+            layout=RunLayout(
+                world_size=layout.world_size,
+                data_parallel=layout.dp,
+                tensor_parallel=layout.tp,
+                pipeline_parallel=layout.pp,
+                virtual_pipeline=layout.vpp,
+                micro_batch_size=c.training.micro_batch_size,
+                num_microbatches=layout.num_microbatches,
+                global_batch_size=c.training.global_batch_size,
+            ),
+            targets=describe_targets(c.validation.targets, targets),
+            scoring=None if self.scorer is None else self.scorer.config.to_dict(),
+            scoring_path=None if self.scorer is None else self.scorer.path_for(c.training.micro_batch_size),
+            data=self.data.manifest_section(tokenizer_spec, self.run_dir),
+            model={"vocab_size": vocab, "parameters": parameter_count(c, vocab)},
+            versions=library_versions(megatron_core=megatron.core.__version__),
+            launcher=self.env.launcher,
         )
+        if previous is not None:  # the same run, resumed: its identity and history carry over
+            manifest = dataclasses.replace(
+                manifest, run_id=previous.run_id, created=previous.created, resumed_from=previous.resumed_from
+            )
+        if resume is not None:
+            manifest = dataclasses.replace(manifest, resumed_from=(*manifest.resumed_from, resume))
+        write_manifest(self.run_dir, manifest)
 
     def _data_iterators(self):
         from megatron.core import parallel_state
