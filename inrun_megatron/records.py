@@ -2,9 +2,12 @@
 
 Layout of a run directory (the manifest is the contract; ``SCHEMA_VERSION`` versions it)::
 
-    RUN/manifest.json                      units, sign, definitions, config, layout, versions, targets
-    RUN/scores/dp00003/part-s00000010-s00000019.parquet   one row per (step, sample, target)
-    RUN/steps/part-s00000010-s00000019.parquet            one row per (step, target), DP replica 0
+    RUN/manifest.json                      a :class:`Manifest`: units, sign, columns, config, layout, targets
+    RUN/scores/dp00003/part-s00000010-s00000019.parquet   SCORE_COLUMNS: one row per (step, sample, target)
+    RUN/steps/part-s00000010-s00000019.parquet            STEP_COLUMNS: one row per (step, target), replica 0
+
+:class:`ScoreWriter` writes one replica's streams; it is the Parquet sink of a scorer
+(:mod:`inrun_megatron.step_result`).
 
 Every part is written to ``.<name>.tmp`` and atomically renamed, so a reader never sees a
 half-written file: hidden ``.*.tmp`` files are debris of a crash, skipped by pyarrow/pandas/polars
