@@ -93,6 +93,7 @@ class Scorer:
         sink: ResultSink | None = None,
     ):
         self.config = config or ScoringConfig()
+        self._sink: ResultSink | None = None
         self.sink = sink
         self.pass_clock: Callable[[], float] | None = None
         self.targets = as_targets(validation)
@@ -107,6 +108,20 @@ class Scorer:
         self._pending: PendingStep | None = None
         self._hooks: list = []
         self._on_detach: list[Callable[[], None]] = []
+
+    @property
+    def sink(self) -> ResultSink | None:
+        """Where :meth:`end_step` writes each step's result (None: nowhere)."""
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: ResultSink | None) -> None:
+        if sink is not None and not isinstance(sink, ResultSink):
+            raise TypeError(
+                f"a scorer's sink needs write(result), flush() and close() (a MemorySink or a ScoreWriter), got"
+                f" {type(sink).__name__}"
+            )
+        self._sink = sink
 
     # ----------------------------------------------------------------------------------
     # adapter interface

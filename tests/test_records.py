@@ -93,3 +93,57 @@ def test_accumulator_skips_skipped_steps():
     acc.add(_records(0, skipped=True))
     values = acc.values("val")
     assert values[4] == pytest.approx(0.5 * 0.8 * 4.0)
+
+
+def test_step_result_facts_are_those_of_its_rows():
+    result = _result(3, skipped=True)
+    c = result.records.columns
+    assert (result.step, result.lr, result.clip_coef, result.skipped) == (3, 0.5, 0.8, True)
+    assert (c["step"] == 3).all() and (c["lr"] == 0.5).all() and (c["clip_coef"] == 0.8).all() and c["skipped"].all()
+    assert result.targets == ["val"] and set(c["target"]) == {"val"}
+    with pytest.raises(ValueError, match=r"batch_dots are for targets \['other'\]"):
+        make_step_result(
+            step=0,
+            raw=torch.zeros(1, 1, 1, dtype=torch.float64),
+            sample_ids=torch.zeros(1, 1, dtype=torch.int64),
+            n_tokens=torch.ones(1, 1, dtype=torch.int64),
+            lr=0.5,
+            clip_coef=1.0,
+            skipped=False,
+            dp_rank=0,
+            validation_losses={"val": 3.0},
+            batch_dots={"other": 0.0},
+        )
+
+
+def test_manifest_round_trips_and_malformed_ones_are_named(tmp_path):
+    import json
+
+    from inrun_megatron.records import MANIFEST, SCHEMA_VERSION, RunLayout
+
+    written = manifest_for_tests(2, data={"sources": []}, scoring_path="rules", launcher="torchrun")
+    write_manifest(tmp_path, written)
+    assert read_manifest(tmp_path) == written  # every field, the layout typed again
+    path = tmp_path / MANIFEST
+    for change, message in (
+        ({"schema_version": SCHEMA_VERSION - 1}, f"schema version {SCHEMA_VERSION - 1}, this inrun_megatron reads"),
+        ({"format": "something.else"}, "not an inrun_megatron.scores manifest"),
+        ({"parallel_layout": {}}, r"unknown fields \['parallel_layout'\]"),
+        ({"targets": [{"sequences": 3}]}, "every entry of targets needs a name"),
+        ({"layout": {"world_size": 2, "dp": 2}}, "bad layout"),
+    ):
+        path.write_text(json.dumps(written.to_dict() | change))
+        with pytest.raises(ValueError, match=message):
+            read_manifest(tmp_path)
+    path.write_text(json.dumps({k: v for k, v in written.to_dict().items() if k != "config"}))
+    with pytest.raises(ValueError, match=r"missing fields \['config'\]"):
+        read_manifest(tmp_path)
+    assert written.layout == RunLayout(world_size=2, data_parallel=2)
+
+
+def test_a_scorer_refuses_a_sink_without_the_sink_methods():
+    from inrun_megatron.scorer import Scorer
+
+    scorer = Scorer([{"tokens": torch.zeros(1, 2, dtype=torch.int64)}], None)
+    with pytest.raises(TypeError, match=r"needs write\(result\), flush\(\) and close\(\).*got list"):
+        scorer.sink = []
