@@ -3,8 +3,8 @@
 Layout of a run directory (the manifest is the contract; ``SCHEMA_VERSION`` versions it)::
 
     RUN/manifest.json                      a :class:`Manifest`: units, sign, columns, config, layout, targets
-    RUN/scores/dp00003/part-s00000010-s00000019.parquet   SCORE_COLUMNS: one row per (step, sample, target)
-    RUN/steps/part-s00000010-s00000019.parquet            STEP_COLUMNS: one row per (step, target), replica 0
+    RUN/scores/dp00003/part-s00000010-s00000019.parquet   SCORE_FIELDS: one row per (step, sample, target)
+    RUN/steps/part-s00000010-s00000019.parquet            STEP_FIELDS: one row per (step, target), replica 0
 
 :class:`ScoreWriter` writes one replica's streams; it is the Parquet sink of a scorer
 (:mod:`inrun_megatron.step_result`).
@@ -75,7 +75,7 @@ def pick_columns(columns: Sequence[Column], *names: str) -> tuple[Column, ...]:
 
 
 #: ``scores/dpNNNNN/*.parquet``: one row per (step, sample, target) of one data-parallel replica.
-SCORE_COLUMNS = (
+SCORE_FIELDS = (
     Column("step", pa.int64(), "optimizer step (the scorer's step counter; a resumed run continues it)"),
     Column("sample_id", pa.int64(), "global sample id: the dataset index of the training sequence"),
     Column("target", pa.string(), "validation target the scores are against"),
@@ -89,11 +89,11 @@ SCORE_COLUMNS = (
     Column("position", pa.int32(), "the sequence's position in its microbatch"),
     Column("dp_rank", pa.int32(), "data-parallel replica that trained on the sequence"),
 )
-SCORE_SCHEMA = arrow_schema(SCORE_COLUMNS)
+SCORE_SCHEMA = arrow_schema(SCORE_FIELDS)
 
 #: ``steps/*.parquet`` (replica 0): one row per (step, target), the step's facts.
-STEP_COLUMNS = (
-    *pick_columns(SCORE_COLUMNS, "step", "target", "lr", "clip_coef", "skipped"),
+STEP_FIELDS = (
+    *pick_columns(SCORE_FIELDS, "step", "target", "lr", "clip_coef", "skipped"),
     Column("validation_loss", pa.float64(), "validation loss at the step's weights (mean token cross-entropy, nats)"),
     Column(
         "batch_dot",
@@ -102,7 +102,7 @@ STEP_COLUMNS = (
         " efficiency identity the sum of raw over every replica's rows of the step and target",
     ),
 )
-STEP_SCHEMA = arrow_schema(STEP_COLUMNS)
+STEP_SCHEMA = arrow_schema(STEP_FIELDS)
 
 
 def part_name(first_step: int, last_step: int) -> str:
@@ -240,7 +240,7 @@ class Manifest:
     contract: dict[str, Any] = field(default_factory=lambda: dict(SCORE_CONTRACT))
     """What a score means: units, sign convention, the value formula, skipped steps (``SCORE_CONTRACT``)."""
     columns: dict[str, dict[str, str]] = field(
-        default_factory=lambda: {"scores": describe_columns(SCORE_COLUMNS), "steps": describe_columns(STEP_COLUMNS)}
+        default_factory=lambda: {"scores": describe_columns(SCORE_FIELDS), "steps": describe_columns(STEP_FIELDS)}
     )
     """Per file kind (``scores``, ``steps``), each column's type and the value it holds."""
 

@@ -56,7 +56,7 @@ from inrun_megatron.analysis.values import (
     bucket_name,
     bucket_of,
 )
-from inrun_megatron.records import MANIFEST, atomic_write_bytes, atomic_write_table, describe_columns, part_metadata
+from inrun_megatron.records import MANIFEST, atomic_write_bytes, atomic_write_table, part_metadata
 from inrun_megatron.scores import step_values
 
 #: One spilled score row.
@@ -495,9 +495,9 @@ def _publish(dump: ScoreDump, report: MergeReport, tmp: Path, out: Path, per_ste
         "targets": report.targets,
         "samples": report.samples,
         "columns": {
-            "values": describe_columns(VALUE_COLUMNS),
-            "per_step": describe_columns(PER_STEP_COLUMNS),
-            "steps": describe_columns(STEP_TOTALS_COLUMNS),
+            "values": VALUE_COLUMNS,
+            "per_step": PER_STEP_COLUMNS,
+            "steps": STEP_TOTALS_COLUMNS,
         },
     }
     atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())

@@ -24,12 +24,13 @@ import pyarrow.compute as pc
 
 from inrun_megatron.analysis.dump import DumpError, check_part_metadata, open_part_metadata, read_batches, read_table
 from inrun_megatron.records import (
-    SCORE_COLUMNS,
-    STEP_COLUMNS,
+    SCORE_FIELDS,
+    STEP_FIELDS,
     Column,
     Manifest,
     arrow_schema,
     check_format,
+    describe_columns,
     load_manifest_json,
     pick_columns,
 )
@@ -39,8 +40,8 @@ VALUES_FORMAT = "inrun_megatron.values"
 VALUES_SCHEMA_VERSION = 2
 
 #: ``values/*.parquet``: one row per (target, sample id).
-VALUE_COLUMNS = (
-    *pick_columns(SCORE_COLUMNS, "target", "sample_id"),
+VALUE_FIELDS = (
+    *pick_columns(SCORE_FIELDS, "target", "sample_id"),
     Column(
         "value",
         pa.float64(),
@@ -53,16 +54,19 @@ VALUE_COLUMNS = (
     Column("last_step", pa.int64(), "last step that drew the sample (skipped or not)"),
     Column("n_tokens", pa.int64(), "loss tokens of the sample, summed over its non-skipped steps"),
 )
-VALUE_SCHEMA = arrow_schema(VALUE_COLUMNS)
+VALUE_SCHEMA = arrow_schema(VALUE_FIELDS)
+#: What the merged manifest records of them (``columns.values``).
+VALUE_COLUMNS = describe_columns(VALUE_FIELDS)
 
 #: ``per_step/*.parquet`` (optional): the dump's rows of each (target, sample id, step), sorted.
-PER_STEP_COLUMNS = pick_columns(SCORE_COLUMNS, "target", "sample_id", "step", "value", "raw", "skipped", "n_tokens")
-PER_STEP_SCHEMA = arrow_schema(PER_STEP_COLUMNS)
+PER_STEP_FIELDS = pick_columns(SCORE_FIELDS, "target", "sample_id", "step", "value", "raw", "skipped", "n_tokens")
+PER_STEP_SCHEMA = arrow_schema(PER_STEP_FIELDS)
+PER_STEP_COLUMNS = describe_columns(PER_STEP_FIELDS)
 
 #: ``steps.parquet``: one row per (step, target): sums of the dump's rows, then the dump's step table
 #: (NaN / null where it has no row for the step).
-STEP_TOTALS_COLUMNS = (
-    *pick_columns(STEP_COLUMNS, "step", "target"),
+STEP_TOTALS_FIELDS = (
+    *pick_columns(STEP_FIELDS, "step", "target"),
     Column("rows", pa.int64(), "score rows of the step and target over all replicas"),
     Column("skipped_rows", pa.int64(), "of which in a skipped step"),
     Column(
@@ -70,9 +74,10 @@ STEP_TOTALS_COLUMNS = (
     ),
     Column("raw_abs_sum", pa.float64(), "sum of |raw| over the non-skipped rows (the scale for the efficiency check)"),
     Column("value_sum", pa.float64(), "sum of value over the non-skipped rows"),
-    *pick_columns(STEP_COLUMNS, "lr", "clip_coef", "skipped", "validation_loss", "batch_dot"),
+    *pick_columns(STEP_FIELDS, "lr", "clip_coef", "skipped", "validation_loss", "batch_dot"),
 )
-STEP_TOTALS_SCHEMA = arrow_schema(STEP_TOTALS_COLUMNS)
+STEP_TOTALS_SCHEMA = arrow_schema(STEP_TOTALS_FIELDS)
+STEP_TOTALS_COLUMNS = describe_columns(STEP_TOTALS_FIELDS)
 
 
 def bucket_of(sample_ids: np.ndarray, n_buckets: int) -> np.ndarray:
