@@ -244,7 +244,7 @@ def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], v
 
     scorer = MegatronScorer(model, validation, ScoringConfig(path=path))
     scored_forward_backward(scorer, model, shape, train)
-    records = scorer.end_step(lr=1.0)
+    records = scorer.end_step(lr=1.0).records
     scorer.detach()
     return scorer, records
 
@@ -354,8 +354,8 @@ def run_case(
     ``paths`` (the scoring path of each call that was scored);
     and the final ``weights`` by canonical name.
     With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
-    ``ScoreWriter`` (on one rank per DP replica), every step's records are dumped too, with
-    the scorer's ``<g, G>`` as the step's batch_dot.
+    ``ScoreWriter`` (on one rank per DP replica) as the scorer's sink, every step's result is
+    dumped too (its ``<g, G>`` as the step's batch_dot).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -384,7 +384,7 @@ def run_case(
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
     config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
-    scorer = MegatronScorer(chunks, validation, config, micro_batch_size=mbs) if scored else None
+    scorer = MegatronScorer(chunks, validation, config, micro_batch_size=mbs, sink=writer) if scored else None
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
     out = {key: [] for key in keys}
@@ -436,7 +436,9 @@ def run_case(
         out["clip_coef"].append(clip_coefficient(result[1], clip_grad))
         out["skipped"].append(not result[0])
         if scored:
-            records = scorer.end_step(lr=lr) if ddp is None else scorer.end_optimizer_step(opt, result)
+            step_result = scorer.end_step(lr=lr) if ddp is None else scorer.end_optimizer_step(opt, result)
+            assert (step_result.clip_coef, step_result.skipped) == (out["clip_coef"][-1], out["skipped"][-1])
+            records = step_result.records
             c = records.columns
             raw = dict(zip(c["sample_id"].tolist(), c["raw"].tolist()))
             out["raw"].append(raw)
@@ -445,14 +447,8 @@ def run_case(
             out["efficiency"].append((float(sums[0]), batch_dot, batch_abs))
             moved = {p: before[p] - p.detach() for p in before}
             out["sgd"].append((float(sums[1]), float(model_dot(chunks, moved, g_val).dot[0])))
-            recorded = scorer.last_batch_dots[scorer.targets[0].name]  # what the scorer stores for the step
+            recorded = step_result.batch_dots[scorer.targets[0].name]  # what the scorer stores for the step
             assert recorded == batch_dot or not math.isfinite(batch_dot), (recorded, batch_dot)
-            if writer is not None:
-                from inrun_megatron.records import StepInfo
-
-                val_losses = scorer.last_validation_losses
-                info = StepInfo(step, lr, out["clip_coef"][-1], out["skipped"][-1], val_losses, scorer.last_batch_dots)
-                writer.append(records, info)
     out["weights"] = {name: p.detach().clone() for m in models for p, name in canonical_names(m).items()}
     out["n_params"] = sum(p.numel() for c in chunks for p in c.parameters())
     if scored:
@@ -505,3 +501,17 @@ def retained_bytes(root: object) -> int:
         if hasattr(obj, "__dict__"):
             stack.append(vars(obj))
     return total
+
+
+def manifest_for_tests(data_parallel: int = 1, **fields):
+    """The manifest of a dump a test writes itself: ``data_parallel`` replicas, one target named
+    ``validation``, unless ``fields`` say otherwise."""
+    from inrun_megatron.records import Manifest, RunLayout
+
+    defaults = dict(
+        entry_point="tests",
+        config={},
+        layout=RunLayout(world_size=data_parallel, data_parallel=data_parallel),
+        targets=[{"name": "validation"}],
+    )
+    return Manifest(**(defaults | fields))

@@ -27,7 +27,9 @@ from inrun_megatron.analysis.merge import merge
 from inrun_megatron.analysis.stats import distribution, select_best
 from inrun_megatron.analysis.synthetic import SyntheticRun, write_synthetic_dump
 from inrun_megatron.analysis.values import MergedValues
-from inrun_megatron.records import ScoreWriter, part_metadata, write_manifest
+from inrun_megatron.records import SCHEMA_VERSION, ScoreWriter, part_metadata, write_manifest
+
+from common import manifest_for_tests
 
 SYNTHETIC = SyntheticRun(steps=24, replicas=3, targets=("web", "code"), epochs=3, flush_every=5, skipped_steps=(7,))
 
@@ -80,7 +82,7 @@ def real_run(tmp_path_factory, megatron_world):
     from common import CASES, run_case
 
     run = tmp_path_factory.mktemp("real") / "run"
-    write_manifest(run, {"layout": {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1}})
+    write_manifest(run, manifest_for_tests())
     writer = ScoreWriter(run, dp_rank=0, flush_every=4)
     shape = GPTShape(num_layers=2, params_dtype=torch.float64, **CASES["layernorm-gelu-bias-untied"])
     result = run_case(shape, n_micro=2, mbs=3, steps=6, lr=0.5, seed=21, epoch_steps=3, writer=writer)
@@ -188,7 +190,6 @@ def data_run(tmp_path_factory, megatron_world):
     from inrun_megatron.data.validation_sets import TargetSpec, build_targets
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import GPTShape, build_gpt, gpt_forward_step
-    from inrun_megatron.records import StepInfo
 
     root = tmp_path_factory.mktemp("data_run")
     rng = random.Random(0)
@@ -205,16 +206,16 @@ def data_run(tmp_path_factory, megatron_world):
     data = build_training_data(
         sources, tokenizer, seq_length=16, seed=3, split="90,10,0", train_samples=48, cache_dir=run / "cache"
     )
-    write_manifest(run, {"data": data.manifest_section(tokenizer.spec(), run)})
+    write_manifest(run, manifest_for_tests(data=data.manifest_section(tokenizer.spec(), run)))
     targets = build_targets(
         [TargetSpec("prose", source="prose", sequences=4)], data, tokenizer, seq_length=16, micro_batch_size=4
     )
     model = build_gpt(GPTShape(vocab_size=tokenizer.vocab_size, seq_length=16))
-    scorer = MegatronScorer(model, targets)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     writer = ScoreWriter(run, dp_rank=0, flush_every=4)
+    scorer = MegatronScorer(model, targets, sink=writer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     batches = batch_iterator(data.train, consumed=0, micro_batch_size=4, dp_rank=0, dp_size=1)
-    for step in range(6):
+    for _ in range(6):
         optimizer.zero_grad()
         scorer.forward_backward(
             get_forward_backward_func(),
@@ -226,8 +227,7 @@ def data_run(tmp_path_factory, megatron_world):
             micro_batch_size=4,
         )
         optimizer.step()
-        records = scorer.end_step(lr=0.5)
-        writer.append(records, StepInfo(step, 0.5, 1.0, False, scorer.last_validation_losses))
+        scorer.end_step(lr=0.5)
     writer.close()
     scorer.detach()
     return run, open_sample_index(run)
@@ -561,9 +561,10 @@ def test_parts_of_another_run_or_schema_version_are_named(synthetic, copy_of, tm
     stranger.unlink()
     newer = run / "steps" / "part-s00000025-s00000029.parquet"
     table = pq.read_table(sorted((run / "steps").iterdir())[0])
-    pq.write_table(table.replace_schema_metadata(part_metadata(ScoreDump.open(run).run_id, 2)), newer)
+    newer_version = SCHEMA_VERSION + 1
+    pq.write_table(table.replace_schema_metadata(part_metadata(ScoreDump.open(run).run_id, newer_version)), newer)
     err = _expect_error(run, tmp_path, str(newer), capsys)
-    assert "schema version 2" in err
+    assert f"schema version {newer_version}" in err
 
     newer.unlink()
     source = sorted((run / "scores" / "dp00001").iterdir())[0]
@@ -575,7 +576,7 @@ def test_parts_of_another_run_or_schema_version_are_named(synthetic, copy_of, tm
 
 
 def test_empty_run_and_missing_manifest(tmp_path, capsys):
-    write_manifest(tmp_path / "empty", {})
+    write_manifest(tmp_path / "empty", manifest_for_tests())
     err = _expect_error(tmp_path / "empty", tmp_path, str(tmp_path / "empty" / "scores"), capsys)
     assert "empty run" in err
     err = _expect_error(tmp_path / "nothing", tmp_path, "no manifest", capsys)
@@ -647,29 +648,29 @@ HAND_STEPS = [
 
 @pytest.fixture(scope="module")
 def hand_run(tmp_path_factory) -> Path:
-    from inrun_megatron.records import StepInfo
-    from inrun_megatron.scores import make_step_records
+    from inrun_megatron.step_result import make_step_result
 
     run = tmp_path_factory.mktemp("hand") / "run"
-    write_manifest(run, {"targets": ["val"]})
+    write_manifest(run, manifest_for_tests(2, targets=[{"name": "val"}]))
     writers = [ScoreWriter(run, dp_rank=r, flush_every=2) for r in range(2)]
     for step, (lr, clip, skipped, replicas) in enumerate(HAND_STEPS):
         raws = [raw for rows in replicas.values() for _, raw in rows]
-        info = StepInfo(step, lr, clip, skipped, {"val": 1.0}, {"val": sum(raws)})
         for r, writer in enumerate(writers):
             ids, raw = zip(*replicas[r])
-            records = make_step_records(
-                step=step,
-                targets=["val"],
-                raw=torch.tensor(raw, dtype=torch.float64).reshape(1, 1, -1),
-                sample_ids=torch.tensor(ids).reshape(1, -1),
-                n_tokens=torch.full((1, len(ids)), 10),
-                lr=lr,
-                clip_coef=clip,
-                skipped=skipped,
-                dp_rank=r,
+            writer.write(
+                make_step_result(
+                    step=step,
+                    raw=torch.tensor(raw, dtype=torch.float64).reshape(1, 1, -1),
+                    sample_ids=torch.tensor(ids).reshape(1, -1),
+                    n_tokens=torch.full((1, len(ids)), 10),
+                    lr=lr,
+                    clip_coef=clip,
+                    skipped=skipped,
+                    dp_rank=r,
+                    validation_losses={"val": 1.0},
+                    batch_dots={"val": sum(raws)},
+                )
             )
-            writer.append(records, info)
     for writer in writers:
         writer.close()
     return run

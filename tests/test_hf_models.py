@@ -150,7 +150,7 @@ def test_entry_point_scores_a_hugging_face_model(tmp_path):
          "--steps", "2", "--model", "hf-gpt2", "--micro-batch-size", "1", "--scoring-path", "microbatch",
          "--num-layers", "1", "--hidden-size", "16", "--vocab-size", "64", "--seq-length", "16")  # fmt: skip
     manifest = read_manifest(run)
-    assert manifest["scoring"]["path"] == "microbatch" and manifest["scoring_path"] == "microbatch"
+    assert manifest.scoring["path"] == "microbatch" and manifest.scoring_path == "microbatch"
     table = ds.dataset(run / "scores", format="parquet").to_table().to_pydict()
     assert sorted(zip(table["step"], table["sample_id"])) == [(0, 0), (0, 1), (1, 2), (1, 3)]
     assert all(r == r and r != 0.0 for r in table["raw"]), table["raw"]

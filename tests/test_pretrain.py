@@ -76,10 +76,10 @@ def test_scored_run_end_to_end(data_dir, tmp_path):
     assert "rows 96" in progress[-1]  # 6 steps x 8 sequences x 2 targets, all flushed
     manifest = json.loads((run / "manifest.json").read_text())
     assert "positive = the sample lowered the validation loss" in manifest["contract"]["sign"]
-    assert manifest["parallel_layout"]["pipeline_model_parallel_size"] == 2
+    assert manifest["layout"]["pipeline_parallel"] == 2 and manifest["entry_point"] == "launch/pretrain_gpt.py"
     assert manifest["versions"]["megatron_core"] and manifest["config"]["training"]["train_iters"] == 6
-    assert [t["name"] for t in manifest["validation_targets"]] == ["heldout-a", "mine"]
-    assert manifest["validation_targets"][1]["sequences"] == 2
+    assert [t["name"] for t in manifest["targets"]] == ["heldout-a", "mine"]
+    assert manifest["targets"][1]["sequences"] == 2 and manifest["scoring_path"] == "microbatch"
     _check_dump_consistency(run, 6, 8, ["heldout-a", "mine"])
     steps = read_rows(run, "steps")
     assert steps.num_rows == 12 and all(v > 0 for v in steps["validation_loss"].to_pylist())

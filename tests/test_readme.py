@@ -23,8 +23,11 @@ parallel_state.initialize_model_parallel(1, 1)
 cpu_shims.seed(0)
 """
 CHECK = """
-assert len(records) == 8 and len(values) == 80, (len(records), len(values))
+assert len(result.records) == 8 and len(values) == 80, (len(result.records), len(values))
 assert all(v == v for v in values.values())
+assert [r.step for r in sink.results] == list(range(10)) and result.step == 9
+# the step's facts are the rows' (lr, clip, skipped) and the validation losses of its one target
+assert (result.records.columns["lr"] == result.lr).all() and set(result.validation_losses) == {"validation"}
 print("README loop OK")
 """
 

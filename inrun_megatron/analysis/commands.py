@@ -36,7 +36,7 @@ from inrun_megatron.analysis.views import DEFAULT_VIEW, VIEWS, check_view
 
 def sign_of(scores: Scores) -> str:
     """The sign convention of the run's score contract (shown with every answer about values)."""
-    return scores.manifest.get("contract", {}).get("sign", "missing from the manifest")
+    return scores.manifest.contract.get("sign", "missing from the manifest's score contract")
 
 
 #: Tolerance of the efficiency identity, relative to the step's sum of |raw| (fp32 scores are
@@ -111,7 +111,7 @@ def summary(scores: Scores) -> Report:
         "parts": values.manifest["source"]["parts"],
         "replicas": len(values.manifest["source"]["replicas"]),
         "targets": values.targets,
-        "layout": manifest.get("layout"),
+        "layout": asdict(manifest.layout),
     }
     targets = {}
     for target in values.targets:
@@ -177,8 +177,6 @@ def verify(
     notes, checked = [], {}
     if dump is not None:
         notes += [f"{p}: crash debris (*.tmp), never data; safe to delete" for p in dump.debris]
-        if "contract" not in dump.manifest:
-            problems.append(Problem(dump.root, "the manifest carries no score contract (units and sign)"))
     if dump is not None and not problems:
         found = merge(
             dump, None, memory_bytes=memory_bytes, progress=progress, allow_duplicates=True, work_dir=work_dir
@@ -436,7 +434,7 @@ def _target_of(scores: Scores, target: str | None) -> str:
         return scores.merged.target(target)
     if target is not None:
         return target
-    names = scores.dump.steps_table().column("target").to_pylist() or scores.manifest.get("targets") or []
+    names = scores.dump.steps_table().column("target").to_pylist() or [t["name"] for t in scores.manifest.targets]
     if not names:
         raise DumpError(f"{scores.path}: cannot tell the targets without a step table; pass --target")
     return sorted(set(names), key=names.index)[0]

@@ -22,7 +22,7 @@ from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.values import VALUES_FORMAT, MergedValues
 from inrun_megatron.analysis.views import DEFAULT_VIEW, ROW_FIELDS, check_view, write_view
-from inrun_megatron.records import MANIFEST
+from inrun_megatron.records import MANIFEST, Manifest
 
 ROW_COLUMNS = ["sample_id", "step", "value", "raw", "skipped"]
 
@@ -73,7 +73,7 @@ class Scores:
             self._temporary = None
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         """The score dump's manifest (for a merged directory, the one it was merged from)."""
         return self.dump.manifest if self.dump is not None else self.merged.source_manifest
 
@@ -151,7 +151,7 @@ class Scores:
         """The run's sample index (``inrun_megatron.data``), or None with a note if it has no data section."""
         if self._index is _UNOPENED:
             self._index = None
-            if not self.manifest.get("data"):
+            if not self.manifest.data:
                 self.notes.append(NO_DATA)
             else:
                 from inrun_megatron.data import open_sample_index

@@ -8,8 +8,8 @@ Usage (a complete loop is in the README)::
         micro_batches = [next(batches) for _ in range(engine.gradient_accumulation_steps())]
         losses = scorer.forward_backward(micro_batches)  # validation pass, then the scored micro-steps
         engine.step()                                    # the optimizer step: clips, may skip (fp16)
-        records = scorer.end_step()                      # lr, clip coefficient, skipped: from the engine
-        writer.append(records, ...)                      # a ScoreWriter makes the rows durable
+        result = scorer.end_step()                       # lr, clip coefficient, skipped: from the engine
+        # result.records: this step's rows, also written to the scorer's sink (e.g. a ScoreWriter)
     scorer.detach()
 
 Every batch carries ``sample_ids`` ``[micro_batch_size]`` (the dataset index of each sequence)
@@ -58,9 +58,9 @@ from inrun_megatron.config import ScoringConfig
 from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
 from inrun_megatron.deepspeed.validation_pass import run_validation_pass
-from inrun_megatron.scorer import Scorer, clip_coefficient
-from inrun_megatron.scores import StepRecords
+from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
 from inrun_megatron.sites import TORCH_SITE_BUILDERS
+from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 
 TokenLosses = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -159,6 +159,7 @@ class DeepSpeedScorer(Scorer):
         config: scoring options (``path``: which scoring path; see the module docstring).
         vocab_size: the model's vocabulary size, when neither ``module.vocab_size`` nor
             ``module.config.vocab_size`` gives it (used to check the validation token ids).
+        sink: where :meth:`end_step` writes each step's result (see :class:`~inrun_megatron.scorer.Scorer`).
     """
 
     def __init__(
@@ -169,8 +170,9 @@ class DeepSpeedScorer(Scorer):
         config: ScoringConfig | None = None,
         *,
         vocab_size: int | None = None,
+        sink: ResultSink | None = None,
     ):
-        super().__init__(validation, config)
+        super().__init__(validation, config, sink)
         refuse_unsupported(engine)
         self.engine = engine
         self.token_losses = token_losses
@@ -285,7 +287,9 @@ class DeepSpeedScorer(Scorer):
         sample_ids = self._check_step_input(micro_batches)
         micro_batches = [_on_device(b, engine.device) for b in micro_batches]
         self._fp32_clip_norm = None
+        stopwatch = Stopwatch(self.pass_clock)
         validation_losses = run_validation_pass(self)
+        stopwatch.lap()
         lrs = set(engine.get_lr())
         self._lr = lrs.pop() if len(lrs) == 1 else None
         self._global_steps_at_forward = engine.global_steps
@@ -306,6 +310,7 @@ class DeepSpeedScorer(Scorer):
             completed = True
         finally:
             raw = self.end_scoring(completed)
+        stopwatch.lap()
         if (applied == 0).any():
             raise RuntimeError("the training loss did not reach the model's backward; check loss_fn")
         mp_group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
@@ -316,7 +321,7 @@ class DeepSpeedScorer(Scorer):
         gas = engine.gradient_accumulation_steps()
         raw /= (applied.to(raw.device) * gas * self.dp_size).view(1, n_micro, 1)
         n_tokens = torch.stack([loss_mask_of(b).sum(-1) for b in micro_batches]).round().to(torch.int64)
-        self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses, self.gradient_dots())
+        self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses, self.gradient_dots(), stopwatch)
         return losses
 
     def _check_step_input(self, micro_batches: list[Batch]) -> torch.Tensor:
@@ -358,7 +363,7 @@ class DeepSpeedScorer(Scorer):
 
     def end_step(
         self, *, lr: float | None = None, clip_coef: float | None = None, skipped: bool | None = None
-    ) -> StepRecords:
+    ) -> StepResult:
         """Close the step after ``engine.step()``; arguments left out are read from the engine.
 
         ``lr``: the learning rate the optimizer step used (read before the step, so a scheduler
