@@ -7,7 +7,15 @@ See ``SCORE_CONTRACT`` and the README.
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.scores import SCORE_CONTRACT, SCORE_DEFINITION_VERSION, StepRecords, ValueAccumulator
+from inrun_megatron.sites import register_rule
 
 __version__ = "0.1.0"
 
-__all__ = ["SCORE_CONTRACT", "SCORE_DEFINITION_VERSION", "ScoringConfig", "StepRecords", "ValueAccumulator"]
+__all__ = [
+    "SCORE_CONTRACT",
+    "SCORE_DEFINITION_VERSION",
+    "ScoringConfig",
+    "StepRecords",
+    "ValueAccumulator",
+    "register_rule",
+]

@@ -60,7 +60,7 @@ from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGr
 from inrun_megatron.deepspeed.validation_pass import run_validation_pass
 from inrun_megatron.scorer import Scorer, clip_coefficient
 from inrun_megatron.scores import StepRecords
-from inrun_megatron.sites import TORCH_SITE_BUILDERS
+from inrun_megatron.sites import registered_builders
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 
 TokenLosses = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -184,12 +184,12 @@ class DeepSpeedScorer(Scorer):
         self._global_steps_at_forward: int | None = None
         self._fp32_clip_norm: float | None = None
         try:
-            builders = TORCH_SITE_BUILDERS
             if _is_megatron_model(engine.module):
                 from inrun_megatron.deepspeed import megatron_tp
 
-                builders = megatron_tp.attach(self)
-            self.build_sites([("", engine.module)], builders)
+                self.build_sites([("", engine.module)], megatron_tp.attach(self))
+            else:
+                self.build_sites([("", engine.module)], registered_builders(), registry=True)
             self.micro_batch_size = int(engine.train_micro_batch_size_per_gpu())
             self.path = self.path_for(self.micro_batch_size)  # refuses what neither path can score
             self._record_fp32_clip_norm()
