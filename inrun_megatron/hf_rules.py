@@ -24,7 +24,7 @@ import sys
 import torch
 
 from inrun_megatron import rules
-from inrun_megatron.sites import TORCH_SITE_BUILDERS, check_batched_ids, register_rule, unsupported_embedding
+from inrun_megatron.sites import TORCH_SITE_BUILDERS, lookup_gradient, register_rule, unsupported_embedding
 
 
 def conv1d_rule(layer: torch.nn.Module, x, grad_output, G, *, projection_dtype):
@@ -57,10 +57,9 @@ def gemma_rms_norm_rule(layer: torch.nn.Module, x, grad_output, G, *, projection
 
 def scaled_embedding_rule(layer: torch.nn.Embedding, ids, grad_output, G, *, projection_dtype):
     """``E[ids] * embed_scale.to(E.dtype)``: each looked-up row's gradient is the output gradient
-    times the scale (a buffer, not a parameter)."""
-    check_batched_ids(layer, ids)
+    times the scale (a buffer, not a parameter); the ``padding_idx`` row gets none."""
     scale = layer.embed_scale.to(layer.weight.dtype)
-    b = grad_output * scale.to(grad_output.device)
+    b = lookup_gradient(layer, ids, grad_output) * scale.to(grad_output.device)
     return rules.embedding_scores(ids, b, G["weight"], batch_dim=0, projection_dtype=projection_dtype)
 
 

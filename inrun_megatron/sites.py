@@ -319,21 +319,25 @@ def unsupported_embedding(layer: torch.nn.Embedding) -> str | None:
     return None
 
 
-def check_batched_ids(layer: torch.nn.Module, ids: torch.Tensor) -> None:
+def lookup_gradient(layer: torch.nn.Embedding, ids: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """The output gradient of the tokens whose row receives it: a ``padding_idx`` row gets no gradient
+    from the lookup, while its validation gradient need not be zero (a tied output layer uses the row)."""
     if ids.dim() < 2:
         raise RuntimeError(
             f"it was looked up with indices of shape {tuple(ids.shape)}, without a batch dimension; its output"
             " is broadcast over the batch and has no per-sequence gradient: look it up with [batch, seq] ids"
             " (e.g. position_ids expanded to the batch)"
         )
+    if layer.padding_idx is None:
+        return grad_output
+    return grad_output.masked_fill((ids == layer.padding_idx).unsqueeze(-1), 0)
 
 
 @register_rule(torch.nn.Embedding, unsupported=unsupported_embedding)
 def embedding_rule(layer: torch.nn.Embedding, ids, grad_output, G, *, projection_dtype):
-    """``y = E[ids]``. A ``padding_idx`` row gets no gradient, so its validation gradient is zero and
-    padding tokens contribute nothing, exactly as in training."""
-    check_batched_ids(layer, ids)
-    return rules.embedding_scores(ids, grad_output, G["weight"], batch_dim=0, projection_dtype=projection_dtype)
+    """``y = E[ids]``; tokens of the ``padding_idx`` row contribute nothing, as in training."""
+    b = lookup_gradient(layer, ids, grad_output)
+    return rules.embedding_scores(ids, b, G["weight"], batch_dim=0, projection_dtype=projection_dtype)
 
 
 def _unsupported_norm(layer: torch.nn.Module) -> str | None:

@@ -172,7 +172,8 @@ def test_hugging_face_layer_rules(class_name, input_dtype):
     layer = _hugging_face_layer(class_name, torch.float64 if input_dtype == torch.float64 else torch.float32, g)
     B, T = 3, 5
     if class_name.endswith("Embedding"):
-        x = torch.randint(0, 20, (B, T), generator=g)  # id 0 is the padding row
+        x = torch.randint(0, 20, (B, T), generator=g)
+        x[:, ::2] = 0  # the padding row: no gradient, but (as with a tied output layer) a validation gradient
     else:
         x = torch.randn(B, T, 5 if class_name == "Conv1D" else 8, generator=g, dtype=torch.float64).to(input_dtype)
     y = layer(x)
@@ -187,3 +188,20 @@ def test_hugging_face_layer_rules(class_name, input_dtype):
     float64_arithmetic = input_dtype == torch.float64 and not gemma_norm
     tolerance = (1e-12 if float64_arithmetic else 1e-5) * float(expected.abs().max())
     torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+
+
+def test_registered_embedding_rule_skips_the_padding_row():
+    """``nn.Embedding(padding_idx=...)``'s registered rule: the padding row gets no gradient from the
+    lookup even where its validation gradient is not zero (an output layer tied to the table)."""
+    from inrun_megatron.sites import embedding_rule
+
+    g = torch.Generator().manual_seed(5)
+    layer = torch.nn.Embedding(20, 4, padding_idx=3).double()
+    ids = torch.randint(0, 20, (3, 6), generator=g)
+    ids[:, 1::2] = 3
+    y = layer(ids)
+    upstream = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    grads = _per_sample_grads([(y[j] * upstream[j]).sum() for j in range(3)], [layer.weight])
+    G = torch.randn(K, 20, 4, generator=g, dtype=torch.float64)
+    got = embedding_rule(layer, ids, upstream, {"weight": G}, projection_dtype=None)
+    torch.testing.assert_close(got, _reference(grads, [G]), rtol=1e-12, atol=1e-12)
