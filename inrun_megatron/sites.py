@@ -291,8 +291,9 @@ def register_rule(
 
 
 def registered_builders() -> dict[type, SiteBuilder]:
-    """The builders of every registered rule; the Hugging Face rules are registered the first time a
-    model is attached after ``transformers`` was imported (never importing it otherwise)."""
+    """The builders of every registered rule, with the built-in Hugging Face rules of every
+    ``transformers`` modeling module imported by now (a model holding such a layer has imported its
+    module; nothing of transformers is imported here)."""
     if "transformers" in sys.modules:
         from inrun_megatron import hf_rules
 

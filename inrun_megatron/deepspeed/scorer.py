@@ -32,9 +32,11 @@ one at attach (``ScoringConfig.path`` forces either):
   hooks, and ZeRO-0 all-reduces after the backward. Under ZeRO-3 the hook receives the full
   gathered gradient and gathers that one parameter's ``G`` (the same all-gather on every rank, in
   the backward's order).
-* larger micro-batches: per-layer rules inside each layer's backward, for models built from
-  ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm`` or megatron-core
-  tensor-parallel layers; another trainable module is refused at attach.
+* larger micro-batches: per-layer rules inside each layer's backward, for models built from layers
+  with a registered rule (:func:`inrun_megatron.register_rule`: ``nn.Linear``, ``nn.Embedding``,
+  ``nn.LayerNorm``, ``nn.RMSNorm``, the Hugging Face layers of :mod:`inrun_megatron.hf_rules`, the
+  user's own) or from megatron-core tensor-parallel layers; another trainable module is refused at
+  attach.
 
 What a raw score is (``docs/DESIGN.md`` §1): ``<grad l_z, G>`` where ``l_z`` is sample z's term of the loss
 the optimizer received. DeepSpeed divides each micro-step's loss by the gradient accumulation
@@ -147,8 +149,9 @@ class DeepSpeedScorer(Scorer):
     Args:
         engine: the ``DeepSpeedEngine`` returned by ``deepspeed.initialize``. With
             ``train_micro_batch_size_per_gpu`` 1 its module may be any model; with larger
-            micro-batches it is built from ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``,
-            ``nn.RMSNorm`` (weights may be tied) or megatron-core tensor-parallel layers.
+            micro-batches it is built from layers with a registered score rule
+            (:func:`inrun_megatron.register_rule`; weights may be tied) or megatron-core
+            tensor-parallel layers.
         validation: the validation set (a list of batches in the training batch format), or a dict
             ``{target name: batches}`` of several sets, each scored separately. Every rank passes
             the same batches.
