@@ -1,7 +1,8 @@
 """Score rules of the Hugging Face ``transformers`` layers that ``torch.nn`` does not cover.
 
-Each rule restates its layer's forward (transformers 5.x) exactly, casts included, because the
-score is the dot product of the gradient *that forward* produces (``docs/DESIGN.md`` §2.2):
+Each rule restates its layer's forward as of transformers 5.23 (the version the tests check) exactly,
+casts included, because the score is the dot product of the gradient *that forward* produces
+(``docs/DESIGN.md`` §2.2):
 
 * ``Conv1D`` (GPT-2): ``y = x W + bias`` with ``W`` stored ``[d_in, d_out]``, a linear layer
   with a transposed weight.
@@ -84,6 +85,6 @@ def register_loaded() -> None:
     """Register the rules of every modeling module imported so far, for the classes that have no rule
     yet: a rule the user registered for one of them, before or after, is never replaced."""
     for module_name, class_name, rule, unsupported in RULES:
-        module = sys.modules.get(module_name)
-        if module is not None and getattr(module, class_name) not in TORCH_SITE_BUILDERS:
-            register_rule(getattr(module, class_name), unsupported=unsupported)(rule)
+        layer_type = getattr(sys.modules.get(module_name), class_name, None)  # older releases lack some
+        if layer_type is not None and layer_type not in TORCH_SITE_BUILDERS:
+            register_rule(layer_type, unsupported=unsupported)(rule)

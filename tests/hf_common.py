@@ -30,7 +30,7 @@ def data_shape():
 
 def build(name: str) -> torch.nn.Module:
     """A two-layer model of family ``name`` with hidden size 16 and grouped-query attention where the
-    family has it; Llama and Gemma tie the output layer to the embedding, the others do not."""
+    family has it; GPT-2, ``llama-tied`` and Gemma tie the output layer to the embedding."""
     shape = data_shape()
     if name == "gpt2":
         config = transformers.GPT2Config(

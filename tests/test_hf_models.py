@@ -61,6 +61,8 @@ def test_hugging_face_models_at_micro_batch_size_2_match_brute_force(tmp_path):
         raw = {sid: r for rank in ranks for sid, r in rank[i]["raw"][0]["validation"].items()}
         torch.manual_seed(0)
         initial = build(case["name"]).to(DEVICE)
+        tied = initial.lm_head.weight is initial.get_input_embeddings().weight
+        assert tied == (case["name"] in ("llama-tied", "gpt2", "gemma")), label
         validation = make_data(data_shape(), 2, 2, seed=6, first_id=10**6)
         train = make_data(data_shape(), case["gas"] * DP, case["mbs"], seed=100, first_id=0)
         error = _brute_force_error(label, raw, initial, validation, train)
