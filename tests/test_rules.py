@@ -205,3 +205,20 @@ def test_registered_embedding_rule_skips_the_padding_row():
     G = torch.randn(K, 20, 4, generator=g, dtype=torch.float64)
     got = embedding_rule(layer, ids, upstream, {"weight": G}, projection_dtype=None)
     torch.testing.assert_close(got, _reference(grads, [G]), rtol=1e-12, atol=1e-12)
+
+
+def test_built_in_hugging_face_rules_never_replace_a_users_rule(monkeypatch):
+    """Registering the built-in Hugging Face rules (at every attach) keeps a rule the user registered
+    for one of those classes; ``register_rule`` takes module types only."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from inrun_megatron import register_rule
+    from inrun_megatron.sites import TORCH_SITE_BUILDERS, registered_builders
+
+    built_in = registered_builders()[LlamaRMSNorm]
+    monkeypatch.setitem(TORCH_SITE_BUILDERS, LlamaRMSNorm, built_in)  # restored after the test
+    register_rule(LlamaRMSNorm)(lambda layer, x, grad_output, G, *, projection_dtype: None)
+    users = TORCH_SITE_BUILDERS[LlamaRMSNorm]
+    assert users is not built_in and registered_builders()[LlamaRMSNorm] is users
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module subclasses"):
+        register_rule("LlamaRMSNorm")
