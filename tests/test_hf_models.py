@@ -119,9 +119,11 @@ def test_unregistered_hugging_face_layer_is_refused_above_micro_batch_size_1(dee
     assert "inrun_megatron.register_rule" in message and "micro_batch_size 1" in message, message
 
 
-def test_entry_point_scores_a_hugging_face_model(tmp_path):
-    """``launch/deepspeed_train.py --model hf-gpt2 --micro-batch-size 1 --scoring-path microbatch`` in
-    one process at ZeRO-3: the microbatch-gradient path scores every sequence of every step."""
+@pytest.mark.parametrize(("mbs", "path"), [(1, "microbatch"), (2, "rules")])
+def test_entry_point_scores_a_hugging_face_model(tmp_path, mbs, path):
+    """``launch/deepspeed_train.py --model hf-gpt2 --micro-batch-size N --scoring-path PATH`` in one
+    process at ZeRO-3 (two accumulation steps): the microbatch-gradient path at micro-batch size 1, the
+    per-layer rules (GPT-2's Conv1D among them) at 2, score every sequence of every step."""
     import sys
 
     import pyarrow.dataset as ds
@@ -132,10 +134,12 @@ def test_entry_point_scores_a_hugging_face_model(tmp_path):
     config = _config(tmp_path, "zero3.json", 2)
     run = tmp_path / "hf"
     _run(sys.executable, "launch/deepspeed_train.py", "--deepspeed_config", str(config), "--out", str(run),
-         "--steps", "2", "--model", "hf-gpt2", "--micro-batch-size", "1", "--scoring-path", "microbatch",
+         "--steps", "2", "--model", "hf-gpt2", "--micro-batch-size", str(mbs), "--scoring-path", path,
          "--num-layers", "1", "--hidden-size", "16", "--vocab-size", "64", "--seq-length", "16")  # fmt: skip
     manifest = read_manifest(run)
-    assert manifest["scoring"]["path"] == "microbatch" and manifest["scoring_path"] == "microbatch"
+    assert manifest["scoring"]["path"] == path and manifest["scoring_path"] == path
     table = ds.dataset(run / "scores", format="parquet").to_table().to_pydict()
-    assert sorted(zip(table["step"], table["sample_id"])) == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    per_step = 2 * mbs
+    expected = [(step, step * per_step + i) for step in range(2) for i in range(per_step)]
+    assert sorted(zip(table["step"], table["sample_id"])) == expected
     assert all(r == r and r != 0.0 for r in table["raw"]), table["raw"]
