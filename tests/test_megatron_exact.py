@@ -160,7 +160,6 @@ def test_validation_pass_keeps_activation_recomputation(megatron_world, recomput
 
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import GPTShape, build_gpt
-    from inrun_megatron.megatron.validation_pass import run_validation_pass
 
     def validation_pass_peak(**options) -> int:
         shape = GPTShape(num_layers=4, seq_length=128, **options)
@@ -169,7 +168,7 @@ def test_validation_pass_keeps_activation_recomputation(megatron_world, recomput
         scorer = MegatronScorer(model, make_data(shape, 2, 2, seed=3, first_id=10**6))
         meter = _LiveSavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            run_validation_pass(scorer, get_forward_backward_func(), forward_step, model)
+            scorer.validation_pass(get_forward_backward_func(), forward_step_func=forward_step, model=model)
         scorer.detach()
         return meter.peak
 

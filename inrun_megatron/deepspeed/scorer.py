@@ -57,13 +57,13 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
-from inrun_megatron.deepspeed.validation_pass import run_validation_pass
+from inrun_megatron.deepspeed.validation_pass import DeepSpeedTargetBackward, TokenLosses
 from inrun_megatron.scorer import Scorer, clip_coefficient
 from inrun_megatron.scores import StepRecords
 from inrun_megatron.sites import TORCH_SITE_BUILDERS
-from inrun_megatron.validation import Batch, check_targets, loss_mask_of
+from inrun_megatron.validation import Batch, check_targets, loss_mask_of, masked_loss_sum
+from inrun_megatron.validation_pass import run_validation_pass
 
-TokenLosses = Callable[[torch.nn.Module, Batch], torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 SUPPORTED = (
@@ -126,9 +126,9 @@ def masked_token_mean(token_losses: TokenLosses) -> LossFn:
     tokens (what Hugging Face causal LMs return)."""
 
     def loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        losses = token_losses(model, batch)
-        mask = loss_mask_of(batch).to(losses)
-        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+        mask = loss_mask_of(batch)
+        loss_sum = masked_loss_sum(token_losses(model, batch), mask, source="token_losses(model, batch)")
+        return loss_sum / mask.sum().clamp(min=1.0)
 
     return loss
 
@@ -260,6 +260,25 @@ class DeepSpeedScorer(Scorer):
         data parallelism, before clipping), the fp16 loss scale removed."""
         return optimizer_gradient_dot(self.engine, self.grads, self.counts).dot / self.fp16_loss_scale()
 
+    def validation_pass(self) -> dict[str, float]:
+        """``G`` of every target at the current weights (``docs/DESIGN.md`` §2.1); the losses."""
+        split = self.config.validation_split == "split"
+        backward = DeepSpeedTargetBackward(
+            module=self.engine.module,
+            store=self.grads,
+            token_losses=self.token_losses,
+            batches=[self.local_validation_batches(t) for t in self.targets],
+            release_parameters=self.release_gathered_parameters,
+        )
+        return run_validation_pass(
+            self.targets,
+            self.grads,
+            backward,
+            loss_scale=self.fp16_loss_scale(),
+            loss_groups=[self.dp_group] if split else [],
+            step=self.step,
+        )
+
     def release_gathered_parameters(self) -> None:
         """ZeRO-3: re-partition parameters whose release hook a gradient-free input skipped, as
         DeepSpeed does after each of its own backward passes."""
@@ -285,7 +304,7 @@ class DeepSpeedScorer(Scorer):
         sample_ids = self._check_step_input(micro_batches)
         micro_batches = [_on_device(b, engine.device) for b in micro_batches]
         self._fp32_clip_norm = None
-        validation_losses = run_validation_pass(self)
+        validation_losses = self.validation_pass()
         lrs = set(engine.get_lr())
         self._lr = lrs.pop() if len(lrs) == 1 else None
         self._global_steps_at_forward = engine.global_steps

@@ -32,11 +32,12 @@ from megatron.core.utils import get_model_config
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron import layers
 from inrun_megatron.megatron.gradient_dot import optimizer_gradient_dot
-from inrun_megatron.megatron.validation_pass import run_validation_pass
+from inrun_megatron.megatron.validation_pass import SET_BY_VALIDATION_PASS, MegatronTargetBackward
 from inrun_megatron.microbatch_gradients import gradient_scores
 from inrun_megatron.scorer import Scorer, clip_coefficient
 from inrun_megatron.scores import StepRecords
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
+from inrun_megatron.validation_pass import run_validation_pass
 
 #: megatron-core release lines the Megatron adapter is tested against.
 TESTED_MEGATRON = ("0.16.", "0.19.")
@@ -333,9 +334,7 @@ class MegatronScorer(Scorer):
             raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
         self.path_for(kwargs["micro_batch_size"])  # a step no path can score is refused before any work
         stopwatch = _Stopwatch(self.pass_clock)
-        validation_losses = run_validation_pass(
-            self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
-        )
+        validation_losses = self.validation_pass(forward_backward_func, **kwargs)
         stopwatch.lap()
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
         captured: list[list] = []
@@ -355,6 +354,37 @@ class MegatronScorer(Scorer):
         if stopwatch.clock is not None:
             self.last_timings = PassTimings(*stopwatch.intervals())
         return result
+
+    def validation_pass(self, forward_backward_func: Callable, **kwargs) -> dict[str, float]:
+        """``G`` of every target at the current weights (``docs/DESIGN.md`` §2.1); the losses.
+
+        Takes :meth:`forward_backward`'s arguments (at least ``forward_step_func`` and ``model``) and
+        passes every one that does not describe the training data on to ``forward_backward_func``
+        (``pg_collection``, ``p2p_communicator``, ...), so the validation pass runs through the
+        caller's schedule with the caller's process groups."""
+        split = self.config.validation_split == "split"
+        split_group = parallel_state.get_data_parallel_group(with_context_parallel=True) if split else None
+        shared = any(getattr(p, "shared_embedding", False) for p in self.grads.params())
+        backward = MegatronTargetBackward(
+            chunks=self.chunks,
+            store=self.grads,
+            forward_backward_func=forward_backward_func,
+            forward_step_func=kwargs["forward_step_func"],
+            schedule_kwargs={k: v for k, v in kwargs.items() if k not in SET_BY_VALIDATION_PASS},
+            batches=[self.local_validation_batches(t) for t in self.targets],
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            embedding_group=parallel_state.get_embedding_group() if shared else None,
+            split_group=split_group,
+        )
+        pipeline = parallel_state.get_pipeline_model_parallel_group()
+        return run_validation_pass(
+            self.targets,
+            self.grads,
+            backward,
+            loss_scale=self.loss_scale(),
+            loss_groups=[pipeline] if split_group is None else [pipeline, split_group],
+            step=self.step,
+        )
 
     @staticmethod
     def _capture(data_iterator, captured: list[list]):
