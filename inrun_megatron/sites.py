@@ -19,16 +19,38 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from inrun_megatron import rules
 
 if TYPE_CHECKING:
-    from inrun_megatron.scorer import Scorer
+    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.scores import StepScores
+    from inrun_megatron.validation import GradientStore
 
-SiteBuilder = Callable[["Scorer", str, torch.nn.Module], list["Site"]]
+
+class SiteScorer(Protocol):
+    """What sites and their builders use of the scorer they belong to
+    (:class:`inrun_megatron.scorer.Scorer` is one). Named here so that the modules below the
+    scorer depend on this interface, not on the scorer's module, which imports them."""
+
+    config: ScoringConfig
+    scoring: str | None  # the path scoring the running training pass, if any
+    step_scores: StepScores | None
+    grads: GradientStore | None
+
+    def counts(self, param: torch.nn.Parameter) -> bool: ...
+
+    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter: ...
+
+    def add_hook(self, handle) -> None: ...
+
+    def on_detach(self, fn: Callable[[], None]) -> None: ...
+
+
+SiteBuilder = Callable[[SiteScorer, str, torch.nn.Module], list["Site"]]
 
 
 @dataclass(eq=False)
@@ -41,7 +63,7 @@ class Site:
 
     name: str
     params: tuple[torch.nn.Parameter, ...]
-    scorer: Scorer
+    scorer: SiteScorer
     calls: int = 0
 
 
@@ -122,7 +144,7 @@ class TapSite(Site):
         return self.scorer.config.projection_dtype
 
 
-def tap_module_output(scorer: Scorer, site: TapSite, module: torch.nn.Module) -> None:
+def tap_module_output(scorer: SiteScorer, site: TapSite, module: torch.nn.Module) -> None:
     """Tap ``module``'s output, saving its input (the first argument, or ``input=`` as torch names it)."""
 
     def hook(_module, args, kwargs, output):
@@ -150,7 +172,7 @@ class NormSite(TapSite):
         return rules.layer_norm_scores(x, grad, g_weight, self.grads[bias] if bias is not None else None, **kw)
 
 
-def norm_site(scorer: Scorer, name: str, module: torch.nn.Module, *, batch_dim: int) -> list[Site]:
+def norm_site(scorer: SiteScorer, name: str, module: torch.nn.Module, *, batch_dim: int) -> list[Site]:
     """Site of a torch LayerNorm/RMSNorm. Under sequence parallelism (weights tagged
     ``sequence_parallel``) each tensor-parallel rank normalises its own tokens and counts them;
     otherwise an identical copy is counted once (``scorer.counts``)."""
@@ -175,7 +197,7 @@ def norm_site(scorer: Scorer, name: str, module: torch.nn.Module, *, batch_dim: 
 
 
 @builds_sites(torch.nn.LayerNorm, torch.nn.RMSNorm)
-def torch_norm_sites(scorer: Scorer, name: str, module: torch.nn.Module) -> list[Site]:
+def torch_norm_sites(scorer: SiteScorer, name: str, module: torch.nn.Module) -> list[Site]:
     return norm_site(scorer, name, module, batch_dim=0)
 
 
@@ -198,7 +220,7 @@ class TorchLinearSite(TapSite):
 
 
 @builds_sites(torch.nn.Linear)
-def torch_linear_sites(scorer: Scorer, name: str, module: torch.nn.Linear) -> list[Site]:
+def torch_linear_sites(scorer: SiteScorer, name: str, module: torch.nn.Linear) -> list[Site]:
     params = tuple(p for p in (module.weight, module.bias) if p is not None)
     site = TorchLinearSite(name=name, params=params, scorer=scorer, linear=module)
     tap_module_output(scorer, site, module)
@@ -225,7 +247,7 @@ class TorchEmbeddingSite(TapSite):
 
 
 @builds_sites(torch.nn.Embedding)
-def torch_embedding_sites(scorer: Scorer, name: str, module: torch.nn.Embedding) -> list[Site]:
+def torch_embedding_sites(scorer: SiteScorer, name: str, module: torch.nn.Embedding) -> list[Site]:
     if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
         raise NotImplementedError(f"{name}: nn.Embedding with max_norm, scale_grad_by_freq or sparse is not supported")
     site = TorchEmbeddingSite(name=name, params=(module.weight,), scorer=scorer, embedding=module)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,9 @@ from inrun_megatron.scores import StepRecords
 from inrun_megatron.sites import TORCH_SITE_BUILDERS
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of, masked_loss_sum
 from inrun_megatron.validation_pass import run_validation_pass
+
+if TYPE_CHECKING:
+    from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
@@ -183,12 +187,16 @@ class DeepSpeedScorer(Scorer):
         self._lr: float | None = None
         self._global_steps_at_forward: int | None = None
         self._fp32_clip_norm: float | None = None
+        # megatron-core layers (tensor parallelism inside DeepSpeed): their counting, tied output
+        # weight and site builders come from the megatron-core layer support.
+        self.megatron_layers: MegatronCoreLayers | None = None
         try:
             builders = TORCH_SITE_BUILDERS
             if _is_megatron_model(engine.module):
-                from inrun_megatron.deepspeed import megatron_tp
+                from inrun_megatron.deepspeed.megatron_tp import megatron_core_layers
 
-                builders = megatron_tp.attach(self)
+                self.megatron_layers = megatron_core_layers(engine, self.config)
+                builders = self.megatron_layers.attach(self)
             self.build_sites([("", engine.module)], builders)
             self.micro_batch_size = int(engine.train_micro_batch_size_per_gpu())
             self.path = self.path_for(self.micro_batch_size)  # refuses what neither path can score
@@ -218,11 +226,13 @@ class DeepSpeedScorer(Scorer):
             return PartitionedGradientStore(params, len(self.targets), sum_over_ranks=split)
         return DenseGradientStore(params, len(self.targets), dp_group=self.dp_group, sum_over_ranks=split)
 
-    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
-        """(megatron GPT inside DeepSpeed) the embedding weight a weightless output layer uses."""
-        from inrun_megatron.megatron.scorer import MegatronScorer
+    def counts(self, param: torch.nn.Parameter) -> bool:
+        return self.megatron_layers is None or self.megatron_layers.counts(param)
 
-        return MegatronScorer.tied_output_weight(self, name, module)
+    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
+        if self.megatron_layers is None:
+            return super().tied_output_weight(name, module)
+        return self.megatron_layers.tied_output_weight(name, module)
 
     def _check_validation_split(self) -> None:
         if self.config.validation_split != "split":

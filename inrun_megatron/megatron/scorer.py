@@ -25,33 +25,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.package_info import __version__ as MEGATRON_VERSION
-from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 from megatron.core.utils import get_model_config
 
 from inrun_megatron.config import ScoringConfig
-from inrun_megatron.megatron import layers
 from inrun_megatron.megatron.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.megatron.validation_pass import SET_BY_VALIDATION_PASS, MegatronTargetBackward
+from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 from inrun_megatron.microbatch_gradients import gradient_scores
 from inrun_megatron.scorer import Scorer, clip_coefficient
 from inrun_megatron.scores import StepRecords
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 from inrun_megatron.validation_pass import run_validation_pass
-
-#: megatron-core release lines the Megatron adapter is tested against.
-TESTED_MEGATRON = ("0.16.", "0.19.")
-
-
-def check_megatron_version(allow_untested: bool = False, version: str = MEGATRON_VERSION) -> None:
-    if version.startswith(TESTED_MEGATRON) or allow_untested:
-        return
-    raise RuntimeError(
-        f"inrun_megatron is tested with megatron-core {', '.join(v + 'x' for v in TESTED_MEGATRON)};"
-        f" megatron-core {version} is installed. Install a tested version, or pass"
-        " ScoringConfig(allow_untested_megatron=True) and check the scores against the brute-force"
-        " tests first"
-    )
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -140,17 +124,18 @@ class MegatronScorer(Scorer):
         self._main_grad_scores: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.pass_clock: Callable[[], float] | None = None
         self.last_timings: PassTimings | None = None
-        check_megatron_version(self.config.allow_untested_megatron)
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
         self.models = [_unwrap(c) for c in self.chunks]
+        self.megatron_layers = MegatronCoreLayers(
+            self.models, allow_untested_megatron=self.config.allow_untested_megatron
+        )
         self._refuse_unsupported()
         check_targets(self.targets, vocab_size=self.models[0].vocab_size)
         self._check_validation_batches()
-        layers.install_linear_patch()
-        self.on_detach(layers.remove_linear_patch)
+        builders = self.megatron_layers.attach(self)
         roots = [(f"chunk{i}" if len(self.models) > 1 else "", m) for i, m in enumerate(self.models)]
         try:
-            self.build_sites(roots, layers.SITE_BUILDERS, local_scores=self._local_scores)
+            self.build_sites(roots, builders, local_scores=self._local_scores)
             if micro_batch_size is not None:
                 self.path_for(micro_batch_size)
         except Exception:
@@ -211,7 +196,7 @@ class MegatronScorer(Scorer):
                 )
 
     def counts(self, param: torch.nn.Parameter) -> bool:
-        return param_is_not_tensor_parallel_duplicate(param)
+        return self.megatron_layers.counts(param)
 
     @property
     def dp_rank(self) -> int:
@@ -222,13 +207,7 @@ class MegatronScorer(Scorer):
         return parallel_state.get_data_parallel_group()
 
     def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
-        """The embedding weight a weightless output layer multiplies by (tied embeddings)."""
-        for model in self.models:
-            if getattr(model, "output_layer", None) is module and model.share_embeddings_and_output_weights:
-                return model.shared_embedding_or_output_weight()
-        raise NotImplementedError(
-            f"{name}: a linear layer without its own weight is only supported as GPT's tied output layer"
-        )
+        return self.megatron_layers.tied_output_weight(name, module)
 
     def _local_scores(self, param: torch.nn.Parameter, grad: torch.Tensor, g_val: torch.Tensor) -> torch.Tensor:
         """``<this microbatch's local gradient of param, G>`` per target, from its tensor hook.
