@@ -221,17 +221,25 @@ class MegatronCoreLayers:
 
     Args:
         models: the unwrapped megatron-core models (chunks) the scorer scores.
+        tp_group: the tensor-parallel group the models' layers are sharded over (megatron's global
+            one if None).
         allow_untested_megatron: accept a megatron-core release outside :data:`TESTED_MEGATRON`.
     """
 
-    def __init__(self, models: Sequence[torch.nn.Module], *, allow_untested_megatron: bool = False):
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        *,
+        tp_group: dist.ProcessGroup | None = None,
+        allow_untested_megatron: bool = False,
+    ):
         check_megatron_version(allow_untested_megatron)
         self.models = list(models)
+        self.tp_group = tp_group
 
-    @staticmethod
-    def counts(param: torch.nn.Parameter) -> bool:
+    def counts(self, param: torch.nn.Parameter) -> bool:
         """Whether this rank counts ``param``: False for a tensor-parallel duplicate off TP rank 0."""
-        return param_is_not_tensor_parallel_duplicate(param)
+        return param_is_not_tensor_parallel_duplicate(param, tp_group=self.tp_group)
 
     def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
         """The embedding weight a weightless output layer multiplies by (tied embeddings)."""
