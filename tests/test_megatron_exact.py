@@ -201,7 +201,7 @@ def test_process_groups_passed_explicitly_reach_both_passes(megatron_world):
 
     kwargs = dict(forward_step_func=forward_step, model=model, num_microbatches=2, seq_length=shape.seq_length)
     scorer = MegatronScorer(model, validation, pg_collection=groups)
-    assert scorer.process_groups is groups
+    assert all(getattr(scorer.process_groups, name) is getattr(groups, name) for name in ("tp", "pp", "dp", "embd"))
     scorer.forward_backward(
         forward_backward, data_iterator=iter(train), micro_batch_size=2, pg_collection=groups, **kwargs
     )

@@ -20,14 +20,14 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 from megatron.core.transformer.module import param_is_not_shared
 
 from inrun_megatron.gradient_dot import DotAccumulator, GradientDot
-from inrun_megatron.megatron.process_groups import process_groups
+from inrun_megatron.megatron.process_groups import ScorerGroups, process_groups
 
 #: ``{parameter: tensor}``: one tensor of the parameter's shape, or ``[K, *shape]`` (one per target,
 #: as in the scorer's gradient store).
 ParameterTensors = Mapping[torch.nn.Parameter, torch.Tensor]
 
 
-def counted_parameters(chunks: Sequence[torch.nn.Module], groups: ProcessGroupCollection) -> list[torch.nn.Parameter]:
+def counted_parameters(chunks: Sequence[torch.nn.Module], groups: ScorerGroups) -> list[torch.nn.Parameter]:
     """The parameters of this rank that count towards a model-wide dot product."""
     return [
         p
@@ -38,7 +38,7 @@ def counted_parameters(chunks: Sequence[torch.nn.Module], groups: ProcessGroupCo
 
 
 def _accumulator(
-    chunks: Sequence[torch.nn.Module], b: ParameterTensors, with_abs: bool, groups: ProcessGroupCollection
+    chunks: Sequence[torch.nn.Module], b: ParameterTensors, with_abs: bool, groups: ScorerGroups
 ) -> DotAccumulator:
     for p in counted_parameters(chunks, groups):
         if p in b:
@@ -52,7 +52,7 @@ def model_dot(
     b: ParameterTensors,
     *,
     with_abs: bool = False,
-    groups: ProcessGroupCollection | None = None,
+    groups: ProcessGroupCollection | ScorerGroups | None = None,
 ) -> GradientDot:
     """``<a, b_k>`` over every counted parameter held whole on this rank's model-parallel shard
     (``a[p]`` of the parameter's shape), summed over the model-parallel group. ``groups``: the
@@ -70,7 +70,7 @@ def optimizer_gradient_dot(
     b: ParameterTensors,
     *,
     with_abs: bool = False,
-    groups: ProcessGroupCollection | None = None,
+    groups: ProcessGroupCollection | ScorerGroups | None = None,
 ) -> GradientDot:
     """``<g, b_k>`` with ``g`` the gradient the optimizer steps with (``main_grad`` under megatron
     DDP, ``.grad`` otherwise), over the whole model; still multiplied by any fp16 loss scale.

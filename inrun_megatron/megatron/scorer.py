@@ -29,7 +29,7 @@ from megatron.core.utils import get_model_config
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron.gradient_dot import optimizer_gradient_dot
-from inrun_megatron.megatron.process_groups import SCORER_GROUPS, embedding_group, process_groups
+from inrun_megatron.megatron.process_groups import SCORER_GROUPS, process_groups
 from inrun_megatron.megatron.validation_pass import SET_BY_VALIDATION_PASS, MegatronTargetBackward
 from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 from inrun_megatron.microbatch_gradients import gradient_scores
@@ -344,7 +344,7 @@ class MegatronScorer(Scorer):
 
     def _check_schedule_groups(self, pg_collection: ProcessGroupCollection | None) -> None:
         """The schedule must run with the groups the scores are reduced over."""
-        if pg_collection is None or pg_collection is self.process_groups:
+        if pg_collection is None:
             return
         differ = [
             name
@@ -376,7 +376,7 @@ class MegatronScorer(Scorer):
             schedule_kwargs={k: v for k, v in kwargs.items() if k not in SET_BY_VALIDATION_PASS},
             batches=[self.local_validation_batches(t) for t in self.targets],
             tp_group=groups.tp,
-            embedding_group=embedding_group(groups) if shared else None,
+            embedding_group=groups.embedding if shared else None,
             split_group=split_group,
         )
         return run_validation_pass(
