@@ -25,7 +25,13 @@ import sys
 import torch
 
 from inrun_megatron import rules
-from inrun_megatron.sites import TORCH_SITE_BUILDERS, lookup_gradient, register_rule, unsupported_embedding
+from inrun_megatron.sites import (
+    TORCH_SITE_BUILDERS,
+    SiteBuilder,
+    lookup_gradient,
+    register_rule,
+    unsupported_embedding,
+)
 
 
 def conv1d_rule(layer: torch.nn.Module, x, grad_output, G, *, projection_dtype):
@@ -88,3 +94,13 @@ def register_loaded() -> None:
         layer_type = getattr(sys.modules.get(module_name), class_name, None)  # older releases lack some
         if layer_type is not None and layer_type not in TORCH_SITE_BUILDERS:
             register_rule(layer_type, unsupported=unsupported)(rule)
+
+
+def registered_builders() -> dict[type, SiteBuilder]:
+    """The builders of every registered rule, with the built-in Hugging Face rules of every
+    ``transformers`` modeling module imported by now (a model holding such a layer has imported its
+    module; nothing of transformers is imported here). It lives here, not in ``sites``, because the
+    rules here register through ``sites``: the import goes one way."""
+    if "transformers" in sys.modules:
+        register_loaded()
+    return TORCH_SITE_BUILDERS

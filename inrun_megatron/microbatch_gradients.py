@@ -20,14 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from inrun_megatron.sites import Site
-
-if TYPE_CHECKING:
-    from inrun_megatron.scorer import Scorer
+from inrun_megatron.sites import Site, SiteScorer
 
 #: ``local_scores(param, grad, g_val) -> [K]``: the dot products of the gradient this backward
 #: produced for ``param`` with each target's ``G`` (``g_val``: ``[K, n]``), given what the
@@ -59,7 +55,7 @@ class ParameterSite(Site):
 
 
 def attach_parameter_sites(
-    scorer: Scorer,
+    scorer: SiteScorer,
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     *,
     counted: Callable[[torch.nn.Parameter], bool],

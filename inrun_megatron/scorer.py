@@ -130,6 +130,11 @@ class Scorer:
         """Whether this rank counts ``param`` (False for a tensor-parallel duplicate)."""
         return True
 
+    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
+        """The weight a linear layer ``module`` without a weight of its own multiplies by (a GPT
+        output layer tied to the embedding); site builders ask for it when attaching."""
+        raise NotImplementedError(f"{name}: a linear layer without its own weight is not supported by this adapter")
+
     def counts_gradient(self, param: torch.nn.Parameter) -> bool:
         """Whether this rank counts ``param``'s local gradient on the microbatch-gradient path.
 

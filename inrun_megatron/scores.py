@@ -11,13 +11,19 @@ place the value of a row is computed (records, dumps, the optional in-memory
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from inrun_megatron.sites import Site
+
+class CountedSite(Protocol):
+    """A site as a step's score tensor sees it (:class:`inrun_megatron.sites.Site`): named, and
+    counting its backward passes in the step."""
+
+    name: str
+    calls: int
+
 
 #: Bumped whenever the meaning of a stored number changes.
 SCORE_DEFINITION_VERSION = 1
@@ -50,13 +56,13 @@ class StepScores:
 
     def __init__(self, n_targets: int, n_microbatches: int, micro_batch_size: int, device: torch.device):
         self.totals = torch.zeros(n_targets, n_microbatches, micro_batch_size, dtype=torch.float64, device=device)
-        self.sites: list[Site] = []
+        self.sites: list[CountedSite] = []
 
     @property
     def n_microbatches(self) -> int:
         return self.totals.shape[1]
 
-    def next_microbatch(self, site: Site) -> int:
+    def next_microbatch(self, site: CountedSite) -> int:
         """Claim the microbatch index of this backward call of ``site``."""
         if site.calls == 0:
             self.sites.append(site)

@@ -20,19 +20,40 @@ their adapter.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from inrun_megatron import rules
 
 if TYPE_CHECKING:
-    from inrun_megatron.scorer import Scorer
+    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.scores import StepScores
+    from inrun_megatron.validation import GradientStore
 
-SiteBuilder = Callable[["Scorer", str, torch.nn.Module], list["Site"]]
+
+class SiteScorer(Protocol):
+    """What sites and their builders use of the scorer they belong to
+    (:class:`inrun_megatron.scorer.Scorer` is one). Named here so that the modules below the
+    scorer depend on this interface, not on the scorer's module, which imports them."""
+
+    config: ScoringConfig
+    scoring: str | None  # the path scoring the running training pass, if any
+    step_scores: StepScores | None
+    grads: GradientStore | None
+
+    def counts(self, param: torch.nn.Parameter) -> bool: ...
+
+    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter: ...
+
+    def add_hook(self, handle) -> None: ...
+
+    def on_detach(self, fn: Callable[[], None]) -> None: ...
+
+
+SiteBuilder = Callable[[SiteScorer, str, torch.nn.Module], list["Site"]]
 
 
 @dataclass(eq=False)
@@ -45,7 +66,7 @@ class Site:
 
     name: str
     params: tuple[torch.nn.Parameter, ...]
-    scorer: Scorer
+    scorer: SiteScorer
     calls: int = 0
 
 
@@ -67,7 +88,7 @@ def site_registry(*parents: dict[type, SiteBuilder]) -> tuple[dict[type, SiteBui
 
 
 #: Builders of batch-first layers: what :func:`register_rule` fills, and what the DeepSpeed adapter
-#: uses for models without megatron-core layers (:func:`registered_builders`).
+#: uses for models without megatron-core layers (:func:`inrun_megatron.hf_rules.registered_builders`).
 TORCH_SITE_BUILDERS: dict[type, SiteBuilder] = {}
 
 
@@ -128,7 +149,7 @@ class TapSite(Site):
         return self.scorer.config.projection_dtype
 
 
-def tap_module_output(scorer: Scorer, site: TapSite, module: torch.nn.Module) -> None:
+def tap_module_output(scorer: SiteScorer, site: TapSite, module: torch.nn.Module) -> None:
     """Tap ``module``'s output, saving its input (the first argument, or ``input=`` as torch names it)."""
 
     def hook(_module, args, kwargs, output):
@@ -156,7 +177,7 @@ class NormSite(TapSite):
         return rules.layer_norm_scores(x, grad, g_weight, self.grads[bias] if bias is not None else None, **kw)
 
 
-def norm_site(scorer: Scorer, name: str, module: torch.nn.Module, *, batch_dim: int) -> list[Site]:
+def norm_site(scorer: SiteScorer, name: str, module: torch.nn.Module, *, batch_dim: int) -> list[Site]:
     """Site of a torch LayerNorm/RMSNorm. Under sequence parallelism (weights tagged
     ``sequence_parallel``) each tensor-parallel rank normalises its own tokens and counts them;
     otherwise an identical copy is counted once (``scorer.counts``)."""
@@ -224,7 +245,7 @@ def _first_input(name: str, args: tuple, kwargs: Mapping) -> torch.Tensor:
 
 
 def _rule_builder(rule: ScoreRule, unsupported: Unsupported | None) -> SiteBuilder:
-    def build(scorer: Scorer, name: str, module: torch.nn.Module) -> list[Site]:
+    def build(scorer: SiteScorer, name: str, module: torch.nn.Module) -> list[Site]:
         reason = unsupported(module) if unsupported is not None else None
         if reason:
             raise NotImplementedError(f"{name}: {reason}")
@@ -288,17 +309,6 @@ def register_rule(
         return rule
 
     return register
-
-
-def registered_builders() -> dict[type, SiteBuilder]:
-    """The builders of every registered rule, with the built-in Hugging Face rules of every
-    ``transformers`` modeling module imported by now (a model holding such a layer has imported its
-    module; nothing of transformers is imported here)."""
-    if "transformers" in sys.modules:
-        from inrun_megatron import hf_rules
-
-        hf_rules.register_loaded()
-    return TORCH_SITE_BUILDERS
 
 
 # --------------------------------------------------------------------------------------

@@ -49,6 +49,23 @@ def loss_mask_of(batch: Batch) -> torch.Tensor:
     return torch.ones_like(batch["labels"], dtype=torch.float32) if mask is None else mask
 
 
+def masked_loss_sum(token_losses: torch.Tensor, loss_mask: torch.Tensor, *, source: str) -> torch.Tensor:
+    """``sum(loss_mask * token_losses)``: a batch's term of a per-token mean loss, before the division
+    by the token count (the training loss's per microbatch, the validation loss's per target).
+
+    Computed in float32, or float64 for float64 losses (half-precision losses are never summed in
+    half precision). ``source`` names what produced ``token_losses``, for the error a wrong shape
+    gets: a loss that is not per token cannot be masked, and broadcasting would hide it.
+    """
+    if token_losses.shape != loss_mask.shape:
+        raise ValueError(
+            f"{source} must return the per-token losses [batch, seq]; got a tensor of shape"
+            f" {tuple(token_losses.shape)} for a batch of {tuple(loss_mask.shape)}"
+        )
+    losses = token_losses.to(torch.promote_types(token_losses.dtype, torch.float32))
+    return (losses * loss_mask.to(losses)).sum()
+
+
 def make_batch(
     tokens: torch.Tensor, sample_ids: torch.Tensor, loss_mask: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -172,6 +189,11 @@ class GradientStore:
     @property
     def n_targets(self) -> int:
         return next(iter(self._grads.values())).shape[0]
+
+    def zero_(self) -> None:
+        """Zero every stored gradient (the validation pass starts each attempt from zero)."""
+        for g in self._grads.values():
+            g.zero_()
 
     def __contains__(self, param: torch.nn.Parameter) -> bool:
         return param in self._grads

@@ -82,14 +82,12 @@ def validation_pass_isolation(scorer) -> dict:
     """Run a validation pass alone and report what it did to DeepSpeed's state."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from inrun_megatron.deepspeed.validation_pass import run_validation_pass
-
     params = list(scorer.engine.module.parameters())
     fired = []
     handles = [p.register_post_accumulate_grad_hook(lambda p: fired.append(p)) for p in params]
     grads = [p.grad for p in params]
     partitions = [p.ds_tensor.clone() for p in params if hasattr(p, "ds_tensor")]
-    run_validation_pass(scorer)
+    scorer.validation_pass()
     for h in handles:
         h.remove()
     zero3 = [p for p in params if hasattr(p, "ds_tensor")]

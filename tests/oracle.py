@@ -38,7 +38,12 @@ def abs_dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def validation_gradient(model: torch.nn.Module, batches: Sequence[dict], token_losses: TokenLosses) -> dict:
-    """Gradient of the mean per-token (masked) loss over every validation batch."""
+    """Gradient of the mean per-token (masked) loss over every validation batch.
+
+    The masked token loss is written out here rather than taken from
+    ``inrun_megatron.validation.masked_loss_sum``: the oracle checks the library, so it shares none
+    of the library's loss code.
+    """
     n_tokens = sum(float(b["loss_mask"].sum()) for b in batches)
     return gradients(model, lambda: sum((token_losses(model, b) * b["loss_mask"]).sum() for b in batches) / n_tokens)
 

@@ -34,3 +34,31 @@ def test_design_citations_name_existing_sections():
     assert len(cited) >= 5, cited  # the citations are found at all
     unknown = {s: where for s, where in cited.items() if s not in sections}
     assert not unknown, f"sections cited but not in docs/DESIGN.md: {unknown}"
+
+
+def _layout_entries(document: Path) -> list[str]:
+    """The paths of the ``inrun_megatron/ ...`` layout block: top-level names and, indented two
+    spaces, the library's own modules and packages (``inrun_megatron/<name>``)."""
+    text = document.read_text()
+    block = re.search(r"^```\n(inrun_megatron/ .*?)^```", text, re.S | re.M).group(1)
+    entries = []
+    for line in block.splitlines():
+        name = re.match(r"( {0,2})(\S+)", line)
+        if name and not line.startswith("   "):
+            entries.append(f"inrun_megatron/{name.group(2)}" if name.group(1) else name.group(2))
+    return entries
+
+
+def test_layouts_name_every_library_module_and_only_existing_paths():
+    """README "Repository layout" and docs/DESIGN.md §3 describe the tree as it is."""
+    library = {
+        f"inrun_megatron/{p.name}/" if p.is_dir() else f"inrun_megatron/{p.name}"
+        for p in (REPO / "inrun_megatron").iterdir()
+        if p.name != "__init__.py" and not p.name.startswith((".", "__")) and (p.suffix == ".py" or p.is_dir())
+    }
+    for document in (REPO / "README.md", REPO / "docs" / "DESIGN.md"):
+        entries = _layout_entries(document)
+        missing = [e for e in entries if not (REPO / e).exists()]
+        assert not missing, f"{document.name} names paths that do not exist: {missing}"
+        unnamed = library - set(entries)
+        assert not unnamed, f"{document.name}'s layout leaves out {sorted(unnamed)}"

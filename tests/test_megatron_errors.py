@@ -31,7 +31,7 @@ def gpt(megatron_world):
 def _no_hooks_left(model: torch.nn.Module) -> bool:
     from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Fn
 
-    from inrun_megatron.megatron import layers
+    from inrun_megatron import megatron_core_layers as layers
 
     hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     hooks = hooks or any(p._backward_hooks for p in model.parameters())  # the microbatch path's tensor hooks

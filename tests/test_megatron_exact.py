@@ -160,7 +160,6 @@ def test_validation_pass_keeps_activation_recomputation(megatron_world, recomput
 
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import GPTShape, build_gpt
-    from inrun_megatron.megatron.validation_pass import run_validation_pass
 
     def validation_pass_peak(**options) -> int:
         shape = GPTShape(num_layers=4, seq_length=128, **options)
@@ -169,10 +168,56 @@ def test_validation_pass_keeps_activation_recomputation(megatron_world, recomput
         scorer = MegatronScorer(model, make_data(shape, 2, 2, seed=3, first_id=10**6))
         meter = _LiveSavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            run_validation_pass(scorer, get_forward_backward_func(), forward_step, model)
+            scorer.validation_pass(get_forward_backward_func(), forward_step_func=forward_step, model=model)
         scorer.detach()
         return meter.peak
 
     plain, recomputed = validation_pass_peak(), validation_pass_peak(**recompute)
     print(f"validation pass, peak saved activations: {plain} bytes plain, {recomputed} with recomputation")
     assert recomputed < 0.6 * plain
+
+
+def test_process_groups_passed_explicitly_reach_both_passes(megatron_world):
+    """A caller's ProcessGroupCollection is what the scorer reduces over and what both the
+    validation and the training pass get from forward_backward_func; the scores are those of the
+    global groups (the same groups here), a collection that disagrees is refused before any work."""
+    import torch.distributed as dist
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from inrun_megatron.megatron import MegatronScorer
+    from inrun_megatron.megatron.model import GPTShape, build_gpt
+
+    shape = GPTShape(num_layers=2)
+    model = build_gpt(shape)
+    load_canonical_weights(model, seed=4)
+    train, validation = make_data(shape, 2, 2, seed=5), make_data(shape, 1, 2, seed=6, first_id=10**6)
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    seen = []
+
+    def forward_backward(**kwargs):
+        seen.append(kwargs.get("pg_collection"))
+        return get_forward_backward_func()(**kwargs)
+
+    kwargs = dict(forward_step_func=forward_step, model=model, num_microbatches=2, seq_length=shape.seq_length)
+    scorer = MegatronScorer(model, validation, pg_collection=groups)
+    assert all(getattr(scorer.process_groups, name) is getattr(groups, name) for name in ("tp", "pp", "dp", "embd"))
+    scorer.forward_backward(
+        forward_backward, data_iterator=iter(train), micro_batch_size=2, pg_collection=groups, **kwargs
+    )
+    ours = scorer.end_step(lr=1.0).records
+    other = ProcessGroupCollection(
+        **{name: getattr(groups, name) for name in ("pp", "mp", "cp", "dp", "dp_cp", "embd")}
+    )
+    other.tp = dist.new_group([0])
+    with pytest.raises(ValueError, match=r"whose tp group\(s\) differ"):
+        scorer.forward_backward(
+            forward_backward, data_iterator=iter(train), micro_batch_size=2, pg_collection=other, **kwargs
+        )
+    scorer.detach()
+    assert seen == [groups, groups], "the validation pass and the training pass both got the caller's groups"
+    model.zero_grad()
+    _, default = score_one_step(model, shape, train, validation)
+    assert torch.equal(torch.as_tensor(ours.columns["raw"]), torch.as_tensor(default.columns["raw"]))
+    with pytest.raises(ValueError, match="pg_collection has no tp"):
+        MegatronScorer(model, validation, pg_collection=ProcessGroupCollection(pp=groups.pp))

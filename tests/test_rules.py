@@ -213,7 +213,8 @@ def test_built_in_hugging_face_rules_never_replace_a_users_rule(monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from inrun_megatron import register_rule
-    from inrun_megatron.sites import TORCH_SITE_BUILDERS, registered_builders
+    from inrun_megatron.hf_rules import registered_builders
+    from inrun_megatron.sites import TORCH_SITE_BUILDERS
 
     built_in = registered_builders()[LlamaRMSNorm]
     monkeypatch.setitem(TORCH_SITE_BUILDERS, LlamaRMSNorm, built_in)  # restored after the test

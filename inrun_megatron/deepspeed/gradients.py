@@ -39,25 +39,12 @@ class ValidationGradients(GradientStore):
 
     sum_over_ranks: bool
 
-    def zero_(self) -> None:
-        for g in self._grads.values():
-            g.zero_()
-
     def accumulate(self, param: torch.nn.Parameter, k: int, grad: torch.Tensor) -> None:
         """Add this rank's gradient ``grad`` (full parameter shape) of target ``k``."""
         raise NotImplementedError
 
     def finish(self) -> None:
         """Complete ``G`` after the last :meth:`accumulate` of a pass."""
-
-    def all_finite(self, group: dist.ProcessGroup | None) -> bool:
-        """Whether every stored element is finite on every rank of ``group``."""
-        bad = torch.zeros((), dtype=torch.int64, device=next(iter(self._grads.values())).device)
-        for g in self._grads.values():
-            bad += (~torch.isfinite(g)).any()
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(bad, group=group)
-        return not bool(bad)
 
 
 class DenseGradientStore(ValidationGradients):

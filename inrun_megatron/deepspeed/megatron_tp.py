@@ -1,27 +1,22 @@
 """Megatron-Core tensor-parallel layers inside a DeepSpeed engine.
 
 DeepSpeed does data parallelism and ZeRO; megatron-core's ``ColumnParallelLinear``,
-``RowParallelLinear``, vocab-parallel embeddings and norms do tensor parallelism. Scoring reuses
-the Megatron adapter's site builders (:mod:`inrun_megatron.megatron.layers`) unchanged: linear
-layers are scored inside megatron's linear backward, tensor-parallel shards are summed over the
-TP group and TP duplicates counted once (``docs/DESIGN.md`` §2.4). DeepSpeed must be told the layout:
+``RowParallelLinear``, vocab-parallel embeddings and norms do tensor parallelism. Scoring composes
+the megatron-core layer support (:class:`inrun_megatron.megatron_core_layers.MegatronCoreLayers`),
+the same unit the Megatron adapter uses: linear layers are scored inside megatron's linear
+backward, tensor-parallel shards are summed over the TP group and TP duplicates counted once
+(``docs/DESIGN.md`` §2.4). This module adds what is DeepSpeed's: the layouts it refuses, and the
+model-parallel unit DeepSpeed must be told the layout with,
 ``deepspeed.initialize(..., mpu=MegatronMPU())``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
-from inrun_megatron.megatron import layers
-from inrun_megatron.megatron.scorer import check_megatron_version
-
-if TYPE_CHECKING:
-    from inrun_megatron.deepspeed.scorer import DeepSpeedScorer
-    from inrun_megatron.sites import SiteBuilder
+from inrun_megatron.config import ScoringConfig
+from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 
 
 class MegatronMPU:
@@ -45,9 +40,10 @@ class MegatronMPU:
         return dist.get_world_size(group=parallel_state.get_model_parallel_group())
 
 
-def attach(scorer: DeepSpeedScorer) -> dict[type, SiteBuilder]:
-    """Prepare ``scorer`` for megatron layers; return the site builders to use."""
-    check_megatron_version(scorer.config.allow_untested_megatron)
+def megatron_core_layers(engine, config: ScoringConfig) -> MegatronCoreLayers:
+    """The megatron-core layer support for ``engine``'s module; refuses, before any work, the
+    megatron-core layouts DeepSpeed cannot run with it."""
+    layers = MegatronCoreLayers([engine.module], allow_untested_megatron=config.allow_untested_megatron)
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError(
             "megatron-core layers need megatron's parallel state: call"
@@ -56,7 +52,7 @@ def attach(scorer: DeepSpeedScorer) -> dict[type, SiteBuilder]:
     unsupported = {
         "pipeline parallelism": parallel_state.get_pipeline_model_parallel_world_size() > 1,
         "context parallelism": parallel_state.get_context_parallel_world_size() > 1,
-        "sequence parallelism": getattr(getattr(scorer.engine.module, "config", None), "sequence_parallel", False),
+        "sequence parallelism": getattr(getattr(engine.module, "config", None), "sequence_parallel", False),
     }
     refused = [name for name, on in unsupported.items() if on]
     if refused:
@@ -66,12 +62,9 @@ def attach(scorer: DeepSpeedScorer) -> dict[type, SiteBuilder]:
             " adapter (inrun_megatron.megatron.MegatronScorer) with megatron's own data parallelism"
         )
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp > 1 and not isinstance(scorer.engine.mpu, MegatronMPU):
+    if tp > 1 and not isinstance(engine.mpu, MegatronMPU):
         raise ValueError(
             f"tensor parallelism (TP={tp}) under DeepSpeed needs megatron's layout passed to DeepSpeed:"
             " deepspeed.initialize(..., mpu=inrun_megatron.deepspeed.MegatronMPU())"
         )
-    scorer.counts = param_is_not_tensor_parallel_duplicate
-    layers.install_linear_patch()
-    scorer.on_detach(layers.remove_linear_patch)
-    return layers.SITE_BUILDERS
+    return layers

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -59,13 +60,16 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
-from inrun_megatron.deepspeed.validation_pass import run_validation_pass
+from inrun_megatron.deepspeed.validation_pass import DeepSpeedTargetBackward, TokenLosses
+from inrun_megatron.hf_rules import registered_builders
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
-from inrun_megatron.sites import registered_builders
 from inrun_megatron.step_result import ResultSink, StepResult
-from inrun_megatron.validation import Batch, check_targets, loss_mask_of
+from inrun_megatron.validation import Batch, check_targets, loss_mask_of, masked_loss_sum
+from inrun_megatron.validation_pass import run_validation_pass
 
-TokenLosses = Callable[[torch.nn.Module, Batch], torch.Tensor]
+if TYPE_CHECKING:
+    from inrun_megatron.megatron_core_layers import MegatronCoreLayers
+
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 SUPPORTED = (
@@ -128,9 +132,9 @@ def masked_token_mean(token_losses: TokenLosses) -> LossFn:
     tokens (what Hugging Face causal LMs return)."""
 
     def loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        losses = token_losses(model, batch)
-        mask = loss_mask_of(batch).to(losses)
-        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+        mask = loss_mask_of(batch)
+        loss_sum = masked_loss_sum(token_losses(model, batch), mask, source="token_losses(model, batch)")
+        return loss_sum / mask.sum().clamp(min=1.0)
 
     return loss
 
@@ -188,11 +192,15 @@ class DeepSpeedScorer(Scorer):
         self._lr: float | None = None
         self._global_steps_at_forward: int | None = None
         self._fp32_clip_norm: float | None = None
+        # megatron-core layers (tensor parallelism inside DeepSpeed): their counting, tied output
+        # weight and site builders come from the megatron-core layer support.
+        self.megatron_layers: MegatronCoreLayers | None = None
         try:
             if _is_megatron_model(engine.module):
-                from inrun_megatron.deepspeed import megatron_tp
+                from inrun_megatron.deepspeed.megatron_tp import megatron_core_layers
 
-                self.build_sites([("", engine.module)], megatron_tp.attach(self))
+                self.megatron_layers = megatron_core_layers(engine, self.config)
+                self.build_sites([("", engine.module)], self.megatron_layers.attach(self))
             else:
                 self.build_sites([("", engine.module)], registered_builders(), registry=True)
             self.micro_batch_size = int(engine.train_micro_batch_size_per_gpu())
@@ -223,11 +231,13 @@ class DeepSpeedScorer(Scorer):
             return PartitionedGradientStore(params, len(self.targets), sum_over_ranks=split)
         return DenseGradientStore(params, len(self.targets), dp_group=self.dp_group, sum_over_ranks=split)
 
-    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
-        """(megatron GPT inside DeepSpeed) the embedding weight a weightless output layer uses."""
-        from inrun_megatron.megatron.scorer import MegatronScorer
+    def counts(self, param: torch.nn.Parameter) -> bool:
+        return self.megatron_layers is None or self.megatron_layers.counts(param)
 
-        return MegatronScorer.tied_output_weight(self, name, module)
+    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
+        if self.megatron_layers is None:
+            return super().tied_output_weight(name, module)
+        return self.megatron_layers.tied_output_weight(name, module)
 
     def _check_validation_split(self) -> None:
         if self.config.validation_split != "split":
@@ -265,6 +275,25 @@ class DeepSpeedScorer(Scorer):
         data parallelism, before clipping), the fp16 loss scale removed."""
         return optimizer_gradient_dot(self.engine, self.grads, self.counts).dot / self.fp16_loss_scale()
 
+    def validation_pass(self) -> dict[str, float]:
+        """``G`` of every target at the current weights (``docs/DESIGN.md`` §2.1); the losses."""
+        split = self.config.validation_split == "split"
+        backward = DeepSpeedTargetBackward(
+            module=self.engine.module,
+            store=self.grads,
+            token_losses=self.token_losses,
+            batches=[self.local_validation_batches(t) for t in self.targets],
+            release_parameters=self.release_gathered_parameters,
+        )
+        return run_validation_pass(
+            self.targets,
+            self.grads,
+            backward,
+            loss_scale=self.fp16_loss_scale(),
+            loss_groups=[self.dp_group] if split else [],
+            step=self.step,
+        )
+
     def release_gathered_parameters(self) -> None:
         """ZeRO-3: re-partition parameters whose release hook a gradient-free input skipped, as
         DeepSpeed does after each of its own backward passes."""
@@ -291,7 +320,7 @@ class DeepSpeedScorer(Scorer):
         micro_batches = [_on_device(b, engine.device) for b in micro_batches]
         self._fp32_clip_norm = None
         stopwatch = Stopwatch(self.pass_clock)
-        validation_losses = run_validation_pass(self)
+        validation_losses = self.validation_pass()
         stopwatch.lap()
         lrs = set(engine.get_lr())
         self._lr = lrs.pop() if len(lrs) == 1 else None

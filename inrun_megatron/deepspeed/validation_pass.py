@@ -1,11 +1,14 @@
-"""The validation pass under DeepSpeed (``docs/DESIGN.md`` §2.1, §2.5): ``G_t`` without touching ZeRO.
+"""The DeepSpeed side of the validation pass (``docs/DESIGN.md`` §2.1, §2.5): one target's backward
+without touching ZeRO.
 
-For each target, every (local) validation batch goes forward through the *bare* module
-(``engine.module``, not ``engine``: the engine's forward would arm its backward prologue and
-gradient-accumulation scaling) in eval mode, with every RNG state restored afterwards. The
-backward is ``torch.autograd.grad(loss, params)``: autograd hands each parameter's gradient to
-the caller instead of running its ``AccumulateGrad`` node, so ``.grad`` is never written and no
-ZeRO gradient hook (``register_post_accumulate_grad_hook``) fires; ZeRO's partitions, buckets and
+The skeleton (loss scale, finite check on all ranks, retry) is
+:func:`inrun_megatron.validation_pass.run_validation_pass`; :class:`DeepSpeedTargetBackward`
+supplies what is DeepSpeed's. Every (local) validation batch goes forward through the *bare*
+module (``engine.module``, not ``engine``: the engine's forward would arm its backward prologue
+and gradient-accumulation scaling) in eval mode, with every RNG state restored afterwards. The
+backward is ``torch.autograd.grad(loss, params)``: autograd hands each parameter's gradient to the
+caller instead of running its ``AccumulateGrad`` node, so ``.grad`` is never written and no ZeRO
+gradient hook (``register_post_accumulate_grad_hook``) fires; ZeRO's partitions, buckets and
 micro-step counters see nothing. A hook on each parameter moves its gradient into the store the
 moment it is computed and hands autograd a zero-stride placeholder, so autograd never holds a
 complete set of full gradients (that matters under ZeRO-3).
@@ -13,16 +16,15 @@ complete set of full gradients (that matters under ZeRO-3).
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
-from inrun_megatron.validation import evaluation_state, loss_mask_of
+from inrun_megatron.deepspeed.gradients import ValidationGradients
+from inrun_megatron.validation import Batch, ValidationTarget, evaluation_state, loss_mask_of, masked_loss_sum
 
-if TYPE_CHECKING:
-    from inrun_megatron.deepspeed.scorer import DeepSpeedScorer
+TokenLosses = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
 def _placeholder(grad: torch.Tensor) -> torch.Tensor:
@@ -30,65 +32,62 @@ def _placeholder(grad: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
 
-def run_validation_pass(scorer: DeepSpeedScorer) -> dict[str, float]:
-    """Fill ``scorer.grads`` with ``G`` of every target at the current weights; return the losses.
+class DeepSpeedTargetBackward:
+    """One target's validation backward through the bare module (a
+    :class:`~inrun_megatron.validation_pass.TargetBackward`).
 
-    fp16 models back-propagate the validation loss multiplied by DeepSpeed's current loss scale
-    (so small gradients do not flush to zero in fp16) and divide it out in float32; should that
-    overflow, the pass is repeated unscaled.
+    Args:
+        module: the engine's bare module (``engine.module``).
+        store: where ``G`` goes (dense under ZeRO-0/1/2, partitioned under ZeRO-3).
+        token_losses: ``token_losses(module, batch) -> [b, s]`` per-token losses.
+        batches: this rank's validation batches of each target with their weights in its loss
+            (weight 0: a repeated batch that only keeps ZeRO-3's collectives in step).
+        release_parameters: called after each attempt (ZeRO-3: re-partition parameters a
+            gradient-free input left gathered).
     """
-    scale = scorer.fp16_loss_scale()
-    losses = _validation_pass(scorer, scale)
-    if not scorer.grads.all_finite(scorer.dp_group) and scale != 1.0:
-        losses = _validation_pass(scorer, 1.0)
-    bad = {name: v for name, v in losses.items() if not math.isfinite(v)}
-    if bad or not scorer.grads.all_finite(scorer.dp_group):
-        raise FloatingPointError(
-            f"non-finite validation {'loss ' + str(bad) if bad else 'gradient'} at step {scorer.step}: no score"
-            " was computed and the training state was left untouched; check the validation data and the"
-            " model's numerics"
-        )
-    return losses
 
+    def __init__(
+        self,
+        *,
+        module: torch.nn.Module,
+        store: ValidationGradients,
+        token_losses: TokenLosses,
+        batches: Sequence[list[tuple[Batch, float]]],
+        release_parameters: Callable[[], None],
+    ):
+        self.module = module
+        self.store = store
+        self.token_losses = token_losses
+        self.batches = batches
+        self.release_parameters = release_parameters
+        self._target = 0
 
-def _validation_pass(scorer: DeepSpeedScorer, scale: float) -> dict[str, float]:
-    engine, store = scorer.engine, scorer.grads
-    module = engine.module
-    params = store.params()
-    current = {"target": 0}
-
-    def take(param: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
-        unscaled = grad.to(torch.promote_types(grad.dtype, torch.float32))
-        store.accumulate(param, current["target"], unscaled / scale if scale != 1.0 else unscaled)
+    def _take(self, param: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        self.store.accumulate(param, self._target, grad.to(torch.promote_types(grad.dtype, torch.float32)))
         return _placeholder(grad)
 
-    store.zero_()
-    loss_sums = []
-    handles = [p.register_hook(lambda grad, p=p: take(p, grad)) for p in params]
-    try:
-        with evaluation_state(module):
-            for k, target in enumerate(scorer.targets):
-                current["target"] = k
-                total = torch.zeros((), dtype=torch.float64, device=engine.device)
-                for batch, weight in scorer.local_validation_batches(target):
-                    losses = scorer.token_losses(module, batch)
-                    mask = loss_mask_of(batch)
-                    if losses.shape != mask.shape:
-                        raise ValueError(
-                            "token_losses(model, batch) must return the per-token losses [batch, seq]; got shape"
-                            f" {tuple(losses.shape)} for a batch of {tuple(mask.shape)}"
-                        )
-                    losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
-                    loss_sum = (losses * mask.to(losses)).sum()
-                    total += weight * loss_sum.detach().double()
-                    torch.autograd.grad(loss_sum * (weight * scale / target.n_loss_tokens), params, allow_unused=True)
-                loss_sums.append(total)
-    finally:
-        for handle in handles:
-            handle.remove()
-        scorer.release_gathered_parameters()
-    store.finish()
-    losses = torch.stack(loss_sums)
-    if scorer.config.validation_split == "split":
-        dist.all_reduce(losses, group=scorer.dp_group)
-    return {t.name: float(v) / t.n_loss_tokens for t, v in zip(scorer.targets, losses)}
+    @contextlib.contextmanager
+    def isolated(self, loss_scale: float) -> Iterator[None]:
+        """Eval mode and saved RNG; the gradient of every parameter caught by a hook."""
+        handles = [p.register_hook(lambda grad, p=p: self._take(p, grad)) for p in self.store.params()]
+        try:
+            with evaluation_state(self.module):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.release_parameters()
+
+    def backward_target(self, k: int, target: ValidationTarget, loss_scale: float) -> torch.Tensor:
+        self._target = k
+        params = self.store.params()
+        sums = []
+        for batch, weight in self.batches[k]:
+            source = "token_losses(model, batch)"
+            loss_sum = masked_loss_sum(self.token_losses(self.module, batch), loss_mask_of(batch), source=source)
+            sums.append(weight * loss_sum.detach().double())
+            torch.autograd.grad(loss_sum * (weight * loss_scale / target.n_loss_tokens), params, allow_unused=True)
+        return torch.stack(sums).sum()
+
+    def complete_gradients(self) -> None:
+        self.store.finish()

@@ -22,7 +22,15 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch\.distributed\.checkpoint)\.")
 
 
+#: Where each public name lives (the version check belongs to the megatron-core layer support).
+_HOMES = {
+    "MegatronScorer": "inrun_megatron.megatron.scorer",
+    "check_megatron_version": "inrun_megatron.megatron_core_layers",
+    "clip_coefficient": "inrun_megatron.megatron.scorer",
+}
+
+
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("inrun_megatron.megatron.scorer"), name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

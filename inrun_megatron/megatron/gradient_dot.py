@@ -13,49 +13,64 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from megatron.core import parallel_state
+import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
 from inrun_megatron.gradient_dot import DotAccumulator, GradientDot
+from inrun_megatron.megatron.process_groups import ScorerGroups, process_groups
 
 #: ``{parameter: tensor}``: one tensor of the parameter's shape, or ``[K, *shape]`` (one per target,
 #: as in the scorer's gradient store).
 ParameterTensors = Mapping[torch.nn.Parameter, torch.Tensor]
 
 
-def counted_parameters(chunks: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+def counted_parameters(chunks: Sequence[torch.nn.Module], groups: ScorerGroups) -> list[torch.nn.Parameter]:
     """The parameters of this rank that count towards a model-wide dot product."""
     return [
         p
         for chunk in chunks
         for p in chunk.parameters()
-        if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p)
+        if param_is_not_tensor_parallel_duplicate(p, tp_group=groups.tp) and param_is_not_shared(p)
     ]
 
 
-def _accumulator(chunks: Sequence[torch.nn.Module], b: ParameterTensors, with_abs: bool) -> DotAccumulator:
-    for p in counted_parameters(chunks):
+def _accumulator(
+    chunks: Sequence[torch.nn.Module], b: ParameterTensors, with_abs: bool, groups: ScorerGroups
+) -> DotAccumulator:
+    for p in counted_parameters(chunks, groups):
         if p in b:
             return DotAccumulator(b[p].numel() // p.numel(), b[p].device, with_abs=with_abs)
     raise ValueError("no parameter of the model chunks has a tensor to dot with")
 
 
 def model_dot(
-    chunks: Sequence[torch.nn.Module], a: ParameterTensors, b: ParameterTensors, *, with_abs: bool = False
+    chunks: Sequence[torch.nn.Module],
+    a: ParameterTensors,
+    b: ParameterTensors,
+    *,
+    with_abs: bool = False,
+    groups: ProcessGroupCollection | ScorerGroups | None = None,
 ) -> GradientDot:
     """``<a, b_k>`` over every counted parameter held whole on this rank's model-parallel shard
-    (``a[p]`` of the parameter's shape), summed over the model-parallel group."""
-    total = _accumulator(chunks, b, with_abs)
-    for p in counted_parameters(chunks):
+    (``a[p]`` of the parameter's shape), summed over the model-parallel group. ``groups``: the
+    process groups (megatron's global ones if None)."""
+    groups = process_groups(groups)
+    total = _accumulator(chunks, b, with_abs, groups)
+    for p in counted_parameters(chunks, groups):
         if a.get(p) is not None and p in b:
             total.add(a[p], b[p])
-    return total.reduce(parallel_state.get_model_parallel_group())
+    return total.reduce(groups.mp)
 
 
 def optimizer_gradient_dot(
-    chunks: Sequence[torch.nn.Module], b: ParameterTensors, *, with_abs: bool = False
+    chunks: Sequence[torch.nn.Module],
+    b: ParameterTensors,
+    *,
+    with_abs: bool = False,
+    groups: ProcessGroupCollection | ScorerGroups | None = None,
 ) -> GradientDot:
     """``<g, b_k>`` with ``g`` the gradient the optimizer steps with (``main_grad`` under megatron
     DDP, ``.grad`` otherwise), over the whole model; still multiplied by any fp16 loss scale.
@@ -64,13 +79,14 @@ def optimizer_gradient_dot(
     holds the reduced gradient: each rank dots its shard and the shards are summed over the
     data-parallel group.
     """
+    groups = process_groups(groups)
     ddp = [c for c in chunks if isinstance(c, DistributedDataParallel)]
     if not ddp or not ddp[0].ddp_config.use_distributed_optimizer:
         grads = {p: getattr(p, "main_grad", p.grad) for c in chunks for p in c.parameters()}
-        return model_dot(chunks, grads, b, with_abs=with_abs)
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    counted = set(counted_parameters(chunks))
-    total = _accumulator(chunks, b, with_abs)
+        return model_dot(chunks, grads, b, with_abs=with_abs, groups=groups)
+    dp, dp_rank = dist.get_world_size(groups.dp), dist.get_rank(groups.dp)
+    counted = set(counted_parameters(chunks, groups))
+    total = _accumulator(chunks, b, with_abs, groups)
     for chunk in ddp:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
             for bucket in buffer.buckets:
@@ -84,4 +100,4 @@ def optimizer_gradient_dot(
                     if first < last:
                         rows = b[p].reshape(-1, p.numel())
                         total.add(p.main_grad.reshape(-1)[first:last], rows[:, first:last])
-    return total.reduce(parallel_state.get_data_parallel_group(), parallel_state.get_model_parallel_group())
+    return total.reduce(groups.dp, groups.mp)

@@ -19,7 +19,10 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from inrun_megatron.model_shape import ModelShape
-from inrun_megatron.validation import make_batch  # noqa: F401  (the batch format, re-exported)
+from inrun_megatron.validation import (
+    make_batch,  # noqa: F401  (the batch format, re-exported)
+    masked_loss_sum,
+)
 
 
 @dataclass
@@ -157,8 +160,7 @@ def build_gpt_chunks(shape: GPTShape, **config) -> list[GPTModel]:
 
 def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Megatron's pretraining loss: masked sum of per-token CE and the token count (3-tuple)."""
-    losses = output_tensor.to(torch.promote_types(output_tensor.dtype, torch.float32))  # fp32, or fp64 if so
-    loss = (losses * loss_mask.to(losses)).sum()
+    loss = masked_loss_sum(output_tensor, loss_mask, source="the model (GPTModel called with labels)")
     n_tokens = loss_mask.sum().to(torch.int)
     return loss, n_tokens, {"lm loss": torch.stack([loss.detach(), n_tokens.detach().float()])}
 

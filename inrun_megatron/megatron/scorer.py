@@ -21,35 +21,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.package_info import __version__ as MEGATRON_VERSION
-from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config
 
 from inrun_megatron.config import ScoringConfig
-from inrun_megatron.megatron import layers
 from inrun_megatron.megatron.gradient_dot import optimizer_gradient_dot
-from inrun_megatron.megatron.validation_pass import run_validation_pass
+from inrun_megatron.megatron.process_groups import SCORER_GROUPS, process_groups
+from inrun_megatron.megatron.validation_pass import SET_BY_VALIDATION_PASS, MegatronTargetBackward
+from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 from inrun_megatron.microbatch_gradients import gradient_scores
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
 from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
-
-#: megatron-core release lines the Megatron adapter is tested against.
-TESTED_MEGATRON = ("0.16.", "0.19.")
-
-
-def check_megatron_version(allow_untested: bool = False, version: str = MEGATRON_VERSION) -> None:
-    if version.startswith(TESTED_MEGATRON) or allow_untested:
-        return
-    raise RuntimeError(
-        f"inrun_megatron is tested with megatron-core {', '.join(v + 'x' for v in TESTED_MEGATRON)};"
-        f" megatron-core {version} is installed. Install a tested version, or pass"
-        " ScoringConfig(allow_untested_megatron=True) and check the scores against the brute-force"
-        " tests first"
-    )
+from inrun_megatron.validation_pass import run_validation_pass
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -92,6 +78,11 @@ class MegatronScorer(Scorer):
             resolved when attaching, so a model that path cannot score is refused here, naming
             the module, instead of at the first step.
         sink: where :meth:`end_step` writes each step's result (see :class:`~inrun_megatron.scorer.Scorer`).
+        pg_collection: megatron-core's ``ProcessGroupCollection`` of the groups the model runs
+            with (``inrun_megatron.megatron.process_groups.SCORER_GROUPS`` are read); megatron's
+            global groups (``parallel_state``) if None. Pass the same collection to
+            :meth:`forward_backward` (it goes on to ``forward_backward_func`` for the validation
+            and the training pass alike).
     """
 
     def __init__(
@@ -101,22 +92,25 @@ class MegatronScorer(Scorer):
         config: ScoringConfig | None = None,
         micro_batch_size: int | None = None,
         sink: ResultSink | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(validation, config, sink)
+        self.process_groups = process_groups(pg_collection)
         # <main_grad, G> per target as last read, of weights whose gradient megatron's fused
         # accumulation writes into main_grad (see _local_scores); main_grad is zero when a step starts.
         self._main_grad_scores: dict[torch.nn.Parameter, torch.Tensor] = {}
-        check_megatron_version(self.config.allow_untested_megatron)
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
         self.models = [_unwrap(c) for c in self.chunks]
+        self.megatron_layers = MegatronCoreLayers(
+            self.models, tp_group=self.process_groups.tp, allow_untested_megatron=self.config.allow_untested_megatron
+        )
         self._refuse_unsupported()
         check_targets(self.targets, vocab_size=self.models[0].vocab_size)
         self._check_validation_batches()
-        layers.install_linear_patch()
-        self.on_detach(layers.remove_linear_patch)
+        builders = self.megatron_layers.attach(self)
         roots = [(f"chunk{i}" if len(self.models) > 1 else "", m) for i, m in enumerate(self.models)]
         try:
-            self.build_sites(roots, layers.SITE_BUILDERS, local_scores=self._local_scores)
+            self.build_sites(roots, builders, local_scores=self._local_scores)
             if micro_batch_size is not None:
                 self.path_for(micro_batch_size)
         except Exception:
@@ -130,7 +124,7 @@ class MegatronScorer(Scorer):
         """Refuse, before any work, the setups whose scores would be wrong, naming the setup."""
         config = get_model_config(self.chunks[0])
         refused = {
-            "context parallelism": parallel_state.get_context_parallel_world_size() > 1,
+            "context parallelism": dist.get_world_size(self.process_groups.cp) > 1,
             "mixture-of-experts models (num_moe_experts)": bool(getattr(config, "num_moe_experts", None)),
             "multi-token prediction (mtp_num_layers)": bool(getattr(config, "mtp_num_layers", None)),
             "calculate_per_token_loss=True": bool(getattr(config, "calculate_per_token_loss", False)),
@@ -145,7 +139,7 @@ class MegatronScorer(Scorer):
                     f"inrun_megatron does not support {what} yet; the supported layouts are listed in the README"
                 )
         has_ddp = any(isinstance(c, DistributedDataParallel) for c in self.chunks)
-        if parallel_state.get_data_parallel_world_size() > 1 and not has_ddp:
+        if dist.get_world_size(self.process_groups.dp) > 1 and not has_ddp:
             raise NotImplementedError(
                 "data parallelism needs the model chunks wrapped in megatron.core.distributed.DistributedDataParallel"
             )
@@ -156,10 +150,10 @@ class MegatronScorer(Scorer):
     def _check_validation_batches(self) -> None:
         """Each rank's share of every target must be a microbatch count the schedule accepts."""
         split = self.config.validation_split == "split"
-        dp = parallel_state.get_data_parallel_world_size() if split else 1
+        dp = dist.get_world_size(self.process_groups.dp) if split else 1
         config = get_model_config(self.chunks[0])
         group = config.microbatch_group_size_per_vp_stage if len(self.chunks) > 1 else None
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        pp = dist.get_world_size(self.process_groups.pp)
         for t in self.targets:
             counts = {len(t.batches[r::dp]) for r in range(dp)}
             if min(counts) == 0:
@@ -177,24 +171,18 @@ class MegatronScorer(Scorer):
                 )
 
     def counts(self, param: torch.nn.Parameter) -> bool:
-        return param_is_not_tensor_parallel_duplicate(param)
+        return self.megatron_layers.counts(param)
 
     @property
     def dp_rank(self) -> int:
-        return parallel_state.get_data_parallel_rank()
+        return dist.get_rank(self.process_groups.dp)
 
     @property
     def dp_group(self) -> dist.ProcessGroup:
-        return parallel_state.get_data_parallel_group()
+        return self.process_groups.dp
 
     def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
-        """The embedding weight a weightless output layer multiplies by (tied embeddings)."""
-        for model in self.models:
-            if getattr(model, "output_layer", None) is module and model.share_embeddings_and_output_weights:
-                return model.shared_embedding_or_output_weight()
-        raise NotImplementedError(
-            f"{name}: a linear layer without its own weight is only supported as GPT's tied output layer"
-        )
+        return self.megatron_layers.tied_output_weight(name, module)
 
     def _local_scores(self, param: torch.nn.Parameter, grad: torch.Tensor, g_val: torch.Tensor) -> torch.Tensor:
         """``<this microbatch's local gradient of param, G>`` per target, from its tensor hook.
@@ -251,13 +239,13 @@ class MegatronScorer(Scorer):
         """
         scale = 1.0 / self.loss_scale()
         if any(isinstance(c, DistributedDataParallel) for c in self.chunks):
-            scale /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+            scale /= dist.get_world_size(self.process_groups.dp_cp)
         return scale
 
     def gradient_dots(self) -> torch.Tensor:
         """``<g, G>`` per target, ``g`` as megatron's optimizer will step with it (reduced over data
         parallelism by ``finalize_model_grads``, before clipping), the fp16 loss scale removed."""
-        return optimizer_gradient_dot(self.chunks, self.grads).dot / self.loss_scale()
+        return optimizer_gradient_dot(self.chunks, self.grads, groups=self.process_groups).dot / self.loss_scale()
 
     def end_optimizer_step(self, optimizer, step_result: tuple) -> StepResult:
         """Close the step from megatron's optimizer and what its ``step()`` returned.
@@ -279,8 +267,7 @@ class MegatronScorer(Scorer):
     def local_validation_batches(self, target) -> list[Batch]:
         if self.config.validation_split == "replicate":
             return target.batches
-        dp = parallel_state.get_data_parallel_world_size()
-        return target.batches[parallel_state.get_data_parallel_rank() :: dp]
+        return target.batches[self.dp_rank :: dist.get_world_size(self.process_groups.dp)]
 
     def forward_backward(self, forward_backward_func: Callable, **kwargs) -> list:
         """Run one optimizer step's forward and backward passes with scoring.
@@ -296,13 +283,12 @@ class MegatronScorer(Scorer):
         for key in ("forward_step_func", "data_iterator", "model", "num_microbatches", "micro_batch_size"):
             if key not in kwargs:
                 raise TypeError(f"forward_backward() needs the keyword argument {key!r}")
+        self._check_schedule_groups(kwargs.get("pg_collection"))
         if self._pending is not None:
             raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
         self.path_for(kwargs["micro_batch_size"])  # a step no path can score is refused before any work
         stopwatch = Stopwatch(self.pass_clock)
-        validation_losses = run_validation_pass(
-            self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
-        )
+        validation_losses = self.validation_pass(forward_backward_func, **kwargs)
         stopwatch.lap()
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
         captured: list[list] = []
@@ -319,6 +305,52 @@ class MegatronScorer(Scorer):
         raw *= self._gradient_scale()
         self.finish_pass(raw, sample_ids, n_tokens, validation_losses, self.gradient_dots(), stopwatch)
         return result
+
+    def _check_schedule_groups(self, pg_collection: ProcessGroupCollection | None) -> None:
+        """The schedule must run with the groups the scores are reduced over."""
+        if pg_collection is None:
+            return
+        differ = [
+            name
+            for name in SCORER_GROUPS
+            if getattr(pg_collection, name, None) is not getattr(self.process_groups, name, None)
+        ]
+        if differ:
+            raise ValueError(
+                f"forward_backward() got a pg_collection whose {', '.join(differ)} group(s) differ from the"
+                " scorer's; pass the same pg_collection to MegatronScorer(..., pg_collection=...)"
+            )
+
+    def validation_pass(self, forward_backward_func: Callable, **kwargs) -> dict[str, float]:
+        """``G`` of every target at the current weights (``docs/DESIGN.md`` §2.1); the losses.
+
+        Takes :meth:`forward_backward`'s arguments (at least ``forward_step_func`` and ``model``) and
+        passes every one that does not describe the training data on to ``forward_backward_func``
+        (``pg_collection``, ``p2p_communicator``, ...), so the validation pass runs through the
+        caller's schedule with the caller's process groups."""
+        split = self.config.validation_split == "split"
+        groups = self.process_groups
+        split_group = groups.dp_cp if split else None
+        shared = any(getattr(p, "shared_embedding", False) for p in self.grads.params())
+        backward = MegatronTargetBackward(
+            chunks=self.chunks,
+            store=self.grads,
+            forward_backward_func=forward_backward_func,
+            forward_step_func=kwargs["forward_step_func"],
+            schedule_kwargs={k: v for k, v in kwargs.items() if k not in SET_BY_VALIDATION_PASS},
+            batches=[self.local_validation_batches(t) for t in self.targets],
+            tp_group=groups.tp,
+            embedding_group=groups.embedding if shared else None,
+            split_group=split_group,
+        )
+        return run_validation_pass(
+            self.targets,
+            self.grads,
+            backward,
+            loss_scale=self.loss_scale(),
+            loss_groups=[groups.pp] if split_group is None else [groups.pp, split_group],
+            step=self.step,
+        )
 
     @staticmethod
     def _capture(data_iterator, captured: list[list]):
@@ -344,7 +376,7 @@ class MegatronScorer(Scorer):
                     ids[0, mb, : len(sample_ids)] = torch.as_tensor(sample_ids).reshape(-1).to(ids)
                 if n_tokens is not None:
                     ids[1, mb, : len(n_tokens)] = n_tokens.reshape(-1).to(ids)
-        group = parallel_state.get_model_parallel_group()
+        group = self.process_groups.mp
         if dist.get_world_size(group) > 1:
             dist.all_reduce(raw, group=group)
             dist.all_reduce(ids, op=dist.ReduceOp.MAX, group=group)

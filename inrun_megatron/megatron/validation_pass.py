@@ -1,41 +1,61 @@
-"""The validation pass (``docs/DESIGN.md`` §2.1): ``G_t`` at the step's weights, training state untouched.
+"""The Megatron side of the validation pass (``docs/DESIGN.md`` §2.1): one target's backward.
 
-Runs the user's forward step on the validation batches through the same
-``forward_backward_func`` (so pipeline schedules apply), with
+The skeleton (loss scale, finite check on all ranks, retry) is
+:func:`inrun_megatron.validation_pass.run_validation_pass`; :class:`MegatronTargetBackward`
+supplies what is Megatron's. It runs the user's forward step on the validation batches through the
+same ``forward_backward_func`` with the caller's schedule arguments (so pipeline schedules and the
+caller's process groups apply), with
 
 * the model in eval mode and every RNG state restored afterwards (no dropout, and the
   training pass draws exactly the random numbers it would draw without scoring);
 * megatron DDP's gradient synchronisation held off (no DP all-reduce: a replicated validation
   set needs none, a split one is reduced once, by us, on ``G`` itself);
-* a loss whose gradient is exactly the validation loss ``sum(mask * CE) / N_val_tokens``;
-* the training run's loss scale (fp16), removed again from ``G``; if the validation gradient
-  overflows at that scale, the pass is repeated at a smaller one, so that an fp16 step whose
-  update is applied always gets finite scores;
+* a loss whose gradient is exactly the validation loss ``sum(mask * CE) / N_val_tokens``, scaled
+  by the pass's loss scale through megatron's own ``grad_scale_func``;
 
-then moves the gradients into the :class:`~inrun_megatron.validation.GradientStore` and clears
-the gradient buffers, leaving them as they were before.
+then moves the gradients into the store and clears the gradient buffers, leaving them as they
+were before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import get_model_config
 
-from inrun_megatron.distributed import collective_device
-from inrun_megatron.validation import Batch, all_finite, evaluation_state, loss_mask_of
+from inrun_megatron.validation import (
+    Batch,
+    GradientStore,
+    ValidationTarget,
+    evaluation_state,
+    loss_mask_of,
+    masked_loss_sum,
+)
 
-if TYPE_CHECKING:
-    from inrun_megatron.megatron.scorer import MegatronScorer
+#: ``forward_backward_func`` arguments the validation pass sets itself; every other argument of the
+#: caller's (``pg_collection``, ``p2p_communicator``, ``adjust_tensor_shapes_fn``, ...) is passed on.
+SET_BY_VALIDATION_PASS = frozenset(
+    {
+        "forward_step_func",
+        "data_iterator",
+        "num_microbatches",
+        "seq_length",
+        "micro_batch_size",
+        "decoder_seq_length",
+        "forward_only",
+        "collect_non_loss_data",
+        "first_val_step",
+    }
+)
 
 
 class _OneBatch(Iterator):
@@ -55,23 +75,14 @@ def _validation_loss(output_tensor: torch.Tensor, *, mask: torch.Tensor, scale: 
     context-parallel size, which is 1 here), so the gradient that reaches the parameters is
     exactly that of ``sum(mask * CE) / N_val_tokens``.
     """
-    if output_tensor.shape != mask.shape:
-        raise ValueError(
-            "the forward step must return the model's per-token loss [batch, seq] (GPTModel called with"
-            f" labels); got a tensor of shape {tuple(output_tensor.shape)} for a batch of {tuple(mask.shape)}"
-        )
-    losses = output_tensor.to(torch.promote_types(output_tensor.dtype, torch.float32))  # never downcast
-    loss_sum = (losses * mask.to(losses)).sum()
+    source = "the forward step (the model's per-token loss: GPTModel called with labels)"
+    loss_sum = masked_loss_sum(output_tensor, mask, source=source)
     sums.append(loss_sum.detach())
     return loss_sum * scale, {"validation loss sum": loss_sum.detach()}
 
 
 def _ddp_chunks(chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
     return [c for c in chunks if isinstance(c, DistributedDataParallel)]
-
-
-#: Factor by which the loss scale shrinks when the validation gradient overflows in fp16.
-RESCALE_ON_OVERFLOW = 8.0
 
 
 def _recompute_as_in_training(chunks: list[torch.nn.Module]) -> None:
@@ -121,21 +132,6 @@ def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter], l
             p.grad = g
 
 
-def _move_gradients_into_store(scorer: MegatronScorer, k: int, loss_scale: float) -> None:
-    for p in scorer.grads.params():
-        grad = getattr(p, "main_grad", None) if hasattr(p, "main_grad") else p.grad
-        store = scorer.grads[p][k]
-        if grad is None:
-            store.zero_()
-        else:
-            store.copy_(grad)
-            if loss_scale != 1.0:
-                store.div_(loss_scale)
-        p.grad = None
-    for ddp in _ddp_chunks(scorer.chunks):
-        ddp.zero_grad_buffer()
-
-
 def _all_reduce_coalesced(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
     """Sum tensors over ``group`` with one collective per dtype."""
     if group is None or dist.get_world_size(group) == 1 or not tensors:
@@ -150,100 +146,103 @@ def _all_reduce_coalesced(tensors: list[torch.Tensor], group: dist.ProcessGroup 
             offset += t.numel()
 
 
-def _complete_gradients(scorer: MegatronScorer) -> None:
-    """Turn per-rank partial ``G`` into the full gradient of each locally held shard.
+class MegatronTargetBackward:
+    """One target's validation backward through megatron's schedule (a
+    :class:`~inrun_megatron.validation_pass.TargetBackward`).
 
-    The same reductions megatron's ``finalize_model_grads`` applies to training gradients:
-    sequence-parallel parameters (norms, row-parallel biases) summed over TP; word embedding
-    and output layer copies of a tied weight summed over the embedding group; and, for a
-    split validation set, everything summed over DP.
+    Args:
+        chunks: the model chunks, as wrapped for training (DDP, Float16Module).
+        store: where ``G`` goes.
+        forward_backward_func, forward_step_func, schedule_kwargs: the caller's schedule, forward
+            step and remaining ``forward_backward_func`` arguments (``model``, ``pg_collection``,
+            ...; none of :data:`SET_BY_VALIDATION_PASS`).
+        batches: this rank's validation batches of each target.
+        tp_group: the tensor-parallel group (sequence-parallel gradients are partial over it).
+        embedding_group: the group of the stages holding a tied embedding/output weight, or None
+            where this rank holds none.
+        split_group: the data-parallel group a split validation set is dealt over, None when it
+            is replicated.
     """
-    params = scorer.grads.params()
-    sequence_parallel = [scorer.grads[p] for p in params if getattr(p, "sequence_parallel", False)]
-    _all_reduce_coalesced(sequence_parallel, parallel_state.get_tensor_model_parallel_group())
-    shared = [scorer.grads[p] for p in params if getattr(p, "shared_embedding", False)]
-    if shared:
-        _all_reduce_coalesced(shared, parallel_state.get_embedding_group())
-    if scorer.config.validation_split == "split":
-        _all_reduce_coalesced(
-            [scorer.grads[p] for p in params], parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    def __init__(
+        self,
+        *,
+        chunks: Sequence[torch.nn.Module],
+        store: GradientStore,
+        forward_backward_func: Callable,
+        forward_step_func: Callable,
+        schedule_kwargs: Mapping[str, Any],
+        batches: Sequence[list[Batch]],
+        tp_group: dist.ProcessGroup | None,
+        embedding_group: dist.ProcessGroup | None,
+        split_group: dist.ProcessGroup | None,
+    ):
+        refused = SET_BY_VALIDATION_PASS & set(schedule_kwargs)
+        if refused:
+            raise ValueError(f"schedule_kwargs holds arguments the validation pass sets itself: {sorted(refused)}")
+        self.chunks = list(chunks)
+        self.store = store
+        self.forward_backward_func = forward_backward_func
+        self.forward_step_func = forward_step_func
+        self.schedule_kwargs = dict(schedule_kwargs)
+        self.batches = batches
+        self.tp_group = tp_group
+        self.embedding_group = embedding_group
+        self.split_group = split_group
+
+    def isolated(self, loss_scale: float) -> contextlib.AbstractContextManager[None]:
+        return _isolated(self.chunks, self.store.params(), loss_scale)
+
+    def backward_target(self, k: int, target: ValidationTarget, loss_scale: float) -> torch.Tensor:
+        """Forward and backward target ``k``'s local batches (the loss scale is applied by megatron's
+        ``grad_scale_func``, set by :meth:`isolated`); move the gradients into row ``k``."""
+        batches = self.batches[k]
+        sums: list[torch.Tensor] = []
+        calls: dict[int, int] = {}
+        scale = len(batches) / target.n_loss_tokens
+        forward_step_func = self.forward_step_func
+
+        @functools.wraps(forward_step_func)
+        def validation_step(data_iterator, model_chunk, *args, **kwargs):
+            i = calls.get(id(model_chunk), 0)  # the k-th forward of a chunk is microbatch k
+            calls[id(model_chunk)] = i + 1
+            batch = batches[i]
+            output, _ = forward_step_func(_OneBatch(batch), model_chunk, *args, **kwargs)
+            return output, functools.partial(_validation_loss, mask=loss_mask_of(batch), scale=scale, sums=sums)
+
+        model = self.schedule_kwargs["model"]
+        n_chunks = len(model) if isinstance(model, list) else 0
+        self.forward_backward_func(
+            **self.schedule_kwargs,
+            forward_step_func=validation_step,
+            data_iterator=[None] * n_chunks if n_chunks else None,
+            num_microbatches=len(batches),
+            seq_length=int(batches[0]["tokens"].shape[1]),
+            micro_batch_size=int(batches[0]["tokens"].shape[0]),
+            forward_only=False,
         )
+        self._move_gradients_into_store(k)
+        return torch.stack(sums).sum().double() if sums else torch.zeros((), dtype=torch.float64)
 
+    def _move_gradients_into_store(self, k: int) -> None:
+        for p in self.store.params():
+            grad = getattr(p, "main_grad", None) if hasattr(p, "main_grad") else p.grad
+            if grad is not None:
+                self.store[p][k].copy_(grad)
+            p.grad = None
+        for ddp in _ddp_chunks(self.chunks):
+            ddp.zero_grad_buffer()
 
-def _backward_target(
-    forward_backward_func: Callable, forward_step_func: Callable, model, batches: list[Batch], n_loss_tokens: int
-) -> torch.Tensor:
-    """Forward and backward one target's (local) batches; return the local masked loss sum."""
-    sums: list[torch.Tensor] = []
-    calls: dict[int, int] = {}
-    scale = len(batches) / n_loss_tokens
-
-    @functools.wraps(forward_step_func)
-    def validation_step(data_iterator, model_chunk, *args, **kwargs):
-        i = calls.get(id(model_chunk), 0)  # the k-th forward of a chunk is microbatch k
-        calls[id(model_chunk)] = i + 1
-        batch = batches[i]
-        output, _ = forward_step_func(_OneBatch(batch), model_chunk, *args, **kwargs)
-        return output, functools.partial(_validation_loss, mask=loss_mask_of(batch), scale=scale, sums=sums)
-
-    n_chunks = len(model) if isinstance(model, list) else 0
-    forward_backward_func(
-        forward_step_func=validation_step,
-        data_iterator=[None] * n_chunks if n_chunks else None,
-        model=model,
-        num_microbatches=len(batches),
-        seq_length=int(batches[0]["tokens"].shape[1]),
-        micro_batch_size=int(batches[0]["tokens"].shape[0]),
-        forward_only=False,
-    )
-    return torch.stack(sums).sum().double() if sums else torch.zeros((), dtype=torch.float64)
-
-
-def _finite_everywhere(scorer: MegatronScorer, losses: torch.Tensor) -> bool:
-    """Whether the losses and ``G`` are finite on every rank (one collective: all ranks agree)."""
-    finite = bool(torch.isfinite(losses).all()) and all_finite(scorer.grads.values())
-    bad = torch.tensor(0.0 if finite else 1.0, device=losses.device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad)
-
-
-def run_validation_pass(
-    scorer: MegatronScorer, forward_backward_func: Callable, forward_step_func: Callable, model
-) -> dict[str, float]:
-    """Fill ``scorer.grads`` with ``G`` of every target at the current weights; return the losses."""
-    loss_scale = scorer.loss_scale()
-    while True:
-        losses = _validation_gradients(scorer, forward_backward_func, forward_step_func, model, loss_scale)
-        finite = _finite_everywhere(scorer, losses)
-        if finite or loss_scale == 1.0:
-            break
-        loss_scale = max(loss_scale / RESCALE_ON_OVERFLOW, 1.0)
-    result = {t.name: float(v) / t.n_loss_tokens for t, v in zip(scorer.targets, losses)}
-    if not finite:
-        raise FloatingPointError(
-            f"non-finite validation loss or gradient (losses {result}) at step {scorer.step}: no score was"
-            " computed and the training gradients were left untouched; check the validation data and the"
-            " model's numerics"
-        )
-    return result
-
-
-def _validation_gradients(
-    scorer: MegatronScorer, forward_backward_func: Callable, forward_step_func: Callable, model, loss_scale: float
-) -> torch.Tensor:
-    """One validation pass with losses scaled by ``loss_scale``; returns each target's loss sum."""
-    loss_sums = []
-    with _isolated(scorer.chunks, scorer.grads.params(), loss_scale):
-        for k, target in enumerate(scorer.targets):
-            batches = scorer.local_validation_batches(target)
-            loss_sums.append(
-                _backward_target(forward_backward_func, forward_step_func, model, batches, target.n_loss_tokens)
-            )
-            _move_gradients_into_store(scorer, k, loss_scale)
-    _complete_gradients(scorer)
-    pipeline = parallel_state.get_pipeline_model_parallel_group()
-    losses = torch.stack(loss_sums).to(collective_device(pipeline))  # stages without the loss hold CPU zeros
-    dist.all_reduce(losses, group=pipeline)
-    if scorer.config.validation_split == "split":
-        dist.all_reduce(losses, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return losses
+    def complete_gradients(self) -> None:
+        """The reductions megatron's ``finalize_model_grads`` applies to training gradients:
+        sequence-parallel parameters (norms, row-parallel biases) summed over TP; word embedding
+        and output layer copies of a tied weight summed over the embedding group; and, for a
+        split validation set, everything summed over DP."""
+        params = self.store.params()
+        sequence_parallel = [self.store[p] for p in params if getattr(p, "sequence_parallel", False)]
+        _all_reduce_coalesced(sequence_parallel, self.tp_group)
+        shared = [self.store[p] for p in params if getattr(p, "shared_embedding", False)]
+        if shared:
+            _all_reduce_coalesced(shared, self.embedding_group)
+        if self.split_group is not None:
+            _all_reduce_coalesced([self.store[p] for p in params], self.split_group)

@@ -1,34 +1,65 @@
-"""Site builders for Megatron-Core layer kinds (see :mod:`inrun_megatron.sites`).
+"""Megatron-Core layer support: one unit that both adapters compose (:class:`MegatronCoreLayers`).
 
-* Linear layers (Column/RowParallelLinear, the output layer): megatron's linear autograd
-  function ``LinearWithGradAccumulationAndAsyncCommunication`` gets a wrapped ``backward``
-  that scores first, then runs megatron's own backward untouched. It sees the layer input as
-  saved for the weight gradient and the full-sequence output gradient, and runs exactly once
-  per microbatch, also under activation recomputation.
-* Word (vocab-parallel) and learned position embeddings: one tap on the word-embedding output.
-* Norms: torch LayerNorm/RMSNorm (megatron's ``WrappedTorchNorm``), tapped on ``[s, b, h]``.
+Scoring megatron-core's layers takes the same things whichever framework trains them (megatron's
+own schedules and DDP, or a DeepSpeed engine doing data parallelism and ZeRO around them):
 
-Counting (``docs/DESIGN.md`` §2.4): tensor-parallel shards are summed over TP ranks; a parameter whose
-identical copy lives on every TP rank (row-parallel biases, position embeddings, norms
-without sequence parallelism) is counted on TP rank 0 only.
+* site builders for megatron-core's layer kinds (see :mod:`inrun_megatron.sites`):
+
+  * linear layers (Column/RowParallelLinear, the output layer): megatron's linear autograd
+    function ``LinearWithGradAccumulationAndAsyncCommunication`` gets a wrapped ``backward`` that
+    scores first, then runs megatron's own backward untouched. It sees the layer input as saved for
+    the weight gradient and the full-sequence output gradient, and runs exactly once per
+    microbatch, also under activation recomputation;
+  * word (vocab-parallel) and learned position embeddings: one tap on the word-embedding output;
+  * norms: torch LayerNorm/RMSNorm (megatron's ``WrappedTorchNorm``), tapped on ``[s, b, h]``;
+
+* the lifetime of that patch on megatron's linear backward (reference counted over every scorer
+  attached, removed with the last);
+* tensor-parallel counting (``docs/DESIGN.md`` §2.4): tensor-parallel shards are summed over TP
+  ranks; a parameter whose identical copy lives on every TP rank (row-parallel biases, position
+  embeddings, norms without sequence parallelism) is counted on TP rank 0 only;
+* the tied output weight: a GPT output layer without a weight of its own multiplies by the
+  embedding weight, which is scored there too;
+* the megatron-core versions the support is tested with.
+
+An adapter creates one :class:`MegatronCoreLayers` for its models, takes its site builders from
+:meth:`MegatronCoreLayers.attach` and answers the site builders' ``scorer.counts`` and
+``scorer.tied_output_weight`` from it. Neither adapter imports the other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.tensor_parallel import layers as tp_layers
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    param_is_not_tensor_parallel_duplicate,
+)
 
 from inrun_megatron import rules
-from inrun_megatron.sites import Site, TapSite, norm_site, site_registry
+from inrun_megatron.sites import Site, SiteBuilder, SiteScorer, TapSite, norm_site, site_registry
 
-if TYPE_CHECKING:
-    from inrun_megatron.megatron.scorer import MegatronScorer
+#: megatron-core release lines the megatron-core layer support is tested against.
+TESTED_MEGATRON = ("0.16.", "0.19.")
+
+
+def check_megatron_version(allow_untested: bool = False, version: str = MEGATRON_VERSION) -> None:
+    if version.startswith(TESTED_MEGATRON) or allow_untested:
+        return
+    raise RuntimeError(
+        f"inrun_megatron is tested with megatron-core {', '.join(v + 'x' for v in TESTED_MEGATRON)};"
+        f" megatron-core {version} is installed. Install a tested version, or pass"
+        " ScoringConfig(allow_untested_megatron=True) and check the scores against the brute-force"
+        " tests first"
+    )
+
 
 SITE_BUILDERS, builds_sites = site_registry()
 
@@ -100,7 +131,7 @@ class LinearSite(Site):
 
 
 @builds_sites(ColumnParallelLinear, RowParallelLinear)
-def linear_sites(scorer: MegatronScorer, name: str, module: torch.nn.Module) -> list[Site]:
+def linear_sites(scorer: SiteScorer, name: str, module: torch.nn.Module) -> list[Site]:
     weight = module.weight
     if weight is None:
         # The tied output layer of a GPTModel gets the embedding weight at call time.
@@ -160,7 +191,7 @@ class LanguageEmbeddingSite(TapSite):
 
 
 @builds_sites(LanguageModelEmbedding)
-def language_embedding_sites(scorer: MegatronScorer, name: str, module: torch.nn.Module) -> list[Site]:
+def language_embedding_sites(scorer: SiteScorer, name: str, module: torch.nn.Module) -> list[Site]:
     if getattr(module, "tokentype_embeddings", None) is not None:
         raise NotImplementedError(f"{name}: token-type embeddings are not supported")
     word = module.word_embeddings
@@ -181,5 +212,47 @@ def language_embedding_sites(scorer: MegatronScorer, name: str, module: torch.nn
 
 
 @builds_sites(torch.nn.LayerNorm, torch.nn.RMSNorm)
-def megatron_norm_sites(scorer: MegatronScorer, name: str, module: torch.nn.Module) -> list[Site]:
+def megatron_norm_sites(scorer: SiteScorer, name: str, module: torch.nn.Module) -> list[Site]:
     return norm_site(scorer, name, module, batch_dim=1)  # megatron activations are [s, b, h]
+
+
+class MegatronCoreLayers:
+    """Everything scoring megatron-core layers needs, for the models one scorer attaches to.
+
+    Args:
+        models: the unwrapped megatron-core models (chunks) the scorer scores.
+        tp_group: the tensor-parallel group the models' layers are sharded over (megatron's global
+            one if None).
+        allow_untested_megatron: accept a megatron-core release outside :data:`TESTED_MEGATRON`.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        *,
+        tp_group: dist.ProcessGroup | None = None,
+        allow_untested_megatron: bool = False,
+    ):
+        check_megatron_version(allow_untested_megatron)
+        self.models = list(models)
+        self.tp_group = tp_group
+
+    def counts(self, param: torch.nn.Parameter) -> bool:
+        """Whether this rank counts ``param``: False for a tensor-parallel duplicate off TP rank 0."""
+        return param_is_not_tensor_parallel_duplicate(param, tp_group=self.tp_group)
+
+    def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
+        """The embedding weight a weightless output layer multiplies by (tied embeddings)."""
+        for model in self.models:
+            if getattr(model, "output_layer", None) is module and model.share_embeddings_and_output_weights:
+                return model.shared_embedding_or_output_weight()
+        raise NotImplementedError(
+            f"{name}: a linear layer without its own weight is only supported as GPT's tied output layer"
+        )
+
+    def attach(self, scorer: SiteScorer) -> Mapping[type, SiteBuilder]:
+        """Route megatron's linear backward through the scorers until ``scorer`` detaches; return the
+        site builders of megatron-core's layer kinds."""
+        install_linear_patch()
+        scorer.on_detach(remove_linear_patch)
+        return SITE_BUILDERS
