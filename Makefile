@@ -20,7 +20,7 @@ export DS_BUILD_OPS ?= 0
 # DeepSpeed fp16 train, and its tests pass, either way.
 export INRUN_CPU_FP16 ?=
 
-.PHONY: venv test test-fast lint format demo bench bench-scores clean
+.PHONY: venv test test-fast lint format demo curate-demo bench bench-scores clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ test-fast: venv
 
 demo: venv
 	PATH=$(VENV)/bin:$$PATH bash launch/demo.sh
+
+# Train with scoring, curate, retrain on the kept data against the full data and a random drop;
+# ends with steps_saved=<fraction> (tools/curate_demo.py).
+curate-demo: venv
+	PATH=$(VENV)/bin:$$PATH $(PY) tools/curate_demo.py
 
 bench: venv
 	$(VENV)/bin/inrun-bench

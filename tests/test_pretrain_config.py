@@ -15,7 +15,13 @@ from inrun_megatron.pretrain.train import main, padded_vocab_size, parameter_cou
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # config, world size it is planned for, parameters (millions) with a GPT-2-sized tokenizer
-SHIPPED = [("demo-cpu", 4, None), ("gpt-125m", 8, 125), ("gpt-1.3b", 16, 1300), ("gpt-7b", 64, 7000)]
+SHIPPED = [
+    ("demo-cpu", 4, None),
+    ("curate-demo", 1, None),
+    ("gpt-125m", 8, 125),
+    ("gpt-1.3b", 16, 1300),
+    ("gpt-7b", 64, 7000),
+]
 
 
 @pytest.mark.parametrize(("name", "world", "millions"), SHIPPED)

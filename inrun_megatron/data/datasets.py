@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from inrun_megatron.data.indexed import megatron_datasets_module, read_source_info
@@ -75,19 +76,46 @@ def check_sources(sources: Sequence[Source], tokenizer: Tokenizer) -> list[dict]
     return infos
 
 
-class WithSampleIds(torch.utils.data.Dataset):
-    """A megatron dataset whose items also carry their index as ``sample_ids``."""
+def read_train_ids(path: str | Path, num_samples: int) -> np.ndarray:
+    """The sample ids of a file (one per line, as ``inrun-scores curate -o`` writes them), sorted:
+    training on a chosen subset keeps megatron's order among the chosen sequences."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.train_ids: {path} does not exist; give a file of sample ids, one per line")
+    try:
+        ids = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except ValueError as e:
+        raise ValueError(f"data.train_ids: {path} is not a file of integer sample ids, one per line ({e})") from e
+    if ids.size == 0:
+        raise ValueError(f"data.train_ids: {path} lists no sample id")
+    unique = np.unique(ids)
+    if unique.size != ids.size:
+        raise ValueError(f"data.train_ids: {path} lists {ids.size - unique.size} sample ids more than once")
+    if unique[0] < 0 or unique[-1] >= num_samples:
+        raise ValueError(
+            f"data.train_ids: {path} lists ids outside [0, {num_samples}), the training dataset of"
+            f" data.train_samples = {num_samples} sequences; give the train_samples of the run whose ids they are"
+        )
+    return unique
 
-    def __init__(self, dataset: torch.utils.data.Dataset):
+
+class WithSampleIds(torch.utils.data.Dataset):
+    """A megatron dataset whose items also carry their index as ``sample_ids``; with ``ids``, item
+    ``k`` is the dataset's sequence ``ids[k]`` (and carries that id), so a run on a chosen subset
+    records the same sample ids as the run that chose it."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, ids: np.ndarray | None = None):
         self.dataset = dataset
+        self.ids = ids
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) if self.ids is None else len(self.ids)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        item = self.dataset[idx]
+        sample_id = idx if self.ids is None else int(self.ids[idx])
+        item = self.dataset[sample_id]
         out = {key: torch.as_tensor(item[key]) for key in BATCH_KEYS if key != "sample_ids"}
-        out["sample_ids"] = torch.tensor(idx, dtype=torch.int64)
+        out["sample_ids"] = torch.tensor(sample_id, dtype=torch.int64)
         return out
 
 
@@ -117,11 +145,14 @@ def batch_iterator(
     dp_rank: int,
     dp_size: int,
     num_workers: int = 0,
+    ids: np.ndarray | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Microbatches of this DP rank from ``consumed`` on, each with ``sample_ids``."""
-    sampler = PretrainingSampler(len(dataset), consumed, micro_batch_size, dp_rank, dp_size)
+    """Microbatches of this DP rank from ``consumed`` on, each with ``sample_ids``; with ``ids``,
+    the training order is ``ids`` (see :class:`WithSampleIds`)."""
+    items = WithSampleIds(dataset, ids)
+    sampler = PretrainingSampler(len(items), consumed, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
-        WithSampleIds(dataset), batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
+        items, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
     )
     return iter(loader)
 

@@ -102,6 +102,12 @@ class DataSection:
     split: str = "98,2,0"  # megatron's train,validation,test split of each source's documents
     cache_dir: str | None = None  # megatron's dataset indices; default <run_dir>/data_cache
     num_workers: int = 0
+    # Train on these sample ids only (a file of ids, one per line, as `inrun-scores curate -o` writes),
+    # in increasing order, repeated as often as training.train_iters needs; the ids index the
+    # training dataset megatron builds for train_samples sequences (default train_iters x
+    # global_batch_size): give the train_samples of the run whose ids they are.
+    train_ids: str | None = None
+    train_samples: int | None = None
 
 
 @dataclass
@@ -319,6 +325,7 @@ def check_values(c: RunConfig) -> None:
         _positive(f"parallel.{name}", getattr(p, name))
     _positive("optimizer.lr", o.lr)
     _positive("scoring.flush_every", c.scoring.flush_every)
+    _positive("data.train_samples", c.data.train_samples)
     if c.scoring.path == "microbatch" and t.micro_batch_size != 1:
         raise ConfigError(
             f"scoring.path: 'microbatch' scores each microbatch's gradient, one sequence's only with"

@@ -32,7 +32,14 @@ import torch
 import torch.distributed as dist
 
 from inrun_megatron.config import ScoringConfig, projection_dtype
-from inrun_megatron.data.datasets import Source, TrainingData, batch_iterator, build_training_data, check_sources
+from inrun_megatron.data.datasets import (
+    Source,
+    TrainingData,
+    batch_iterator,
+    build_training_data,
+    check_sources,
+    read_train_ids,
+)
 from inrun_megatron.data.tokenizer import Tokenizer
 from inrun_megatron.data.validation_sets import build_targets, describe_targets, jsonl_sequences
 from inrun_megatron.pretrain.config import (
@@ -269,9 +276,13 @@ class Pretraining:
             seq_length=c.model.seq_length,
             seed=t.seed,
             split=c.data.split,
-            train_samples=t.train_iters * t.global_batch_size,
+            train_samples=c.data.train_samples or t.train_iters * t.global_batch_size,
             cache_dir=c.cache_dir,
         )
+        self.train_ids = None  # the training order: the dataset's own, or data.train_ids repeated
+        if c.data.train_ids:
+            chosen = agree_on_errors(env, lambda: read_train_ids(c.data.train_ids, len(self.data.train)))
+            self.train_ids = np.resize(chosen, t.train_iters * t.global_batch_size)
         mbs = t.micro_batch_size
         targets = agree_on_errors(
             env,
@@ -399,6 +410,7 @@ class Pretraining:
                         dp_rank=self.dp_rank,
                         dp_size=self.layout.dp,
                         num_workers=c.data.num_workers,
+                        ids=self.train_ids,
                     )
                 )
             else:

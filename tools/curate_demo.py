@@ -1,0 +1,327 @@
+"""The curation loop on the demo corpus (``make curate-demo``): train with scoring, curate, retrain.
+
+1. data: the demo corpus (:mod:`inrun_megatron.data.demo_corpus`, 10% of the training documents
+   of every source corrupted) plus clean documents of every source held out before tokenization:
+   half become the validation target ``select`` that the values are computed against, the other
+   half the target ``eval`` that only measures the runs (cut into pieces that fit one sequence);
+2. ``full``: pretrain from scratch on every training sequence (``data.train_ids`` = all ids of one
+   epoch, repeated for ``--epochs`` epochs) with scoring on, as ``launch/pretrain_gpt.py`` does;
+3. ``inrun-scores curate`` on its values for ``select`` in the recommended view: the kept ids;
+4. ``curated``: retrain from scratch on the kept ids, same steps, same schedule;
+   ``random``: retrain on as many ids drawn at random (the random drop of the same size);
+5. report, on ``eval``: the steps each run needs to reach the full run's final validation loss,
+   the final losses, and how well the view's low values find the planted corruption (AUROC).
+
+The last line is ``steps_saved=<fraction>``: 1 - (steps of ``curated``) / (steps of ``full``) to
+reach the full run's final ``eval`` loss (``nan`` when the curated run never reaches it).
+
+    python tools/curate_demo.py [--out runs/curate-demo] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from inrun_megatron.analysis.commands import curate
+from inrun_megatron.analysis.inputs import Scores
+from inrun_megatron.data.demo_corpus import build_corpus
+from inrun_megatron.data.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "curate-demo.yaml"
+
+_spec = importlib.util.spec_from_file_location("demo_report", Path(__file__).with_name("demo_report.py"))
+demo_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo_report)
+
+#: The view the values are curated in: the one the demo report recommends (docs/DESIGN.md §1.6).
+VIEW = demo_report.RECOMMENDED_VIEW
+SOURCES = ("prose", "code", "docstrings")
+
+
+# --------------------------------------------------------------------------------------
+# data
+
+
+def split_heldout(corpus: Path, heldout: int) -> tuple[list[dict], list[dict]]:
+    """The corpus's documents: (training, held out); the last ``heldout`` documents of every source
+    are held out (the corpus never corrupts its last 10%)."""
+    records = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    train, held = [], []
+    for source in SOURCES:
+        mine = [r for r in records if r["source"] == source]
+        if any(r["corrupted"] for r in mine[-heldout:]):
+            raise ValueError(f"--heldout {heldout}: the held-out {source} documents would include corrupted ones")
+        train += mine[:-heldout]
+        held += mine[-heldout:]
+    return train, held
+
+
+def sequence_pieces(text: str, tokenizer: Tokenizer, seq_length: int) -> list[str]:
+    """``text`` cut at line breaks into pieces of at most ``seq_length`` tokens plus the
+    end-of-document token (what a ``jsonl`` validation target accepts); a longer line is cut by tokens."""
+    pieces, current = [], ""
+
+    def fits(piece: str) -> bool:
+        return len(tokenizer.tokenize(piece)) <= seq_length
+
+    for line in text.split("\n"):
+        joined = f"{current}\n{line}" if current else line
+        if fits(joined):
+            current = joined
+            continue
+        if current.strip():
+            pieces.append(current)
+        current = line
+        while not fits(current):
+            ids = tokenizer.tokenize(current)
+            head = tokenizer.detokenize(ids[: seq_length // 2])
+            pieces.append(head)
+            current = current[len(head) :] if current.startswith(head) else tokenizer.detokenize(ids[seq_length // 2 :])
+    if current.strip():
+        pieces.append(current)
+    return [p for p in pieces if p.strip()]
+
+
+def build_data(out: Path, *, documents: int, heldout: int, seq_length: int, bpe_vocab: int) -> dict:
+    """Corpus, tokenizer, indexed datasets and the two validation targets under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    total = documents + heldout
+    # as many corrupted documents as the demo's 10% of the training documents
+    build_corpus(out / "all.jsonl", documents=total, corrupted=0.1 * documents / total)
+    train, held = split_heldout(out / "all.jsonl", heldout)
+    with open(out / "train.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in train)
+    run([sys.executable, "tools/preprocess_data.py", "--input", str(out / "train.jsonl"), "--output-dir", str(out),
+         "--train-bpe", str(bpe_vocab)])  # fmt: skip
+    tokenizer = Tokenizer({"type": "json", "path": str(out / "tokenizer.json")})
+    halves = {"select": held[0::2], "eval": held[1::2]}  # every source in both
+    for name, docs in halves.items():
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for r in docs:
+                for piece in sequence_pieces(r["text"], tokenizer, seq_length):
+                    f.write(json.dumps({"text": piece, "source": r["source"]}, ensure_ascii=False) + "\n")
+    return {
+        "training_documents": Counter(r["source"] for r in train),
+        "corrupted": Counter(r["corrupted"] for r in train if r["corrupted"]),
+        "heldout_documents": {name: len(docs) for name, docs in halves.items()},
+    }
+
+
+def unigram_loss(train_texts: list[str], eval_texts: list[str], tokenizer: Tokenizer) -> float:
+    """Cross-entropy (nats/token) on ``eval`` of the training data's token frequencies (add-one):
+    the loss of a model that has learned token frequencies and nothing else."""
+    counts = np.ones(tokenizer.vocab_size)
+    for text in train_texts:
+        np.add.at(counts, [*tokenizer.tokenize(text), tokenizer.eod], 1)
+    log_p = np.log(counts / counts.sum())
+    labels = [t for text in eval_texts for t in [*tokenizer.tokenize(text), tokenizer.eod][1:]]
+    return float(-log_p[labels].mean())
+
+
+def training_sequences(data_dir: Path, seq_length: int, seed: int, cache_dir: Path) -> int:
+    """How many sequences one epoch of the training sources makes (megatron's own count: an
+    unweighted blend is one epoch of every source)."""
+    import torch.distributed as dist
+
+    from inrun_megatron.data.datasets import Source, build_training_data
+
+    tokenizer = Tokenizer({"type": "json", "path": str(data_dir / "tokenizer.json")})
+    sources = [Source(s, str(data_dir / s)) for s in SOURCES]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # megatron's dataset builder asks for the rank: a process group of this one process
+    dist.init_process_group("gloo", init_method=f"file://{cache_dir / '.process_group'}", rank=0, world_size=1)
+    try:
+        data = build_training_data(
+            sources, tokenizer, seq_length=seq_length, seed=seed, split="100,0,0", train_samples=1, cache_dir=cache_dir
+        )
+    finally:
+        dist.destroy_process_group()
+    return sum(len(ds) for ds in data.train.datasets)
+
+
+# --------------------------------------------------------------------------------------
+# runs
+
+
+def run(command: list[str], wait: bool = True, **kwargs) -> subprocess.Popen:
+    """Start ``command`` in the repository root; wait for it and fail when it fails, unless not ``wait``."""
+    print("+ " + " ".join(command), flush=True)
+    process = subprocess.Popen(command, cwd=ROOT, **kwargs)
+    if wait and process.wait():
+        raise SystemExit(f"failed (exit status {process.returncode}): {' '.join(command)}")
+    return process
+
+
+def write_ids(path: Path, ids: np.ndarray) -> None:
+    path.write_text("".join(f"{i}\n" for i in ids.tolist()))
+
+
+def read_ids(path: Path) -> np.ndarray:
+    return np.sort(np.loadtxt(path, dtype=np.int64, ndmin=1))
+
+
+def random_drop(num_samples: int, keep: int, seed: int) -> np.ndarray:
+    """``keep`` of the ids ``0..num_samples-1`` drawn at random: the baseline that drops as many."""
+    return np.sort(np.random.default_rng(seed).choice(num_samples, size=keep, replace=False))
+
+
+def pretrain(out: Path, name: str, ids: Path, *, num_samples: int, steps: int, targets: list[str], wait: bool = True):
+    """One run of launch/pretrain_gpt.py on the sample ids of ``ids`` (of the ``num_samples``-sequence
+    training dataset), from scratch; its run directory, or its process when not ``wait``."""
+    run_dir = out / name
+    target_list = [{"name": t, "jsonl": str(out / "data" / f"{t}.jsonl")} for t in targets]
+    overrides = [
+        f"output.run_dir={run_dir}",
+        f"data.tokenizer.path={out / 'data' / 'tokenizer.json'}",
+        *(f"data.sources.{i}.prefix={out / 'data' / s}" for i, s in enumerate(SOURCES)),
+        f"data.cache_dir={out / 'data_cache'}",
+        f"data.train_ids={ids}",
+        f"data.train_samples={num_samples}",
+        f"training.train_iters={steps}",
+        f"optimizer.lr_warmup_iters={max(1, steps // 10)}",  # warm up over the first 10% of the steps
+        f"validation.targets={json.dumps(target_list)}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    process = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                   "launch/pretrain_gpt.py", "--config", str(CONFIG), *overrides], wait=wait, env=env)  # fmt: skip
+    return run_dir if wait else process
+
+
+def loss_curve(run_dir: Path, target: str) -> np.ndarray:
+    """The target's validation loss at every step (measured at the step's weights, before its update)."""
+    with Scores(run_dir) as scores:
+        totals = scores.values().step_totals()
+    mine = totals.filter(pc.equal(totals.column("target"), target)).sort_by("step")
+    return mine.column("validation_loss").to_numpy(zero_copy_only=False).astype(float)
+
+
+def steps_to_reach(curve: np.ndarray, level: float) -> int | None:
+    """Updates made before the loss is first at or below ``level`` (None: never)."""
+    reached = np.nonzero(curve <= level)[0]
+    return int(reached[0]) if reached.size else None
+
+
+def steps_saved(curated: int | None, full: int) -> float:
+    return math.nan if curated is None else 1.0 - curated / full
+
+
+# --------------------------------------------------------------------------------------
+
+
+def corruption_report(run_dir: Path, target: str, dropped: np.ndarray) -> dict:
+    """AUROC of the curation view's low values for the planted corruption, and what was dropped."""
+    with Scores(run_dir) as scores:
+        ids, values = demo_report.view_values(scores, VIEW, [target])
+        index = scores.index()
+    fractions = demo_report.corrupted_fractions(index, ids)
+    aurocs = demo_report.corruption_aurocs(values[target], fractions)
+    mostly = {kind: ids[f > 0.5] for kind, f in fractions.items()}
+    clean = ids[sum(fractions.values()) == 0]
+    counts = {kind: (int(np.isin(members, dropped).sum()), len(members)) for kind, members in mostly.items()}
+    counts["clean"] = (int(np.isin(clean, dropped).sum()), len(clean))
+    return {"auroc": aurocs, "dropped_of": counts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/curate-demo"))
+    parser.add_argument("--documents", type=int, default=400, help="training documents per source")
+    parser.add_argument("--heldout", type=int, default=8, help="clean held-out documents per source")
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the training sequences")
+    parser.add_argument("--global-batch-size", type=int, default=16, help="as configs/curate-demo.yaml")
+    parser.add_argument("--seed", type=int, default=1234, help="as configs/curate-demo.yaml")
+    parser.add_argument("--seq-length", type=int, default=128, help="as configs/curate-demo.yaml")
+    parser.add_argument("--report-only", action="store_true", help="only the report, from the runs under --out")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    if not args.report_only:
+        start = time.perf_counter()
+        loop(out, args)
+        print(f"\ncurate demo: data and runs took {time.perf_counter() - start:.0f} s of wall time")
+    report(out)
+
+
+def loop(out: Path, args: argparse.Namespace) -> None:
+    """Data, the full run with scoring, curate, and the two retrainings (see the module docstring)."""
+    if out.exists():
+        shutil.rmtree(out)
+    data = build_data(out / "data", documents=args.documents, heldout=args.heldout, seq_length=args.seq_length,
+                      bpe_vocab=2048)  # fmt: skip
+    num_samples = training_sequences(out / "data", args.seq_length, args.seed, out / "data_cache")
+    steps = args.epochs * num_samples // args.global_batch_size
+    print(f"data: {dict(data['training_documents'])} training documents, corrupted {dict(data['corrupted'])};"
+          f" held out {data['heldout_documents']} documents; {num_samples} training sequences of {args.seq_length}"
+          f" tokens; every run {steps} steps ({args.epochs} epochs of the full data)", flush=True)  # fmt: skip
+    write_ids(out / "all_ids.txt", np.arange(num_samples))
+    full = pretrain(out, "full", out / "all_ids.txt", num_samples=num_samples, steps=steps, targets=["select", "eval"])
+    with Scores(full / "merged") as scores:
+        curated = curate(scores, out / "keep_ids.txt", target="select", drop_negative=True, view=VIEW,
+                         dropped_out=out / "dropped_ids.txt")  # fmt: skip
+    kept = curated.data["kept"]
+    write_ids(out / "random_ids.txt", random_drop(num_samples, kept, args.seed))
+    print(f"curate (view {VIEW}, target select, --drop-negative): kept {kept}, dropped {curated.data['dropped']}"
+          f" of {num_samples} sequences", flush=True)  # fmt: skip
+    # the two retrainings are independent: one process each, side by side on two cores
+    retrain = {"curated": out / "keep_ids.txt", "random": out / "random_ids.txt"}
+    started = {name: pretrain(out, name, ids, num_samples=num_samples, steps=steps, targets=["eval"], wait=False)
+               for name, ids in retrain.items()}  # fmt: skip
+    for name, process in started.items():
+        if process.wait():
+            raise SystemExit(f"the {name} run failed (exit status {process.returncode}); see its output above")
+
+
+def report(out: Path) -> None:
+    """Losses, steps to reach the full run's final loss, the corruption found; the last line is
+    ``steps_saved=<fraction>``."""
+    num_samples = len(read_ids(out / "all_ids.txt"))
+    kept, dropped = read_ids(out / "keep_ids.txt"), read_ids(out / "dropped_ids.txt")
+    runs = {"full": out / "full", "curated": out / "curated", "random": out / "random"}
+    curves = {name: loss_curve(run_dir, "eval") for name, run_dir in runs.items()}
+    level = curves["full"][-1]
+    reach = {name: steps_to_reach(curve, level) for name, curve in curves.items()}
+    found = corruption_report(out / "full" / "merged", "select", dropped)
+    tokenizer = Tokenizer({"type": "json", "path": str(out / "data" / "tokenizer.json")})
+    texts = [json.loads(line)["text"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    eval_texts = [json.loads(line)["text"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
+    unigram = unigram_loss(texts, eval_texts, tokenizer)
+
+    print(f"\nplanted corruption found by the view {VIEW!r} (target select), AUROC of 'lower value = corrupted':")
+    for kind, value in found["auroc"].items():
+        print(f"  {kind:<20} {value:.3f}")
+    print("dropped by curate: " + ", ".join(f"{d} of {n} {k}" for k, (d, n) in found["dropped_of"].items()))
+    print(f"\nvalidation loss on 'eval' (nats/token; token frequencies alone: {unigram:.3f}):")
+    print(f"  {'run':<10}{'sequences':>10}{'steps':>8}{'final loss':>12}{'steps to reach full final':>28}")
+    sizes = {"full": num_samples, "curated": len(kept), "random": len(kept)}
+    for name, curve in curves.items():
+        where = "never" if reach[name] is None else str(reach[name])
+        print(f"  {name:<10}{sizes[name]:>10}{len(curve):>8}{curve[-1]:>12.4f}{where:>28}")
+    summary = {
+        "num_samples": num_samples,
+        "kept": len(kept),
+        "final_loss": {n: float(c[-1]) for n, c in curves.items()},
+        "steps": {n: len(c) for n, c in curves.items()},
+        "steps_to_reach": reach,
+        "unigram_loss": unigram,
+        **found,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nnumbers in {out / 'summary.json'}")
+    print(f"steps_saved={steps_saved(reach['curated'], reach['full']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
