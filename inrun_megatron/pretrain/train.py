@@ -28,6 +28,7 @@ import shutil
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
