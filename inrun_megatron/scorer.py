@@ -164,6 +164,7 @@ class Scorer:
         builders: Mapping[type, SiteBuilder],
         *,
         local_scores: LocalScores = gradient_scores,
+        registry: bool = False,
     ) -> None:
         """Build what both scoring paths need for every root module, and the store of ``G``.
 
@@ -172,7 +173,8 @@ class Scorer:
         rules path is unavailable: attaching fails naming the module when ``config.path`` is
         ``"rules"``, otherwise only steps with a micro-batch size above 1 are refused (before
         any work). Microbatch-gradient path: a hook on every trainable parameter this rank counts
-        (:mod:`inrun_megatron.microbatch_gradients`), for any module type.
+        (:mod:`inrun_megatron.microbatch_gradients`), for any module type. ``registry``: ``builders``
+        are those of :func:`inrun_megatron.register_rule`, so a refusal names it.
         """
         roots = list(roots)
         claimed: set[int] = set()
@@ -191,7 +193,7 @@ class Scorer:
         if self.config.path != "microbatch":
             for prefix, root in roots:
                 walk(root, prefix)
-                self.rules_unavailable = self.rules_unavailable or _uncovered(prefix, root, claimed, builders)
+                self.rules_unavailable = self.rules_unavailable or _uncovered(prefix, root, claimed, builders, registry)
             if self.rules_unavailable and self.config.path == "rules":
                 raise NotImplementedError(self.rules_unavailable)
         named = [
@@ -369,7 +371,7 @@ class Scorer:
 
 
 def _uncovered(
-    prefix: str, root: torch.nn.Module, claimed: set[int], builders: Mapping[type, SiteBuilder]
+    prefix: str, root: torch.nn.Module, claimed: set[int], builders: Mapping[type, SiteBuilder], registry: bool
 ) -> str | None:
     """Why the rules path cannot score ``root`` (its first trainable parameter no site covers), or None."""
     for param_name, p in root.named_parameters():
@@ -382,6 +384,12 @@ def _uncovered(
                 f" parameter {param_name!r} that no inrun_megatron score rule covers. Supported layers:"
                 f" {', '.join(sorted(t.__name__ for t in builders))}. With micro_batch_size 1 the"
                 " microbatch-gradient path (ScoringConfig(path='auto' or 'microbatch')) scores any module;"
-                " otherwise freeze it (requires_grad=False) or build the model from supported layers"
+                " otherwise freeze it (requires_grad=False)"
+                + (
+                    f", register a score rule for {type(owner).__name__} (inrun_megatron.register_rule),"
+                    if registry
+                    else ""
+                )
+                + " or build the model from supported layers"
             )
     return None

@@ -10,7 +10,7 @@ The model is the plain-PyTorch Llama- or GPT-style LM of :mod:`inrun_megatron.de
 (``--model llama|gpt``), a megatron-core GPT (``--model megatron-gpt``) whose layers are tensor
 parallel inside the DeepSpeed engine (``--tensor-model-parallel-size N``), or an unmodified Hugging
 Face ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` with random weights (``--model hf-llama|hf-gpt2``),
-which only micro-batch size 1 scores (``--micro-batch-size 1``; the microbatch-gradient path).
+scored by the built-in Hugging Face rules or, at micro-batch size 1, the microbatch-gradient path.
 ``--scoring-path auto|rules|microbatch`` forces a scoring path (``auto``: the microbatch-gradient
 path at micro-batch size 1, the per-layer rules above).
 

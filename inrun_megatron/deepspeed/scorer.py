@@ -32,9 +32,11 @@ one at attach (``ScoringConfig.path`` forces either):
   hooks, and ZeRO-0 all-reduces after the backward. Under ZeRO-3 the hook receives the full
   gathered gradient and gathers that one parameter's ``G`` (the same all-gather on every rank, in
   the backward's order).
-* larger micro-batches: per-layer rules inside each layer's backward, for models built from
-  ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm`` or megatron-core
-  tensor-parallel layers; another trainable module is refused at attach.
+* larger micro-batches: per-layer rules inside each layer's backward, for models built from layers
+  with a registered rule (:func:`inrun_megatron.register_rule`: ``nn.Linear``, ``nn.Embedding``,
+  ``nn.LayerNorm``, ``nn.RMSNorm``, the Hugging Face layers of :mod:`inrun_megatron.hf_rules`, the
+  user's own) or from megatron-core tensor-parallel layers; another trainable module is refused at
+  attach.
 
 What a raw score is (``docs/DESIGN.md`` §1): ``<grad l_z, G>`` where ``l_z`` is sample z's term of the loss
 the optimizer received. DeepSpeed divides each micro-step's loss by the gradient accumulation
@@ -59,7 +61,7 @@ from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
 from inrun_megatron.deepspeed.validation_pass import run_validation_pass
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
-from inrun_megatron.sites import TORCH_SITE_BUILDERS
+from inrun_megatron.sites import registered_builders
 from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 
@@ -147,8 +149,9 @@ class DeepSpeedScorer(Scorer):
     Args:
         engine: the ``DeepSpeedEngine`` returned by ``deepspeed.initialize``. With
             ``train_micro_batch_size_per_gpu`` 1 its module may be any model; with larger
-            micro-batches it is built from ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``,
-            ``nn.RMSNorm`` (weights may be tied) or megatron-core tensor-parallel layers.
+            micro-batches it is built from layers with a registered score rule
+            (:func:`inrun_megatron.register_rule`; weights may be tied) or megatron-core
+            tensor-parallel layers.
         validation: the validation set (a list of batches in the training batch format), or a dict
             ``{target name: batches}`` of several sets, each scored separately. Every rank passes
             the same batches.
@@ -186,12 +189,12 @@ class DeepSpeedScorer(Scorer):
         self._global_steps_at_forward: int | None = None
         self._fp32_clip_norm: float | None = None
         try:
-            builders = TORCH_SITE_BUILDERS
             if _is_megatron_model(engine.module):
                 from inrun_megatron.deepspeed import megatron_tp
 
-                builders = megatron_tp.attach(self)
-            self.build_sites([("", engine.module)], builders)
+                self.build_sites([("", engine.module)], megatron_tp.attach(self))
+            else:
+                self.build_sites([("", engine.module)], registered_builders(), registry=True)
             self.micro_batch_size = int(engine.train_micro_batch_size_per_gpu())
             self.path = self.path_for(self.micro_batch_size)  # refuses what neither path can score
             self._record_fp32_clip_norm()
