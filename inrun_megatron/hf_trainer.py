@@ -168,6 +168,14 @@ class ScoringTrainer(Trainer):
             name: validation_batches(v, self.processing_class, self.args.per_device_train_batch_size)
             for name, v in sets.items()
         }
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        for name, batches in self.validation.items():
+            length = batches[0]["tokens"].shape[1] + 1
+            if limit is not None and length > limit:
+                raise ValueError(
+                    f"validation target {name!r} has a sequence of {length} tokens, more than the model's"
+                    f" max_position_embeddings ({limit}): shorten or truncate it"
+                )
         self.train_dataset = IndexedDataset(self.train_dataset)
         self.run_dir = Path(run_dir)
         self.scoring = scoring or ScoringConfig()

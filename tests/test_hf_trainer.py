@@ -113,3 +113,20 @@ def test_scores_match_brute_force_and_the_trainer_logs_them(trainer_run):
         for r in step_rows:
             assert r["n_tokens"] == int(samples[r["sample_id"]]["loss_mask"].sum())
     print(f"ScoringTrainer ZeRO-2 DP={DP}: max relative error vs brute force {worst:.2e}")
+
+
+def test_the_plain_trainer_is_refused_at_construction(tmp_path):
+    """Before any work: the plain Trainer (no DeepSpeed), naming what to change."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "workers"))
+    from hf_trainer import tokenizer
+
+    from inrun_megatron.hf_trainer import ScoringTrainer
+
+    tok = tokenizer()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=4))
+    train = [dict(tok("abcd")) for _ in range(4)]
+    plain = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[])
+    with pytest.raises(NotImplementedError, match=r"TrainingArguments\(deepspeed=<config>\)"):
+        ScoringTrainer(model=model, args=plain, train_dataset=train, validation=["ab", "cd"], run_dir=tmp_path)
