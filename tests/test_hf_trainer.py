@@ -6,6 +6,7 @@ One launch; its dump must pass ``inrun-scores verify``, every score must match b
 backward per sample at the step's weights, ``l_z`` = sample z's masked token-loss sum divided by the
 Trainer's ``num_items_in_batch`` of the step, the count of labels over the whole global batch), and the sample ids must
 be the dataset indices the Trainer's sampler chose, in the order each rank's dataset was asked for them.
+The same run by the plain Trainer (same launch) ends with bitwise the same weights and losses.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def trainer_run(tmp_path_factory):
     ranks = launch("hf_trainer.py", DP, tmp, str(tmp / "run"), str(path))
     table = ds.dataset(tmp / "run" / "scores", format="parquet").to_table().to_pylist()
     return dict(run=tmp / "run", ranks=ranks, rows=table, config=config)
+
+
+def test_scoring_does_not_change_training(trainer_run):
+    for rank in trainer_run["ranks"]:
+        assert rank["changed_by_scoring"] == [], rank["changed_by_scoring"]
+        assert rank["losses"] == rank["plain_losses"] and len(rank["losses"]) == STEPS
 
 
 def test_the_dump_passes_verify(trainer_run):

@@ -5,7 +5,8 @@ here, nothing downloaded) trains ``STEPS`` steps on texts of different lengths (
 ``num_items_in_batch`` differs from step to step) with the shuffling sampler. Each rank saves the
 dataset indices its dataset was asked for, in order (what the sampler chose), the model's weights at
 the start of every step, the Trainer's ``num_items_in_batch`` of every step, its log history and,
-on rank 0, what the brute-force check needs.
+on rank 0, what the brute-force check needs; then the plain Trainer repeats the run, and each rank
+saves which weights scoring changed (none may).
 """
 
 from __future__ import annotations
@@ -114,9 +115,30 @@ def main() -> None:
         callbacks=[KeepWeights()],
     )
     trainer.train()
+    scored_weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()  # a second Trainer in this process gets its own DeepSpeed plugin
+    GradientState._reset_state()
+    torch.manual_seed(0)
+    plain = transformers.Trainer(
+        model=transformers.GPT2LMHeadModel(config),
+        args=args,
+        train_dataset=examples,
+        data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
+    )
+    plain.train()
     rank = torch.distributed.get_rank()
     saved = dict(
-        requested=dataset.requested, weights=weights, num_items=num_items, log_history=trainer.state.log_history
+        requested=dataset.requested,
+        weights=weights,
+        num_items=num_items,
+        log_history=trainer.state.log_history,
+        # the same run by the plain Trainer: scoring must not change training
+        changed_by_scoring=[k for k, v in plain.model.state_dict().items() if not torch.equal(v, scored_weights[k])],
+        losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
+        plain_losses=[e["loss"] for e in plain.state.log_history if "loss" in e],
     )
     if rank == 0:
         saved.update(
