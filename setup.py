@@ -19,7 +19,7 @@ setup(
         "mpi": ["mpi4py>=4", "openmpi>=5"],
         "dev": ["pytest", "ruff"],
         "pretrain": ["tokenizers"],
-        "hf": ["transformers"],
+        "hf": ["transformers", "accelerate>=1.1"],  # accelerate: the Trainer (inrun_megatron.hf_trainer)
         "tensorboard": ["tensorboard"],
         "analysis": ["rich", "matplotlib", "scipy"],
     },

@@ -75,3 +75,49 @@ def test_readme_register_rule_example_matches_brute_force():
     assert out.returncode == 0, out.stderr[-4000:]
     assert "README rule OK" in out.stdout, out.stdout[-2000:]
     print(out.stdout.strip().splitlines()[-1])
+
+
+HF_TRAINER_SETUP = """
+import sys
+sys.path.insert(0, {workers!r})
+import torch, transformers
+from hf_trainer import texts, tokenizer
+tokenizer = tokenizer()
+train_dataset = [dict(tokenizer(t, padding="max_length", max_length=12)) for t in texts(8, seed=1)]
+torch.manual_seed(0)
+model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1,
+                                                             n_head=4, n_positions=32))
+"""
+HF_TRAINER_CHECK = """
+from inrun_megatron.analysis import cli
+from inrun_megatron.records import read_manifest
+assert read_manifest(args_run).layout.zero_stage == 2 and len(trainer.state.log_history) == 3
+assert "inrun/batch_dot/held_out" in trainer.state.log_history[0]
+assert cli.main(["verify", args_run, "--quiet"]) == 0
+print("README Trainer OK")
+"""
+
+
+def test_readme_hugging_face_trainer_recipe_runs(tmp_path):
+    """The README's ``ScoringTrainer`` recipe, as written but for where it writes, in one torchrun process:
+    its dump passes ``inrun-scores verify``."""
+    from launcher import torchrun
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- hf-trainer")[1].split("```python\n", 1)[1].split("```", 1)[0]
+    run = str(tmp_path / "run")
+    block = block.replace('"runs/hf-trainer/checkpoints"', repr(str(tmp_path / "checkpoints")))
+    block = block.replace('"runs/hf-trainer"', repr(run))
+    block = block.replace('"configs/deepspeed/zero2.json"', repr(str(REPO / "configs" / "deepspeed" / "zero2.json")))
+    assert run in block and str(REPO) in block
+    script = tmp_path / "recipe.py"
+    script.write_text(
+        RULE_SETUP
+        + HF_TRAINER_SETUP.format(workers=str(REPO / "tests" / "workers"))
+        + block
+        + f"args_run = {run!r}\n"
+        + HF_TRAINER_CHECK
+    )
+    out = torchrun(script, 1)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "README Trainer OK" in out.stdout, out.stdout[-2000:]

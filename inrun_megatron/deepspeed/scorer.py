@@ -304,7 +304,9 @@ class DeepSpeedScorer(Scorer):
     # ----------------------------------------------------------------------------------
     # per-step work
 
-    def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn | None = None) -> list[float]:
+    def forward_backward(
+        self, micro_batches: Sequence[Batch], loss_fn: LossFn | None = None, *, scale_wrt_gas: bool = True
+    ) -> list[float]:
         """Run one optimizer step's micro-steps with scoring; leave the optimizer step to the caller.
 
         Computes the validation gradient at the current weights, then for each of the
@@ -313,6 +315,10 @@ class DeepSpeedScorer(Scorer):
         non-boundary micro-step). Afterwards the gradients are complete and reduced exactly as in
         the unscored loop; call ``engine.step()`` and then :meth:`end_step`. Returns the
         micro-batch losses.
+
+        ``scale_wrt_gas`` is passed to ``engine.backward``: False for losses already normalised over
+        the whole accumulated batch (the Hugging Face ``Trainer``'s), which DeepSpeed must not divide
+        by the accumulation steps again.
         """
         engine = self.engine
         micro_batches = list(micro_batches)
@@ -335,7 +341,7 @@ class DeepSpeedScorer(Scorer):
             for m, batch in enumerate(micro_batches):
                 loss = loss_fn(engine, batch)
                 loss.register_hook(functools.partial(_record_factor, applied, m))
-                engine.backward(loss)
+                engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
                 losses.append(float(loss.detach()))
                 if m < n_micro - 1:
                     engine.step()
@@ -348,9 +354,10 @@ class DeepSpeedScorer(Scorer):
         mp_group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
         if mp_group is not None and dist.get_world_size(group=mp_group) > 1:
             dist.all_reduce(raw, group=mp_group)
-        # Per micro-step: undo the factor the backward applied (loss scale / GAS), then divide by
-        # GAS and the DP size: l_z = (z's term of the micro-batch loss) / (GAS * DP).
-        gas = engine.gradient_accumulation_steps()
+        # Per micro-step: undo the factor the backward applied (loss scale / GAS, or the loss scale
+        # alone without scale_wrt_gas), then divide by the GAS DeepSpeed applied and the DP size:
+        # l_z = (z's term of the micro-batch loss) / (GAS * DP), or / DP without scale_wrt_gas.
+        gas = engine.gradient_accumulation_steps() if scale_wrt_gas else 1
         raw /= (applied.to(raw.device) * gas * self.dp_size).view(1, n_micro, 1)
         n_tokens = torch.stack([loss_mask_of(b).sum(-1) for b in micro_batches]).round().to(torch.int64)
         self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses, self.gradient_dots(), stopwatch)
