@@ -128,6 +128,17 @@ def split_row_name(row: str) -> tuple[str, str]:
     return row, SGD
 
 
+def values_manifest(targets: Sequence[str], kinds: Sequence[str]) -> dict:
+    """What a run's manifest says about its value kinds: which score rows hold which value, and
+    the default of every analysis (the Adam-aware value where it was recorded)."""
+    rows = row_names(targets, kinds)
+    return {
+        "kinds": list(kinds),
+        "default": ADAM if ADAM in kinds else SGD,
+        "rows": {row: dict(zip(("target", "value"), split_row_name(row))) for row in rows},
+    }
+
+
 def precondition_rows(store_rows: Sequence[tuple[torch.Tensor, torch.Tensor | None]], n_targets: int) -> None:
     """Write ``P ⊙ G`` into rows ``[K, 2K)`` of each stored ``[2K, ...]`` gradient, from rows ``[0, K)``.
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from inrun_megatron.optimizer_values import split_row_name
 from inrun_megatron.scores import SCORE_CONTRACT, StepRecords
 
 SCHEMA_VERSION = 1
@@ -275,8 +276,10 @@ class ScoreWriter:
 
 
 def step_table(info: StepInfo) -> pa.Table:
-    targets = list(info.validation_losses)
+    """One row per score row of the step: each target, and each target's Adam-aware row where the
+    step has one (``batch_dots`` names it; its validation loss is its target's), docs/DESIGN.md §1.5."""
     dots = info.batch_dots or {}
+    targets = [*info.validation_losses, *(row for row in dots if row not in info.validation_losses)]
     return pa.Table.from_pydict(
         {
             "step": [info.step] * len(targets),
@@ -284,7 +287,7 @@ def step_table(info: StepInfo) -> pa.Table:
             "lr": [info.lr] * len(targets),
             "clip_coef": [info.clip_coef] * len(targets),
             "skipped": [info.skipped] * len(targets),
-            "validation_loss": [float(info.validation_losses[t]) for t in targets],
+            "validation_loss": [float(info.validation_losses[split_row_name(t)[0]]) for t in targets],
             "batch_dot": [float(dots.get(t, np.nan)) for t in targets],
         },
         schema=STEP_SCHEMA,

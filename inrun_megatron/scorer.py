@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.microbatch_gradients import LocalScores, ParameterSite, attach_parameter_sites, gradient_scores
-from inrun_megatron.optimizer_values import ADAM, SGD, precondition_rows, row_names
+from inrun_megatron.optimizer_values import ADAM, SGD, precondition_rows, row_names, values_manifest
 from inrun_megatron.scores import StepRecords, StepScores, ValueAccumulator, make_step_records
 from inrun_megatron.sites import Site, SiteBuilder
 from inrun_megatron.validation import Batch, GradientStore, as_targets
@@ -179,6 +179,11 @@ class Scorer:
     def score_rows(self) -> list[str]:
         """Name of each row of the store and of the step's score tensor (the records' ``target``)."""
         return row_names([t.name for t in self.targets], self.value_kinds)
+
+    @property
+    def values_manifest(self) -> dict:
+        """The manifest's ``values`` section: which score rows hold which value kind."""
+        return values_manifest([t.name for t in self.targets], self.value_kinds)
 
     @property
     def n_score_rows(self) -> int:

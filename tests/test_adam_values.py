@@ -13,7 +13,15 @@ import pytest
 import torch
 
 import oracle
-from common import CASES, load_canonical_weights, make_data, scored_forward_backward, token_losses, torch_adamw
+from common import (
+    CASES,
+    load_canonical_weights,
+    make_data,
+    run_case,
+    scored_forward_backward,
+    token_losses,
+    torch_adamw,
+)
 
 LR = 1e-3
 
@@ -136,3 +144,51 @@ def test_sgd_value_is_the_optimizer_aware_value_under_sgd(megatron_world):
     for name, got in records.items():
         for column, values in records["none"].columns.items():
             assert np.array_equal(got.columns[column], values), (name, column)
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_dump_holds_both_values_and_the_analysis_reads_either(megatron_world, tmp_path, capsys, optimizer):
+    """Rows ``validation`` (SGD value) and ``validation:adam``; ``inrun-scores verify`` checks the
+    efficiency identity of both; commands read the Adam-aware value by default where recorded."""
+    import json
+
+    from inrun_megatron.analysis.cli import main
+    from inrun_megatron.analysis.commands import verify
+    from inrun_megatron.optimizer_values import ADAM, SGD, values_manifest
+    from inrun_megatron.records import ScoreWriter, write_manifest
+
+    run = tmp_path / "run"
+    kinds = [SGD, ADAM] if optimizer == "adam" else [SGD]
+    write_manifest(run, {"values": values_manifest(["validation"], kinds)})
+    writer = ScoreWriter(run, dp_rank=0, flush_every=2)
+    result = run_case(_shape("layernorm-gelu-bias-untied"), n_micro=2, mbs=2, steps=3, lr=LR, seed=4,
+                      optimizer=optimizer, writer=writer)  # fmt: skip
+    writer.close()
+    report = verify(run)
+    assert report.ok, report.data["problems"]
+    checked = report.data["checked"]["efficiency"]
+    expected = {"validation": result["raw"]}
+    if optimizer == "adam":
+        expected["validation:adam"] = result["raw_adam"]
+    assert sorted(checked) == sorted(expected)
+    for row in expected:  # the Adam-aware value at every step after the first
+        assert checked[row]["steps_measured"] == (3 if row == "validation" else 2)
+        assert checked[row]["max_rel_error"] <= 1e-9
+
+    def top(*options: str) -> dict:
+        assert main(["top", str(run), "--json", "--quiet", "-k", "100", *options]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for options, row in [
+        ((), "validation:adam" if optimizer == "adam" else "validation"),
+        (("--value", "sgd"), "validation"),
+    ]:
+        answer = top(*options)
+        assert answer["target"] == row
+        values = {s["sample_id"]: s["value"] for s in answer["samples"]}
+        steps = [raw for raw in expected[row] if raw is not None]
+        assert values == pytest.approx({sid: LR * raw[sid] for raw in steps for sid in raw}, rel=1e-12)
+    if optimizer == "sgd":
+        assert main(["top", str(run), "--value", "adam", "--quiet"]) == 2
+        assert "no adam value of target 'validation' was recorded" in capsys.readouterr().err

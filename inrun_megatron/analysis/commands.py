@@ -438,7 +438,7 @@ def compare(a: Scores, b: Scores, *, target_a: str | None = None, target_b: str 
     va, vb = a.values(), b.values()
     ta, tb = va.target(target_a), vb.target(target_b or target_a)
     if va.root == vb.root and ta == tb:
-        raise DumpError("compare needs two runs, or two targets of one run (--target-b)")
+        raise DumpError("compare needs two runs, or two targets or values of one run (--target-b, --value-b)")
     stride = sample_stride(max(va.samples[ta], vb.samples[tb]), CORRELATION_CAP)
     ids_a, val_a = va.arrays(ta, stride)
     ids_b, val_b = vb.arrays(tb, stride)

@@ -290,8 +290,11 @@ class Pretraining:
                 path=c.scoring.path,
                 keep_records=False,
                 accumulate_values=False,
+                optimizer_values=c.scoring.optimizer_values,
             )
-            self.scorer = MegatronScorer(self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size)
+            self.scorer = MegatronScorer(
+                self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size, optimizer=self.optimizer
+            )
         self.iteration = 0
         if resume is not None:
             from inrun_megatron.pretrain import checkpoint
@@ -377,6 +380,7 @@ class Pretraining:
                     "numpy": np.__version__,
                 },
                 "validation_targets": describe_targets(c.validation.targets, targets),
+                **({"values": self.scorer.values_manifest} if self.scorer is not None else {}),
                 "shards": "scores/dpNNNNN holds the rows of data-parallel replica NNNNN; steps/ one row per step"
                 f" and target; {MERGED}/ the accumulated values merged from them at the end of training",
                 "data": self.data.manifest_section(tokenizer_spec, self.run_dir),
