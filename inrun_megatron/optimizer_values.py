@@ -75,11 +75,14 @@ def adam_preconditioner(
     return first / (v.sqrt() + eps)
 
 
-def torch_adam_preconditioner(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
+def torch_adam_preconditioner(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict | None = None
+) -> torch.Tensor | None:
     """``P_t`` of ``param`` (a key of ``optimizer.state``) for torch's Adam/AdamW, apex's, Transformer
     Engine's and DeepSpeed's FusedAdam; None before the first step. Raises for variants whose update
-    is not Adam's (amsgrad, maximize)."""
-    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    is not Adam's (amsgrad, maximize). ``group``: the parameter group whose hyperparameters apply,
+    where ``param`` is not listed in one between steps (DeepSpeed ZeRO-3)."""
+    group = group or next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
     if group is None:
         raise KeyError(f"a parameter of shape {tuple(param.shape)} is in none of the optimizer's parameter groups")
     for option in ("amsgrad", "maximize"):

@@ -15,6 +15,7 @@ import torch
 import oracle
 from common import (
     CASES,
+    DEVICE,
     load_canonical_weights,
     make_data,
     run_case,
@@ -192,3 +193,62 @@ def test_dump_holds_both_values_and_the_analysis_reads_either(megatron_world, tm
     if optimizer == "sgd":
         assert main(["top", str(run), "--value", "adam", "--quiet"]) == 2
         assert "no adam value of target 'validation' was recorded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_adam_values_match_brute_force(deepspeed_world, stage):
+    """Every ZeRO stage in one process: the Adam-aware scores against brute force, ``P`` from the
+    full second moment as DeepSpeed's own ``safe_get_full_optimizer_state`` gathers it and the
+    number of steps taken; the efficiency identity against DeepSpeed's full gradient."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad, safe_get_full_optimizer_state
+    from ds_common import ds_config, full_weights
+    from test_deepspeed import MODELS
+
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import TransformerLM, llama_shape, lm_token_losses
+
+    shape = llama_shape(**MODELS["llama-tied"])
+    torch.manual_seed(0)
+    model = TransformerLM(shape)
+    config = ds_config(stage=stage, gas=2, mbs=2, clip=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch_adamw(list(model.parameters()), LR), config=config)
+    validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
+    scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
+    assert scorer.score_rows == ["validation", "validation:adam"]
+    names = {p: n for n, p in engine.module.named_parameters()}
+    for step in range(3):
+        train = make_data(shape, 2, 2, seed=5 + step, first_id=100 * step)
+        scorer.forward_backward(train)
+        reference = {}
+        if step > 0:
+            reference_model = TransformerLM(shape).to(DEVICE)
+            weights = full_weights(engine.module)
+            with torch.no_grad():
+                for name, p in reference_model.named_parameters():
+                    p.copy_(weights[name])
+            g_val = oracle.validation_gradient(reference_model, validation, lm_token_losses)
+            pg = {}
+            for p in engine.module.parameters():
+                v = (
+                    engine.optimizer.state[p]["exp_avg_sq"]
+                    if stage == 0
+                    else safe_get_full_optimizer_state(p, "exp_avg_sq")
+                )
+                pg[names[p]] = oracle.adam_preconditioner_of(v, step, (0.9, 0.95), 1e-8) * g_val[names[p]].double()
+            reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, pg)
+            g_train = {names[p]: safe_get_full_grad(p) for p in engine.module.parameters()}
+            batch_dot = oracle.dot(g_train, pg)
+        engine.step()
+        records = scorer.end_step()
+        ours = _rows(records, "validation:adam")
+        assert sorted(ours) == sorted(reference)  # none at the first step
+        if step > 0:
+            scale = max(abs(v) for v in reference.values())
+            error = max(abs(ours[sid] - reference[sid]) for sid in reference) / scale
+            print(f"ZeRO-{stage} step {step}: Adam-aware scores vs brute force {error:.1e}")
+            assert error <= 1e-4, error
+            assert scorer.last_batch_dots["validation:adam"] == pytest.approx(batch_dot, rel=1e-5)
+            assert sum(ours.values()) == pytest.approx(batch_dot, rel=1e-5)
+    scorer.detach()
+    engine.destroy()

@@ -57,7 +57,9 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
+from inrun_megatron.deepspeed.optimizer_state import adam_preconditioners, is_adam_engine
 from inrun_megatron.deepspeed.validation_pass import run_validation_pass
+from inrun_megatron.optimizer_values import ADAM
 from inrun_megatron.scorer import Scorer, clip_coefficient
 from inrun_megatron.scores import StepRecords
 from inrun_megatron.sites import TORCH_SITE_BUILDERS
@@ -156,7 +158,9 @@ class DeepSpeedScorer(Scorer):
             :func:`inrun_megatron.deepspeed.model.lm_token_losses`,
             :func:`~inrun_megatron.deepspeed.model.hf_causal_lm_token_losses`); called with the
             engine in training and with ``engine.module`` in the validation pass.
-        config: scoring options (``path``: which scoring path; see the module docstring).
+        config: scoring options (``path``: which scoring path; see the module docstring). When the
+            engine's optimizer is Adam/AdamW, every step also records the Adam-aware value
+            (``docs/DESIGN.md`` §1.5) unless ``config.optimizer_values`` is False.
         vocab_size: the model's vocabulary size, when neither ``module.vocab_size`` nor
             ``module.config.vocab_size`` gives it (used to check the validation token ids).
     """
@@ -183,6 +187,8 @@ class DeepSpeedScorer(Scorer):
         self._lr: float | None = None
         self._global_steps_at_forward: int | None = None
         self._fp32_clip_norm: float | None = None
+        if self.config.optimizer_values and is_adam_engine(engine):
+            self.score_adam_values()
         try:
             builders = TORCH_SITE_BUILDERS
             if _is_megatron_model(engine.module):
@@ -215,8 +221,8 @@ class DeepSpeedScorer(Scorer):
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> ValidationGradients:
         split = self.config.validation_split == "split"
         if self.zero_stage == 3:
-            return PartitionedGradientStore(params, len(self.targets), sum_over_ranks=split)
-        return DenseGradientStore(params, len(self.targets), dp_group=self.dp_group, sum_over_ranks=split)
+            return PartitionedGradientStore(params, self.n_score_rows, sum_over_ranks=split)
+        return DenseGradientStore(params, self.n_score_rows, dp_group=self.dp_group, sum_over_ranks=split)
 
     def tied_output_weight(self, name: str, module: torch.nn.Module) -> torch.nn.Parameter:
         """(megatron GPT inside DeepSpeed) the embedding weight a weightless output layer uses."""
@@ -286,6 +292,8 @@ class DeepSpeedScorer(Scorer):
         micro_batches = [_on_device(b, engine.device) for b in micro_batches]
         self._fp32_clip_norm = None
         validation_losses = run_validation_pass(self)
+        if ADAM in self.value_kinds:
+            self.precondition(adam_preconditioners(engine, self.grads.params()))
         lrs = set(engine.get_lr())
         self._lr = lrs.pop() if len(lrs) == 1 else None
         self._global_steps_at_forward = engine.global_steps

@@ -87,7 +87,7 @@ def _validation_pass(scorer: DeepSpeedScorer, scale: float) -> dict[str, float]:
         for handle in handles:
             handle.remove()
         scorer.release_gathered_parameters()
-    store.finish()
+    store.finish(len(scorer.targets))
     losses = torch.stack(loss_sums)
     if scorer.config.validation_split == "split":
         dist.all_reduce(losses, group=scorer.dp_group)

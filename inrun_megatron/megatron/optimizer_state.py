@@ -96,11 +96,11 @@ def _assemble(
 ) -> dict[torch.nn.Parameter, torch.Tensor | None]:
     """Whole ``P`` of each distributed-optimizer parameter from every rank's owned ranges (one all-reduce).
 
-    A rank may own no element of a parameter (its shard is empty, with no state): whether a second
-    moment exists at all is agreed over the group, in the same collective.
+    A rank owns a range of only some parameters (the others are in no optimizer group of this rank),
+    so the buffer covers every scored parameter, the same on every rank; whether a second moment
+    exists at all is agreed over the group, in the same collective.
     """
-    wanted = {param for param, _, _ in sharded if param in set(params)}
-    order = [param for param in params if param in wanted]
+    order = list(params)
     offsets, total = {}, 0
     for param in order:
         offsets[param] = total
