@@ -5,7 +5,8 @@ corpus's planted corrupted documents (AUROC).
     python tools/demo_report.py runs/demo
 
 A sequence counts as corrupted when most of its tokens come from documents the corpus marked
-``corrupted`` (their JSON fields are kept in each source's document table).
+``corrupted`` (their JSON fields are kept in each source's document table). ``--value`` chooses the
+value of each target, by default the Adam-aware one where the run recorded it (docs/DESIGN.md §1.5).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from inrun_megatron.analysis.commands import by_source, top
 from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.analysis.report import render
+from inrun_megatron.optimizer_values import split_row_name
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -53,10 +55,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--value", choices=["adam", "sgd"], help="default: adam where the run recorded it")
     args = parser.parse_args()
     with Scores(args.run_dir) as scores:
         merged = scores.values()
-        targets = merged.targets
+        names = dict.fromkeys(split_row_name(row)[0] for row in merged.targets)
+        targets = [scores.score_row(name, args.value) for name in names]
+        print(f"values: {', '.join(targets)} (rows named TARGET:adam hold the Adam-aware value)")
         for target in targets:
             for bottom in (False, True):
                 render(top(scores, k=args.top, bottom=bottom, target=target, text_chars=100), as_json=False)
@@ -70,8 +75,10 @@ def main() -> None:
             ids = np.concatenate([b.column("sample_id").to_numpy() for b in batches])
             v = np.concatenate([b.column("value").to_numpy() for b in batches])
             values[target] = dict(zip(ids.tolist(), v.tolist()))
-        sample_ids = np.array(sorted(values[targets[0]]), dtype=np.int64)
-        per_target = {t: np.array([values[t][i] for i in sample_ids.tolist()]) for t in targets}
+        sample_ids = np.array(sorted(set().union(*values.values())), dtype=np.int64)
+        # A sample trained only at the first step has no Adam-aware contribution: its accumulated value,
+        # a sum over no step, is 0 (docs/DESIGN.md §1.5).
+        per_target = {t: np.array([values[t].get(i, 0.0) for i in sample_ids.tolist()]) for t in targets}
         per_target["all targets"] = sum(per_target[t] for t in targets)
 
     fractions = corrupted_fractions(index, sample_ids)
