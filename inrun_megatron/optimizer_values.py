@@ -18,7 +18,7 @@ A step with no second moment before it (the optimizer's first step) has no Adam-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -152,6 +152,3 @@ def precondition_rows(store_rows: Sequence[tuple[torch.Tensor, torch.Tensor | No
     for rows, p in store_rows:
         g, adam = rows[:n_targets], rows[n_targets:]
         adam.copy_(g * p.reshape(g.shape[1:]).to(g.dtype))
-
-
-PreconditionerOf = Callable[[torch.nn.Parameter], torch.Tensor | None]

@@ -24,7 +24,15 @@ import torch.distributed as dist
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.microbatch_gradients import LocalScores, ParameterSite, attach_parameter_sites, gradient_scores
-from inrun_megatron.optimizer_values import ADAM, SGD, precondition_rows, row_names, values_manifest
+from inrun_megatron.optimizer_values import (
+    ADAM,
+    ADAM_ROW_SUFFIX,
+    SGD,
+    precondition_rows,
+    row_names,
+    split_row_name,
+    values_manifest,
+)
 from inrun_megatron.scores import StepRecords, StepScores, ValueAccumulator, make_step_records
 from inrun_megatron.sites import Site, SiteBuilder
 from inrun_megatron.validation import Batch, GradientStore, as_targets
@@ -173,6 +181,12 @@ class Scorer:
         paths produce both raw scores in the same backward."""
         if self.grads is not None:
             raise RuntimeError("value kinds are fixed before the store of G is built")
+        clashing = [t.name for t in self.targets if split_row_name(t.name)[1] == ADAM]
+        if clashing:
+            raise ValueError(
+                f"validation target names {clashing} end in {ADAM_ROW_SUFFIX!r}, which names the Adam-aware rows"
+                " of a target (docs/DESIGN.md §1.5); rename them"
+            )
         self.value_kinds = [SGD, ADAM]
 
     @property
