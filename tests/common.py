@@ -315,9 +315,9 @@ def _megatron_training(
     return chunks, opt
 
 
-def torch_adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+def torch_adamw(params: list[torch.nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.AdamW:
     """torch's AdamW with GPT pretraining's betas and decoupled weight decay (the megatron CPU fallback)."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.1)
 
 
 def run_case(

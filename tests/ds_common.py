@@ -207,9 +207,10 @@ def run_deepspeed_case(
     fp16_scale_power: int = 8,
     path: str = "auto",
     optimizer: str = "sgd",
+    adam_eps: float = 1e-8,
 ) -> dict:
     """:func:`train` of the plain-PyTorch LM under DeepSpeed (plain SGD, or ``optimizer="adam"``:
-    :func:`common.torch_adamw`; clipping at ``clip``); ``n_targets=2`` adds a second validation set,
+    :func:`common.torch_adamw` with ``adam_eps``; clipping at ``clip``); ``n_targets=2`` adds a second validation set,
     ``held-out``; ``path`` is the scoring path."""
     import deepspeed
 
@@ -221,7 +222,7 @@ def run_deepspeed_case(
     model = TransformerLM(shape)
     config = ds_config(stage=stage, gas=gas, mbs=mbs, clip=clip, dtype=dtype, fp16_scale_power=fp16_scale_power)
     params = list(model.parameters())
-    client = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch_adamw(params, lr)
+    client = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch_adamw(params, lr, adam_eps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
     validation = {"validation": make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)}
     if n_targets == 2:
