@@ -10,7 +10,8 @@ the update that sample ``z``'s gradient causes is ``-lr * P_t ⊙ grad l_z`` wit
 first-order effect on the validation loss is ``lr * clip * <grad l_z, P_t ⊙ G_t>``: the raw score
 against the *preconditioned* validation gradient. The adapters store ``P_t ⊙ G_t`` as extra rows
 of the validation-gradient store (one per target), so both scoring paths produce both raw scores
-in the same backward, with no extra GEMM.
+in the same backward: no extra pass and no extra GEMM call, the same GEMMs and dot products with
+twice the validation rows.
 
 A step with no second moment before it (the optimizer's first step) has no Adam-aware value:
 :func:`adam_preconditioner` returns None and the step records no Adam rows.
