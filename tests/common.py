@@ -278,7 +278,13 @@ def data_parallel_traffic():
 
 
 def _megatron_training(
-    models: list[torch.nn.Module], ddp: dict, optimizer: str, lr: float, clip_grad: float, fp16_loss_scale: dict
+    models: list[torch.nn.Module],
+    ddp: dict,
+    optimizer: str,
+    lr: float,
+    clip_grad: float,
+    fp16_loss_scale: dict,
+    adam_eps: float,
 ):
     """Wrap chunks in megatron's Float16Module (bf16/fp16 configs) and DDP and build megatron's
     optimizer, as megatron's training loop does."""
@@ -301,6 +307,7 @@ def _megatron_training(
         optimizer=optimizer,
         lr=lr,
         weight_decay=0.0,
+        adam_eps=adam_eps,
         sgd_momentum=0.0,
         clip_grad=clip_grad,
         use_distributed_optimizer=ddp_config.use_distributed_optimizer,
@@ -336,6 +343,7 @@ def run_case(
     validation_split: str = "replicate",
     path: str = "auto",
     fp16_loss_scale: dict | None = None,
+    adam_eps: float = 1e-8,
     validation: list[dict] | None = None,
     epoch_steps: int | None = None,
     writer=None,
@@ -348,7 +356,7 @@ def run_case(
     bare model with torch SGD (``optimizer="adam"``: :func:`torch_adamw`); otherwise the chunks are
     wrapped in megatron DDP with these
     ``DistributedDataParallelConfig`` options and trained by megatron's ``optimizer`` ("sgd" or
-    "adam"), clipping at ``clip_grad`` (0: off); bf16/fp16 configs (``shape.extra_config``) add
+    "adam", with ``adam_eps``), clipping at ``clip_grad`` (0: off); bf16/fp16 configs (``shape.extra_config``) add
     megatron's ``Float16Module`` and mixed-precision optimizer (``fp16_loss_scale``: its loss-scale
     options). ``validation`` replaces the default validation batches. ``path`` is the scoring path
     (``ScoringConfig.path``), resolved at attach for micro-batch size ``mbs``.
@@ -387,9 +395,12 @@ def run_case(
         load_canonical_weights(model, seed, tp_rank, tp_size)
     if ddp is None:
         params = [p for m in models for p in m.parameters()]
-        chunks, opt = models, (torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch_adamw(params, lr))
+        chunks, opt = (
+            models,
+            (torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch_adamw(params, lr, adam_eps)),
+        )
     else:
-        chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {})
+        chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {}, adam_eps)
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
     config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
