@@ -7,7 +7,20 @@ See ``SCORE_CONTRACT`` and the README.
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.scores import SCORE_CONTRACT, SCORE_DEFINITION_VERSION, StepRecords, ValueAccumulator
+from inrun_megatron.sites import register_rule
+from inrun_megatron.step_result import MemorySink, PassTimings, ResultSink, StepResult
 
 __version__ = "0.1.0"
 
-__all__ = ["SCORE_CONTRACT", "SCORE_DEFINITION_VERSION", "ScoringConfig", "StepRecords", "ValueAccumulator"]
+__all__ = [
+    "SCORE_CONTRACT",
+    "SCORE_DEFINITION_VERSION",
+    "MemorySink",
+    "PassTimings",
+    "ResultSink",
+    "ScoringConfig",
+    "StepRecords",
+    "StepResult",
+    "ValueAccumulator",
+    "register_rule",
+]

@@ -277,9 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         scorer.forward_backward(fb, data_iterator=iter(data), **kwargs)
         optimizer.step()
         start = now()
-        scorer.end_step(lr=1e-4)
+        t = scorer.end_step(lr=1e-4).timings
         if recording:
-            t = scorer.last_timings
             parts["validation"].append(t.validation)
             parts["scored training"].append(t.training)
             parts["bookkeeping"].append(t.bookkeeping + now() - start)

@@ -33,7 +33,6 @@ class ScoringConfig:
             ``"microbatch"`` for steps whose micro-batch size is 1 and ``"rules"`` otherwise. Both
             give the same scores.
         allow_untested_megatron: attach to a megatron-core version outside the tested ones.
-        keep_records: also keep every step's records in memory (``scorer.records``).
         accumulate_values: also sum each sample's values in memory (``scorer.values()``, a
             :class:`~inrun_megatron.scores.ValueAccumulator`).
         optimizer_values: when the optimizer is Adam/AdamW, also score every sample against the
@@ -41,12 +40,12 @@ class ScoringConfig:
             ``docs/DESIGN.md`` §1.5), in the same backward as the SGD value; False records the
             SGD value only.
 
-    The last two are off by default because they grow with every sample seen (a 7B run sees
-    ~10^8 sequences per replica, and an in-memory accumulator of them costs gigabytes per rank),
-    while the scorer itself holds only one step: ``end_step`` returns the step's records, a
-    :class:`~inrun_megatron.records.ScoreWriter` makes them durable, and ``inrun-scores merge``
-    (:mod:`inrun_megatron.analysis.merge`) sums them into accumulated values out of core. Turn
-    them on for short runs and notebooks. Neither is part of ``Scorer.state_dict()``: the
+    The last is off by default because it grows with every sample seen (a 7B run sees ~10^8
+    sequences per replica, and an in-memory accumulator of them costs gigabytes per rank), while
+    the scorer itself holds only one step: ``end_step`` returns the step's result, a
+    :class:`~inrun_megatron.records.ScoreWriter` sink makes it durable, and ``inrun-scores merge``
+    (:mod:`inrun_megatron.analysis.merge`) sums the rows into accumulated values out of core. Turn
+    it on for short runs and notebooks. It is not part of ``Scorer.state_dict()``: the
     accumulator covers the steps this scorer object ran (``docs/DESIGN.md`` §2.7).
     """
 
@@ -54,7 +53,6 @@ class ScoringConfig:
     projection_dtype: torch.dtype | None = None
     path: str = "auto"
     allow_untested_megatron: bool = False
-    keep_records: bool = False
     accumulate_values: bool = False
     optimizer_values: bool = True
 

@@ -102,12 +102,14 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Initialise the default process group from whichever launcher started this process."""
+def init_distributed(backend: str | None = None) -> str | None:
+    """Initialise the default process group from whichever launcher started this process; return
+    the launcher's name (None if the process group already existed: the caller started it)."""
     if dist.is_initialized():
-        return
-    adopt_launcher_layout()
+        return None
+    launcher = adopt_launcher_layout()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend)
+    return launcher

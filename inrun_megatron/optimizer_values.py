@@ -19,7 +19,9 @@ A step with no second moment before it (the optimizer's first step) has no Adam-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -132,15 +134,33 @@ def split_row_name(row: str) -> tuple[str, str]:
     return row, SGD
 
 
-def values_manifest(targets: Sequence[str], kinds: Sequence[str]) -> dict:
+@dataclass(frozen=True)
+class RunValues:
+    """The manifest's ``values`` field (``docs/DESIGN.md`` §1.5): which value kinds a run recorded,
+    which score rows hold which, and the value every analysis reads by default."""
+
+    kinds: list[str]
+    """The value kinds recorded, ``["sgd"]`` or ``["sgd", "adam"]``."""
+    default: str
+    """What analyses read when no ``--value`` is given: the Adam-aware value where it was recorded."""
+    rows: dict[str, dict[str, str]]
+    """Per score row (the records' ``target`` column), its ``target`` and ``value`` kind."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunValues:
+        """Type the field as read from JSON."""
+        return cls(kinds=list(data["kinds"]), default=data["default"], rows=dict(data["rows"]))
+
+
+def values_manifest(targets: Sequence[str], kinds: Sequence[str]) -> RunValues:
     """What a run's manifest says about its value kinds: which score rows hold which value, and
     the default of every analysis (the Adam-aware value where it was recorded)."""
     rows = row_names(targets, kinds)
-    return {
-        "kinds": list(kinds),
-        "default": ADAM if ADAM in kinds else SGD,
-        "rows": {row: dict(zip(("target", "value"), split_row_name(row))) for row in rows},
-    }
+    return RunValues(
+        kinds=list(kinds),
+        default=ADAM if ADAM in kinds else SGD,
+        rows={row: dict(zip(("target", "value"), split_row_name(row))) for row in rows},
+    )
 
 
 def precondition_rows(store_rows: Sequence[tuple[torch.Tensor, torch.Tensor | None]], n_targets: int) -> None:

@@ -207,6 +207,21 @@ def rms_norm_scores(
     return _norm_scores(x_hat, b, g_weight, None, batch_dim=batch_dim, dtype=dtype)
 
 
+def scale_scores(
+    x_hat: torch.Tensor,
+    b: torch.Tensor,
+    g_weight: torch.Tensor,
+    *,
+    batch_dim: int,
+    projection_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Scores of an elementwise scale ``y = x_hat * gamma`` over the last dimension, given ``x_hat`` as
+    the layer multiplies it (for norms whose own casts decide its precision, e.g. Hugging Face's
+    RMSNorm classes); computed in the dtype of ``b`` (half precision promoted to float32)."""
+    dtype = _compute_dtype(b, projection_dtype)
+    return _norm_scores(x_hat.to(dtype), b, g_weight, None, batch_dim=batch_dim, dtype=dtype)
+
+
 def _norm_scores(
     x_hat: torch.Tensor,
     b: torch.Tensor,

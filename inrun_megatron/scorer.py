@@ -3,14 +3,14 @@
 An adapter subclasses :class:`Scorer`, builds its sites with :meth:`Scorer.build_sites`,
 computes ``G`` into :attr:`Scorer.grads`, runs the training pass between
 :meth:`begin_scoring` / :meth:`end_scoring`, reduces the ``[K, M, B]`` partials over its
-model-parallel groups and hands them to :meth:`finish_pass`. The user closes each step with
-:meth:`end_step`, which returns the step's records;
-:meth:`finish_pass` also takes ``<g, G>`` per target (:meth:`gradient_dots`, the efficiency
-identity's right-hand side).
+model-parallel groups and hands them to :meth:`finish_pass`, with ``<g, G>`` per target
+(:meth:`gradient_dots`, the efficiency identity's right-hand side) and the :class:`Stopwatch` that
+timed the passes. The user closes each step with :meth:`end_step`, which returns the step's
+:class:`~inrun_megatron.step_result.StepResult` and writes it to the scorer's sink, if any.
 
-Nothing a scorer keeps grows with the number of samples seen unless asked for
-(``ScoringConfig.keep_records`` / ``accumulate_values``): its state is the step counter
-(``docs/DESIGN.md`` §2.7).
+Nothing a scorer keeps grows with the number of samples seen unless asked for (a
+:class:`~inrun_megatron.step_result.MemorySink`, ``ScoringConfig.accumulate_values``): its state
+is the step counter (``docs/DESIGN.md`` §2.7).
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ from inrun_megatron.optimizer_values import (
     ADAM,
     ADAM_ROW_SUFFIX,
     SGD,
+    RunValues,
     precondition_rows,
     row_names,
     split_row_name,
     values_manifest,
 )
-from inrun_megatron.scores import StepRecords, StepScores, ValueAccumulator, make_step_records
+from inrun_megatron.scores import StepScores, ValueAccumulator
 from inrun_megatron.sites import Site, SiteBuilder
+from inrun_megatron.step_result import PassTimings, ResultSink, StepResult, make_step_result
 from inrun_megatron.validation import Batch, GradientStore, as_targets
 
 
@@ -50,6 +52,28 @@ def clip_coefficient(grad_norm: float | None, max_norm: float) -> float:
     return coef if coef < 1.0 else 1.0
 
 
+class Stopwatch:
+    """Times between laps; reads ``clock`` (if any) after synchronising CUDA, so that unmeasured
+    steps pay nothing and measured ones time finished work, not queued kernels."""
+
+    def __init__(self, clock: Callable[[], float] | None):
+        self.clock = clock
+        self.laps: list[float] = []
+        self.lap()
+
+    def lap(self) -> None:
+        if self.clock is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.laps.append(self.clock())
+
+    def timings(self) -> PassTimings | None:
+        """The validation, training and bookkeeping intervals, after their three laps (None untimed)."""
+        if self.clock is None:
+            return None
+        return PassTimings(*(end - start for start, end in zip(self.laps, self.laps[1:])))
+
+
 @dataclass
 class PendingStep:
     raw: torch.Tensor  # [K, M, B] float64, fully reduced and scaled
@@ -57,23 +81,38 @@ class PendingStep:
     n_tokens: torch.Tensor  # [M, B]
     validation_losses: dict[str, float]
     batch_dots: torch.Tensor  # [K] <g_t, G_t> of the whole global batch, loss scale removed
+    timings: PassTimings | None
 
 
 class Scorer:
-    """Base class of the framework adapters (see module docstring)."""
+    """Base class of the framework adapters (see module docstring).
 
-    def __init__(self, validation: Sequence[Batch] | Mapping[str, Sequence[Batch]], config: ScoringConfig | None):
+    ``sink`` receives every step's result from :meth:`end_step` (a
+    :class:`~inrun_megatron.step_result.MemorySink`, a :class:`~inrun_megatron.records.ScoreWriter`,
+    or None: the caller takes the returned result). It may also be set after attaching
+    (``scorer.sink = writer``), e.g. once a resumed run knows where its dump continues. Set
+    ``pass_clock`` to a clock (``time.perf_counter``, or ``time.process_time`` on a shared CPU) to
+    have every result carry its :class:`~inrun_megatron.step_result.PassTimings` (it synchronises
+    CUDA between the passes, so it is off by default).
+    """
+
+    def __init__(
+        self,
+        validation: Sequence[Batch] | Mapping[str, Sequence[Batch]],
+        config: ScoringConfig | None,
+        sink: ResultSink | None = None,
+    ):
         self.config = config or ScoringConfig()
+        self._sink: ResultSink | None = None
+        self.sink = sink
+        self.pass_clock: Callable[[], float] | None = None
         self.targets = as_targets(validation)
         self.scoring: str | None = None  # the path scoring the running training pass, if any
         self.rules_unavailable: str | None = None  # why the rules path cannot score this model
         self.parameter_sites: list[ParameterSite] = []
         self.step_scores: StepScores | None = None
         self.step = 0
-        self.records: list[StepRecords] = []  # every step's, with config.keep_records
         self.accumulator = ValueAccumulator() if self.config.accumulate_values else None
-        self.last_validation_losses: dict[str, float] = {}  # of the last step closed by end_step
-        self.last_batch_dots: dict[str, float] = {}  # <g_t, G_t> per score row, of the last step closed
         # Value kinds scored (docs/DESIGN.md §1.5): the store of G holds one row per target and kind.
         self.value_kinds: list[str] = [SGD]
         self._adam_rows_filled = False  # whether this step's store holds P ⊙ G (not at the first Adam step)
@@ -82,6 +121,20 @@ class Scorer:
         self._pending: PendingStep | None = None
         self._hooks: list = []
         self._on_detach: list[Callable[[], None]] = []
+
+    @property
+    def sink(self) -> ResultSink | None:
+        """Where :meth:`end_step` writes each step's result (None: nowhere)."""
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: ResultSink | None) -> None:
+        if sink is not None and not isinstance(sink, ResultSink):
+            raise TypeError(
+                f"a scorer's sink needs write(result), flush() and close() (a MemorySink or a ScoreWriter), got"
+                f" {type(sink).__name__}"
+            )
+        self._sink = sink
 
     # ----------------------------------------------------------------------------------
     # adapter interface
@@ -124,6 +177,7 @@ class Scorer:
         builders: Mapping[type, SiteBuilder],
         *,
         local_scores: LocalScores = gradient_scores,
+        registry: bool = False,
     ) -> None:
         """Build what both scoring paths need for every root module, and the store of ``G``.
 
@@ -132,7 +186,8 @@ class Scorer:
         rules path is unavailable: attaching fails naming the module when ``config.path`` is
         ``"rules"``, otherwise only steps with a micro-batch size above 1 are refused (before
         any work). Microbatch-gradient path: a hook on every trainable parameter this rank counts
-        (:mod:`inrun_megatron.microbatch_gradients`), for any module type.
+        (:mod:`inrun_megatron.microbatch_gradients`), for any module type. ``registry``: ``builders``
+        are those of :func:`inrun_megatron.register_rule`, so a refusal names it.
         """
         roots = list(roots)
         claimed: set[int] = set()
@@ -151,7 +206,7 @@ class Scorer:
         if self.config.path != "microbatch":
             for prefix, root in roots:
                 walk(root, prefix)
-                self.rules_unavailable = self.rules_unavailable or _uncovered(prefix, root, claimed, builders)
+                self.rules_unavailable = self.rules_unavailable or _uncovered(prefix, root, claimed, builders, registry)
             if self.rules_unavailable and self.config.path == "rules":
                 raise NotImplementedError(self.rules_unavailable)
         named = [
@@ -195,8 +250,8 @@ class Scorer:
         return row_names([t.name for t in self.targets], self.value_kinds)
 
     @property
-    def values_manifest(self) -> dict:
-        """The manifest's ``values`` section: which score rows hold which value kind."""
+    def values_manifest(self) -> RunValues:
+        """The manifest's ``values`` field: which score rows hold which value kind."""
         return values_manifest([t.name for t in self.targets], self.value_kinds)
 
     @property
@@ -292,8 +347,10 @@ class Scorer:
         n_tokens: torch.Tensor,
         validation_losses: dict[str, float],
         batch_dots: torch.Tensor,
+        stopwatch: Stopwatch,
     ) -> None:
-        """Accept a reduced step after checking its sample ids over the whole global batch.
+        """Accept a reduced step after checking its sample ids over the whole global batch; the
+        stopwatch's last lap (validation and training passes done) closes the bookkeeping.
 
         ``raw`` and ``batch_dots`` have one row per score row (:attr:`score_rows`); a step whose
         Adam rows were not filled (:meth:`precondition`) keeps only its SGD rows.
@@ -301,7 +358,8 @@ class Scorer:
         self._check_sample_ids(sample_ids)
         if ADAM in self.value_kinds and not self._adam_rows_filled:
             raw, batch_dots = raw[: len(self.targets)], batch_dots[: len(self.targets)]
-        self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses, batch_dots)
+        stopwatch.lap()
+        self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch.timings())
 
     def _check_sample_ids(self, ids: torch.Tensor) -> None:
         group = self.dp_group
@@ -327,14 +385,14 @@ class Scorer:
                 " identify sequences uniquely within a step. No score of this step was recorded."
             )
 
-    def end_step(self, *, lr: float, clip_coef: float = 1.0, skipped: bool = False) -> StepRecords:
-        """Close the step: record ``lr``, the clipping coefficient and whether the update was skipped."""
+    def end_step(self, *, lr: float, clip_coef: float = 1.0, skipped: bool = False) -> StepResult:
+        """Close the step with ``lr``, the clipping coefficient and whether the update was skipped;
+        return its result, after writing it to the sink (if any)."""
         if self._pending is None:
             raise RuntimeError("end_step() needs a scored forward/backward in the same step")
         pending, self._pending = self._pending, None
-        records = make_step_records(
+        result = make_step_result(
             step=self.step,
-            targets=self.score_rows[: pending.raw.shape[0]],
             raw=pending.raw,
             sample_ids=pending.sample_ids,
             n_tokens=pending.n_tokens,
@@ -342,15 +400,17 @@ class Scorer:
             clip_coef=clip_coef,
             skipped=skipped,
             dp_rank=self.dp_rank,
+            validation_losses={t.name: pending.validation_losses[t.name] for t in self.targets},
+            # one dot per score row of the step: the SGD rows only where the Adam rows were not filled
+            batch_dots=dict(zip(self.score_rows, pending.batch_dots.tolist())),
+            timings=pending.timings,
         )
-        if self.config.keep_records:
-            self.records.append(records)
         if self.accumulator is not None:
-            self.accumulator.add(records)
-        self.last_validation_losses = pending.validation_losses
-        self.last_batch_dots = dict(zip(self.score_rows, pending.batch_dots.tolist()))
+            self.accumulator.add(result.records)
+        if self.sink is not None:
+            self.sink.write(result)
         self.step += 1
-        return records
+        return result
 
     def values(self, target: str | None = None) -> dict[int, float]:
         """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples, summed
@@ -389,7 +449,7 @@ class Scorer:
 
 
 def _uncovered(
-    prefix: str, root: torch.nn.Module, claimed: set[int], builders: Mapping[type, SiteBuilder]
+    prefix: str, root: torch.nn.Module, claimed: set[int], builders: Mapping[type, SiteBuilder], registry: bool
 ) -> str | None:
     """Why the rules path cannot score ``root`` (its first trainable parameter no site covers), or None."""
     for param_name, p in root.named_parameters():
@@ -402,6 +462,12 @@ def _uncovered(
                 f" parameter {param_name!r} that no inrun_megatron score rule covers. Supported layers:"
                 f" {', '.join(sorted(t.__name__ for t in builders))}. With micro_batch_size 1 the"
                 " microbatch-gradient path (ScoringConfig(path='auto' or 'microbatch')) scores any module;"
-                " otherwise freeze it (requires_grad=False) or build the model from supported layers"
+                " otherwise freeze it (requires_grad=False)"
+                + (
+                    f", register a score rule for {type(owner).__name__} (inrun_megatron.register_rule),"
+                    if registry
+                    else ""
+                )
+                + " or build the model from supported layers"
             )
     return None

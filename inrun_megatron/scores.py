@@ -92,25 +92,10 @@ class StepScores:
         self.sites.clear()
 
 
-#: Column names and dtypes of score records (one row per step, sample and target).
-RECORD_COLUMNS = {
-    "step": np.int64,
-    "sample_id": np.int64,
-    "target": object,
-    "raw": np.float64,
-    "lr": np.float64,
-    "clip_coef": np.float64,
-    "n_tokens": np.int64,
-    "skipped": np.bool_,
-    "microbatch": np.int32,
-    "position": np.int32,
-    "dp_rank": np.int32,
-}
-
-
 @dataclass
 class StepRecords:
-    """Records of one step on one data-parallel replica, as columns (see RECORD_COLUMNS)."""
+    """Records of one step on one data-parallel replica, as numpy columns: those of
+    :data:`inrun_megatron.records.SCORE_SCHEMA` except ``value``, which :attr:`values` computes."""
 
     columns: dict[str, np.ndarray]
 

@@ -11,13 +11,17 @@ being scored, so validation and evaluation forwards run unmodified, and they wor
 activation recomputation (the recomputed forward inserts a fresh tap, whose backward runs
 once).
 
-This module holds the builders for plain PyTorch layers (``nn.Linear``, ``nn.Embedding``,
-``nn.LayerNorm``, ``nn.RMSNorm``); framework-specific ones live with their adapter.
+The public registry of score rules for batch-first layers (:func:`register_rule`) lives here too:
+a rule is a pure function of what one layer sees, and the built-in rules for plain PyTorch layers
+(``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``) and for Hugging Face layers
+(:mod:`inrun_megatron.hf_rules`) are registered through it. Megatron-Core layer builders live with
+their adapter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,7 +66,9 @@ def site_registry(*parents: dict[type, SiteBuilder]) -> tuple[dict[type, SiteBui
     return registry, builds_sites
 
 
-TORCH_SITE_BUILDERS, builds_sites = site_registry()
+#: Builders of batch-first layers: what :func:`register_rule` fills, and what the DeepSpeed adapter
+#: uses for models without megatron-core layers (:func:`registered_builders`).
+TORCH_SITE_BUILDERS: dict[type, SiteBuilder] = {}
 
 
 class _Tap(torch.autograd.Function):
@@ -174,60 +180,178 @@ def norm_site(scorer: Scorer, name: str, module: torch.nn.Module, *, batch_dim: 
     return [site]
 
 
-@builds_sites(torch.nn.LayerNorm, torch.nn.RMSNorm)
-def torch_norm_sites(scorer: Scorer, name: str, module: torch.nn.Module) -> list[Site]:
-    return norm_site(scorer, name, module, batch_dim=0)
+# --------------------------------------------------------------------------------------
+# The public rule registry (batch-first layers).
+
+#: ``rule(layer, x, grad_output, G, *, projection_dtype) -> [K, B]``: the scores of one microbatch
+#: from what ``layer`` saw: its input ``x`` (the first argument of its forward), the gradient of its
+#: output, and ``G``, the validation gradient ``[K, *shape]`` of each of its trainable parameters by
+#: name (as in ``layer.named_parameters()``). See :func:`register_rule`.
+ScoreRule = Callable[..., torch.Tensor]
+
+#: ``unsupported(layer) -> reason or None``: why this instance of a registered type cannot be scored.
+Unsupported = Callable[[torch.nn.Module], "str | None"]
 
 
 @dataclass(eq=False)
-class TorchLinearSite(TapSite):
-    """``nn.Linear`` on ``[batch, ..., d_in]`` inputs."""
+class RuleSite(TapSite):
+    """A layer scored by a registered :data:`ScoreRule` from its output gradient and saved input."""
 
-    linear: torch.nn.Linear | None = None
+    layer: torch.nn.Module | None = None
+    rule: ScoreRule | None = None
+    param_names: tuple[str, ...] = ()
 
     def partial(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        bias = self.linear.bias
-        return rules.linear_scores(
-            x,
-            grad,
-            self.grads[self.linear.weight],
-            self.grads[bias] if bias is not None else None,
-            batch_dim=0,
-            projection_dtype=self.projection_dtype,
+        # Gathered here, one parameter at a time in a fixed order, so that under ZeRO-3 every rank
+        # runs the same all-gathers (docs/DESIGN.md §2.5) whatever the rule reads.
+        g_val = {name: self.grads[p] for name, p in zip(self.param_names, self.params)}
+        try:
+            return self.rule(self.layer, x, grad, g_val, projection_dtype=self.projection_dtype)
+        except Exception as e:  # a rule knows its layer, not where in the model it sits
+            raise RuntimeError(f"the score rule of {self.name} ({type(self.layer).__name__}) failed: {e}") from e
+
+
+def _first_input(name: str, args: tuple, kwargs: Mapping) -> torch.Tensor:
+    """The layer input a rule gets: the first positional argument, or the only keyword argument."""
+    if args:
+        return args[0]
+    if len(kwargs) == 1:
+        return next(iter(kwargs.values()))
+    raise RuntimeError(
+        f"{name} was called with keyword arguments {sorted(kwargs)} only: its score rule needs the layer input"
+        " as its first (or only) argument"
+    )
+
+
+def _rule_builder(rule: ScoreRule, unsupported: Unsupported | None) -> SiteBuilder:
+    def build(scorer: Scorer, name: str, module: torch.nn.Module) -> list[Site]:
+        reason = unsupported(module) if unsupported is not None else None
+        if reason:
+            raise NotImplementedError(f"{name}: {reason}")
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            return []
+        site = RuleSite(
+            name=name,
+            params=tuple(p for _, p in named),
+            scorer=scorer,
+            layer=module,
+            rule=rule,
+            param_names=tuple(n for n, _ in named),
         )
 
+        def hook(_module, args, kwargs, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"{name} ({type(module).__name__}) returned {type(output).__name__}: a score rule is"
+                    " registered for layers whose forward returns one tensor"
+                )
+            return site.tap(output, _first_input(name, args, kwargs))
 
-@builds_sites(torch.nn.Linear)
-def torch_linear_sites(scorer: Scorer, name: str, module: torch.nn.Linear) -> list[Site]:
-    params = tuple(p for p in (module.weight, module.bias) if p is not None)
-    site = TorchLinearSite(name=name, params=params, scorer=scorer, linear=module)
-    tap_module_output(scorer, site, module)
-    return [site]
+        scorer.add_hook(module.register_forward_hook(hook, with_kwargs=True))
+        return [site]
+
+    return build
 
 
-@dataclass(eq=False)
-class TorchEmbeddingSite(TapSite):
-    """``nn.Embedding`` on ``[batch, ...]`` token ids. A ``padding_idx`` row gets no gradient, so
-    its validation gradient is zero and padding tokens contribute nothing, exactly as in training."""
+def register_rule(
+    *module_types: type[torch.nn.Module], unsupported: Unsupported | None = None
+) -> Callable[[ScoreRule], ScoreRule]:
+    """Register ``rule`` as the score rule of ``module_types`` (a decorator), Opacus ``grad_sample`` style.
 
-    embedding: torch.nn.Embedding | None = None
+    ``rule(layer, x, grad_output, G, *, projection_dtype) -> [K, B]`` returns, for each validation
+    target ``k`` and each sequence ``j`` of the microbatch, ``<gradient of sequence j's loss with respect
+    to the layer's trainable parameters, G_k>``, from the layer's input ``x`` (the first argument of its
+    forward), the gradient ``grad_output`` of its (single tensor) output and ``G``: ``{parameter name:
+    validation gradient [K, *parameter shape]}`` for every trainable parameter of the layer, by its name
+    in ``layer.named_parameters()`` (a frozen parameter has none). Tensors are batch-first, as the layer
+    sees them. Because other sequences' losses do not depend on sequence j's activations, the slice of
+    ``grad_output`` belonging to sequence j *is* its own output gradient (``docs/DESIGN.md`` §2.2); a rule
+    is pure tensor math and must not read the parameters' values (under ZeRO-3 they are partitioned
+    while it runs) or communicate. ``projection_dtype`` is ``ScoringConfig.projection_dtype`` (None: the
+    activations' dtype, half precision promoted to float32); the helpers of :mod:`inrun_megatron.rules`
+    take it. ``unsupported(layer)`` may name why one instance cannot be scored; attaching then fails.
 
-    def partial(self, grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if ids.dim() < 2:
-            raise RuntimeError(
-                f"{self.name} was looked up with indices of shape {tuple(ids.shape)}, without a batch dimension;"
-                " its output is broadcast over the batch and has no per-sequence gradient: look it up with"
-                " [batch, seq] ids (e.g. position_ids expanded to the batch)"
-            )
-        return rules.embedding_scores(
-            ids, grad, self.grads[self.embedding.weight], batch_dim=0, projection_dtype=self.projection_dtype
+    Types match exactly (a subclass is not scored by its parent's rule: it may compute something else),
+    and a registered layer's submodules are not visited: its rule covers every parameter under it. A
+    rule registered later for the same type replaces the earlier one. The rules path
+    (``docs/DESIGN.md`` §2.2) uses these rules for models trained by
+    :class:`inrun_megatron.deepspeed.DeepSpeedScorer` without megatron-core layers.
+    """
+    for t in module_types:
+        if not (isinstance(t, type) and issubclass(t, torch.nn.Module)):
+            raise TypeError(f"register_rule takes torch.nn.Module subclasses, got {t!r}")
+
+    def register(rule: ScoreRule) -> ScoreRule:
+        for t in module_types:
+            TORCH_SITE_BUILDERS[t] = _rule_builder(rule, unsupported)
+        return rule
+
+    return register
+
+
+def registered_builders() -> dict[type, SiteBuilder]:
+    """The builders of every registered rule, with the built-in Hugging Face rules of every
+    ``transformers`` modeling module imported by now (a model holding such a layer has imported its
+    module; nothing of transformers is imported here)."""
+    if "transformers" in sys.modules:
+        from inrun_megatron import hf_rules
+
+        hf_rules.register_loaded()
+    return TORCH_SITE_BUILDERS
+
+
+# --------------------------------------------------------------------------------------
+# Built-in rules of plain PyTorch layers.
+
+
+@register_rule(torch.nn.Linear)
+def linear_rule(layer: torch.nn.Linear, x, grad_output, G, *, projection_dtype):
+    """``y = x W^T (+ bias)``."""
+    kw = dict(batch_dim=0, projection_dtype=projection_dtype)
+    if "weight" in G:
+        return rules.linear_scores(x, grad_output, G["weight"], G.get("bias"), **kw)
+    return rules.bias_scores(grad_output, G["bias"], **kw)
+
+
+def unsupported_embedding(layer: torch.nn.Embedding) -> str | None:
+    if layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse:
+        return "nn.Embedding with max_norm, scale_grad_by_freq or sparse is not supported"
+    return None
+
+
+def lookup_gradient(layer: torch.nn.Embedding, ids: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """The output gradient of the tokens whose row receives it: a ``padding_idx`` row gets no gradient
+    from the lookup, while its validation gradient need not be zero (a tied output layer uses the row)."""
+    if ids.dim() < 2:
+        raise RuntimeError(
+            f"it was looked up with indices of shape {tuple(ids.shape)}, without a batch dimension; its output"
+            " is broadcast over the batch and has no per-sequence gradient: look it up with [batch, seq] ids"
+            " (e.g. position_ids expanded to the batch)"
         )
+    if layer.padding_idx is None:
+        return grad_output
+    return grad_output.masked_fill((ids == layer.padding_idx).unsqueeze(-1), 0)
 
 
-@builds_sites(torch.nn.Embedding)
-def torch_embedding_sites(scorer: Scorer, name: str, module: torch.nn.Embedding) -> list[Site]:
-    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-        raise NotImplementedError(f"{name}: nn.Embedding with max_norm, scale_grad_by_freq or sparse is not supported")
-    site = TorchEmbeddingSite(name=name, params=(module.weight,), scorer=scorer, embedding=module)
-    tap_module_output(scorer, site, module)
-    return [site]
+@register_rule(torch.nn.Embedding, unsupported=unsupported_embedding)
+def embedding_rule(layer: torch.nn.Embedding, ids, grad_output, G, *, projection_dtype):
+    """``y = E[ids]``; tokens of the ``padding_idx`` row contribute nothing, as in training."""
+    b = lookup_gradient(layer, ids, grad_output)
+    return rules.embedding_scores(ids, b, G["weight"], batch_dim=0, projection_dtype=projection_dtype)
+
+
+def _unsupported_norm(layer: torch.nn.Module) -> str | None:
+    if len(layer.normalized_shape) != 1:
+        return "only norms over the last dimension are supported"
+    return None
+
+
+@register_rule(torch.nn.LayerNorm, torch.nn.RMSNorm, unsupported=_unsupported_norm)
+def norm_rule(layer: torch.nn.Module, x, grad_output, G, *, projection_dtype):
+    """``nn.LayerNorm`` / ``nn.RMSNorm`` over the last dimension."""
+    eps = torch.finfo(x.dtype).eps if layer.eps is None else float(layer.eps)
+    kw = dict(eps=eps, batch_dim=0, projection_dtype=projection_dtype)
+    if isinstance(layer, torch.nn.RMSNorm):
+        return rules.rms_norm_scores(x, grad_output, G["weight"], **kw)
+    return rules.layer_norm_scores(x, grad_output, G.get("weight"), G.get("bias"), **kw)

@@ -28,6 +28,12 @@ class ValidationTarget:
         """Number of tokens the validation loss averages over (loss mask respected)."""
         return int(sum(int(loss_mask_of(b).sum()) for b in self.batches))
 
+    def describe(self) -> dict[str, str | int]:
+        """The target's entry in a dump's manifest: its name, sequences (those with a loss token)
+        and loss tokens."""
+        sequences = sum(int((loss_mask_of(b).sum(-1) > 0).sum()) for b in self.batches)
+        return {"name": self.name, "sequences": sequences, "loss_tokens": self.n_loss_tokens}
+
     @property
     def seq_length(self) -> int:
         return int(self.batches[0]["tokens"].shape[-1])

@@ -10,7 +10,7 @@ The model is the plain-PyTorch Llama- or GPT-style LM of :mod:`inrun_megatron.de
 (``--model llama|gpt``), a megatron-core GPT (``--model megatron-gpt``) whose layers are tensor
 parallel inside the DeepSpeed engine (``--tensor-model-parallel-size N``), or an unmodified Hugging
 Face ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` with random weights (``--model hf-llama|hf-gpt2``),
-which only micro-batch size 1 scores (``--micro-batch-size 1``; the microbatch-gradient path).
+scored by the built-in Hugging Face rules or, at micro-batch size 1, the microbatch-gradient path.
 ``--scoring-path auto|rules|microbatch`` forces a scoring path (``auto``: the microbatch-gradient
 path at micro-batch size 1, the per-layer rules above).
 
@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from inrun_megatron import ScoringConfig, __version__
+from inrun_megatron import ScoringConfig
 from inrun_megatron.config import SCORING_PATHS
 from inrun_megatron.distributed import init_distributed
 from inrun_megatron.megatron import quiet_library_warnings
-from inrun_megatron.records import ScoreWriter, StepInfo, write_manifest
+from inrun_megatron.records import Manifest, RunLayout, ScoreWriter, library_versions, write_manifest
 from inrun_megatron.validation import make_batch
 
 VALIDATION_FIRST_ID = 10**9
@@ -180,7 +180,7 @@ def _hugging_face_model(args) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> None:
     quiet_library_warnings()  # megatron-core (--model megatron-gpt) warns on import about missing GPU kernels
     args = parse_args(argv)
-    init_distributed()
+    launcher = init_distributed()
     if not torch.cuda.is_available():  # fp16 on any CPU; gloo does the collectives (no shm-op build)
         from inrun_megatron import cpu_shims
 
@@ -203,44 +203,40 @@ def main(argv: list[str] | None = None) -> None:
     dp_rank, dp_size = scorer.dp_rank, scorer.dp_size
     first_of_replica = mpu is None or mpu.get_model_parallel_rank() == 0
     if dist.get_rank() == 0:
-        write_manifest(
-            args.out,
-            {
-                "config": {"args": {k: str(v) for k, v in vars(args).items()}, "deepspeed": ds_config},
-                "scoring": scoring.to_dict(),
-                "layout": {"dp": dp_size, "tp": args.tensor_model_parallel_size, "zero_stage": scorer.zero_stage},
-                "scoring_path": scorer.path,
-                "versions": {
-                    "inrun_megatron": __version__,
-                    "torch": torch.__version__,
-                    "deepspeed": deepspeed.__version__,
-                },
-                "targets": [t.name for t in scorer.targets],
-            },
+        manifest = Manifest(
+            entry_point="launch/deepspeed_train.py",
+            config={"args": {k: str(v) for k, v in vars(args).items()}, "deepspeed": ds_config},
+            layout=RunLayout(
+                world_size=dist.get_world_size(),
+                data_parallel=dp_size,
+                tensor_parallel=args.tensor_model_parallel_size,
+                zero_stage=scorer.zero_stage,
+                micro_batch_size=mbs,
+                num_microbatches=gas,
+                global_batch_size=mbs * gas * dp_size,
+            ),
+            targets=[t.describe() for t in scorer.targets],
+            values=scorer.values_manifest,
+            scoring=scoring.to_dict(),
+            scoring_path=scorer.path,
+            versions=library_versions(deepspeed=deepspeed.__version__),
+            launcher=launcher,
         )
+        write_manifest(args.out, manifest)
     dist.barrier()
     writer = ScoreWriter(args.out, dp_rank=dp_rank) if first_of_replica else None
+    scorer.sink = writer  # end_step writes each step's rows (one rank per data-parallel replica)
     for step in range(args.steps):
         losses = scorer.forward_backward(
             micro_batches(step, mbs=mbs, gas=gas, dp_rank=dp_rank, dp_size=dp_size, args=args)
         )
         engine.step()
-        records = scorer.end_step()
-        c = records.columns
-        info = StepInfo(
-            step=step,
-            lr=float(c["lr"][0]),
-            clip_coef=float(c["clip_coef"][0]),
-            skipped=bool(c["skipped"][0]),
-            validation_losses=scorer.last_validation_losses,
-            batch_dots=scorer.last_batch_dots,
-        )
-        if writer is not None:
-            writer.append(records, info)
+        result = scorer.end_step()
         if dist.get_rank() == 0:
             print(
-                f"step {step}: loss {sum(losses) / len(losses):.4f} validation {info.validation_losses}"
-                f" lr {info.lr:.3g} clip {info.clip_coef:.3f} skipped {info.skipped}",
+                f"step {result.step}: loss {sum(losses) / len(losses):.4f} validation"
+                f" {dict(result.validation_losses)} lr {result.lr:.3g} clip {result.clip_coef:.3f}"
+                f" skipped {result.skipped}",
                 flush=True,
             )
     if writer is not None:

@@ -64,15 +64,18 @@ def efficiency_error(
 
 def verified_efficiency(run_dir, *, steps: int, rtol: float = 1e-5) -> dict[str, dict]:
     """``inrun-scores verify`` of a run directory: no problem found, and the efficiency identity
-    checked on all ``steps`` steps of every target to ``rtol`` of the step's sum of |raw|.
-    Returns the per-target efficiency check."""
+    checked on all ``steps`` steps of every target to ``rtol`` of the step's sum of |raw|; an
+    Adam-aware row (``T:adam``) on every step but the optimizer's first, which has no second moment
+    before it (docs/DESIGN.md §1.5). Returns the per-row efficiency check."""
     from inrun_megatron.analysis.commands import verify
+    from inrun_megatron.optimizer_values import ADAM, split_row_name
 
     report = verify(run_dir)
     assert report.ok, report.data["problems"]
     checked = report.data["checked"]["efficiency"]
     for target, e in checked.items():
-        assert e["steps_measured"] == e["steps_applied"] == steps, f"{run_dir} {target}: {e}"
+        expected = steps - 1 if split_row_name(target)[1] == ADAM else steps
+        assert e["steps_measured"] == e["steps_applied"] == expected, f"{run_dir} {target}: {e}"
         assert e["max_rel_error"] <= rtol, f"{run_dir} {target}: efficiency residual {e['max_rel_error']:.2e}"
     return checked
 
@@ -244,7 +247,7 @@ def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], v
 
     scorer = MegatronScorer(model, validation, ScoringConfig(path=path))
     scored_forward_backward(scorer, model, shape, train)
-    records = scorer.end_step(lr=1.0)
+    records = scorer.end_step(lr=1.0).records
     scorer.detach()
     return scorer, records
 
@@ -370,8 +373,8 @@ def run_case(
     ``paths`` (the scoring path of each call that was scored);
     and the final ``weights`` by canonical name.
     With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
-    ``ScoreWriter`` (on one rank per DP replica), every step's records are dumped too, with
-    the scorer's ``<g, G>`` as the step's batch_dot.
+    ``ScoreWriter`` (on one rank per DP replica) as the scorer's sink, every step's result is
+    dumped too (its ``<g, G>`` as the step's batch_dot).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -404,7 +407,9 @@ def run_case(
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
     config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
-    scorer = MegatronScorer(chunks, validation, config, micro_batch_size=mbs, optimizer=opt) if scored else None
+    scorer = (
+        MegatronScorer(chunks, validation, config, micro_batch_size=mbs, optimizer=opt, sink=writer) if scored else None
+    )
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
     keys += ("raw_adam", "efficiency_adam")
@@ -460,7 +465,9 @@ def run_case(
         out["clip_coef"].append(clip_coefficient(result[1], clip_grad))
         out["skipped"].append(not result[0])
         if scored:
-            records = scorer.end_step(lr=lr) if ddp is None else scorer.end_optimizer_step(opt, result)
+            step_result = scorer.end_step(lr=lr) if ddp is None else scorer.end_optimizer_step(opt, result)
+            assert (step_result.clip_coef, step_result.skipped) == (out["clip_coef"][-1], out["skipped"][-1])
+            records = step_result.records
             c = records.columns
             rows = {name: c["target"] == name for name in scorer.score_rows}
             raw = dict(zip(c["sample_id"][rows["validation"]].tolist(), c["raw"][rows["validation"]].tolist()))
@@ -474,7 +481,7 @@ def run_case(
             if out["raw_adam"][-1] is not None:
                 adam_sum = torch.tensor(sum(out["raw_adam"][-1].values()), dtype=torch.float64)
                 dist.all_reduce(adam_sum, group=parallel_state.get_data_parallel_group())
-                assert scorer.last_batch_dots["validation:adam"] == adam_dot[0]  # what the scorer stores
+                assert step_result.batch_dots["validation:adam"] == adam_dot[0]  # what the scorer stores
                 out["efficiency_adam"].append((float(adam_sum), *adam_dot))
             sums = torch.tensor(
                 [sum(raw.values()), float(records.values[rows["validation"]].sum())], dtype=torch.float64
@@ -483,14 +490,8 @@ def run_case(
             out["efficiency"].append((float(sums[0]), batch_dot, batch_abs))
             moved = {p: before[p] - p.detach() for p in before}
             out["sgd"].append((float(sums[1]), float(model_dot(chunks, moved, g_val).dot[0])))
-            recorded = scorer.last_batch_dots[scorer.targets[0].name]  # what the scorer stores for the step
+            recorded = step_result.batch_dots[scorer.targets[0].name]  # what the scorer stores for the step
             assert recorded == batch_dot or not math.isfinite(batch_dot), (recorded, batch_dot)
-            if writer is not None:
-                from inrun_megatron.records import StepInfo
-
-                val_losses = scorer.last_validation_losses
-                info = StepInfo(step, lr, out["clip_coef"][-1], out["skipped"][-1], val_losses, scorer.last_batch_dots)
-                writer.append(records, info)
     out["weights"] = {name: p.detach().clone() for m in models for p, name in canonical_names(m).items()}
     out["n_params"] = sum(p.numel() for c in chunks for p in c.parameters())
     if scored:
@@ -543,3 +544,20 @@ def retained_bytes(root: object) -> int:
         if hasattr(obj, "__dict__"):
             stack.append(vars(obj))
     return total
+
+
+def manifest_for_tests(data_parallel: int = 1, **fields):
+    """The manifest of a dump a test writes itself: ``data_parallel`` replicas, one target named
+    ``validation`` with its SGD value only, unless ``fields`` say otherwise."""
+    from inrun_megatron.optimizer_values import SGD, values_manifest
+    from inrun_megatron.records import Manifest, RunLayout
+
+    defaults = dict(
+        entry_point="tests",
+        config={},
+        layout=RunLayout(world_size=data_parallel, data_parallel=data_parallel),
+        targets=[{"name": "validation"}],
+    )
+    fields = defaults | fields
+    fields.setdefault("values", values_manifest([t["name"] for t in fields["targets"]], [SGD]))
+    return Manifest(**fields)

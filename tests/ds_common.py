@@ -152,8 +152,9 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
         dots = [batch_dot(scorer, g, k) for k in range(len(rows))]
         before = full_weights(engine.module)
         engine.step()
-        records = scorer.end_step()
-        recorded = scorer.last_batch_dots  # the library's <g, G>, from each rank's own gradient shards
+        result = scorer.end_step()
+        records = result.records
+        recorded = result.batch_dots  # the library's <g, G>, from each rank's own gradient shards
         after = full_weights(engine.module)
         c = records.columns
         raw = {t: {} for t in dict.fromkeys(c["target"])}  # the first Adam step has no Adam rows
@@ -163,10 +164,10 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
             values[t] += float(v)
         everyone = [None] * dist.get_world_size(dp_group)
         dist.all_gather_object(everyone, (raw, values), group=dp_group)
-        skipped = bool(c["skipped"][0])
+        skipped = result.skipped
         out["raw"].append(raw)
         out["skipped"].append(skipped)
-        out["clip"].append(float(c["clip_coef"][0]))
+        out["clip"].append(result.clip_coef)
         moved = {p: before[names[p]] - after[names[p]] for p in scorer.grads.params()}
         for k, t in enumerate(rows):
             if t not in raw:

@@ -18,6 +18,7 @@ from common import (
     DEVICE,
     load_canonical_weights,
     make_data,
+    manifest_for_tests,
     run_case,
     scored_forward_backward,
     token_losses,
@@ -91,7 +92,8 @@ def test_adam_values_match_brute_force_and_efficiency(megatron_world, case, mbs)
             reference["validation:adam"] = oracle.per_sample_raw(model, train, token_losses, pg)
             dots["validation:adam"] = oracle.dot(g_train, pg)
         optimizer.step()
-        records = scorer.end_step(lr=LR)
+        result = scorer.end_step(lr=LR)
+        records = result.records
         # The first step has no second moment before it: its records hold no Adam row (a plain sum of
         # a sample's Adam-aware values skips it), every later step both kinds.
         assert set(records.columns["target"]) == set(reference)
@@ -104,7 +106,7 @@ def test_adam_values_match_brute_force_and_efficiency(megatron_world, case, mbs)
             assert error <= 1e-9, (name, error)
             # efficiency: the rows sum to <g, G> (SGD) and <g, P ⊙ G> (Adam), as recorded for the step
             assert sum(ours.values()) == pytest.approx(dots[name], rel=1e-9)
-            assert scorer.last_batch_dots[name] == pytest.approx(dots[name], rel=1e-9)
+            assert result.batch_dots[name] == pytest.approx(dots[name], rel=1e-9)
         mine = records.columns["target"] == "validation:adam"
         assert np.array_equal(records.values[mine], LR * records.columns["raw"][mine])
     if mbs == 3:  # the preconditioned score is not the SGD score rescaled: it ranks samples differently
@@ -140,7 +142,7 @@ def test_sgd_value_is_the_optimizer_aware_value_under_sgd(megatron_world):
         for p in model.parameters():
             p.grad = None
         scored_forward_backward(scorer, model, shape, train)
-        records[name] = scorer.end_step(lr=LR)
+        records[name] = scorer.end_step(lr=LR).records
         scorer.detach()
     for name, got in records.items():
         for column, values in records["none"].columns.items():
@@ -161,7 +163,7 @@ def test_dump_holds_both_values_and_the_analysis_reads_either(megatron_world, tm
 
     run = tmp_path / "run"
     kinds = [SGD, ADAM] if optimizer == "adam" else [SGD]
-    write_manifest(run, {"values": values_manifest(["validation"], kinds)})
+    write_manifest(run, manifest_for_tests(values=values_manifest(["validation"], kinds)))
     writer = ScoreWriter(run, dp_rank=0, flush_every=2)
     result = run_case(_shape("layernorm-gelu-bias-untied"), n_micro=2, mbs=2, steps=3, lr=LR, seed=4,
                       optimizer=optimizer, writer=writer)  # fmt: skip
@@ -190,6 +192,14 @@ def test_dump_holds_both_values_and_the_analysis_reads_either(megatron_world, tm
         values = {s["sample_id"]: s["value"] for s in answer["samples"]}
         steps = [raw for raw in expected[row] if raw is not None]
         assert values == pytest.approx({sid: LR * raw[sid] for raw in steps for sid in raw}, rel=1e-12)
+    # --value and --view compose: the step-scaled view of the chosen value (docs/DESIGN.md §1.6),
+    # each sample seen once, so its view is its raw score over the mean |raw| of its step's rows
+    for row in expected:
+        answer = top("--value", "adam" if row.endswith(":adam") else "sgd", "--view", "step-scaled")
+        assert answer["target"] == row
+        steps = [raw for raw in expected[row] if raw is not None]
+        reference = {sid: raw[sid] / np.mean(np.abs(list(raw.values()))) for raw in steps for sid in raw}
+        assert {s["sample_id"]: s["value"] for s in answer["samples"]} == pytest.approx(reference, rel=1e-9)
     if optimizer == "sgd":
         assert main(["top", str(run), "--value", "adam", "--quiet"]) == 2
         assert "no adam value of target 'validation' was recorded" in capsys.readouterr().err
@@ -240,7 +250,8 @@ def test_deepspeed_adam_values_match_brute_force(deepspeed_world, stage):
             g_train = {names[p]: safe_get_full_grad(p) for p in engine.module.parameters()}
             batch_dot = oracle.dot(g_train, pg)
         engine.step()
-        records = scorer.end_step()
+        result = scorer.end_step()
+        records = result.records
         ours = _rows(records, "validation:adam")
         assert sorted(ours) == sorted(reference)  # none at the first step
         if step > 0:
@@ -248,7 +259,7 @@ def test_deepspeed_adam_values_match_brute_force(deepspeed_world, stage):
             error = max(abs(ours[sid] - reference[sid]) for sid in reference) / scale
             print(f"ZeRO-{stage} step {step}: Adam-aware scores vs brute force {error:.1e}")
             assert error <= 1e-4, error
-            assert scorer.last_batch_dots["validation:adam"] == pytest.approx(batch_dot, rel=1e-5)
+            assert result.batch_dots["validation:adam"] == pytest.approx(batch_dot, rel=1e-5)
             assert sum(ours.values()) == pytest.approx(batch_dot, rel=1e-5)
     scorer.detach()
     engine.destroy()

@@ -22,11 +22,14 @@ import torch
 from inrun_megatron.analysis import cli
 from inrun_megatron.analysis.bench import cli_command, mpi_env, mpirun_command, same_files
 from inrun_megatron.analysis.dump import DumpError, ScoreDump
+from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.analysis.merge import merge
 from inrun_megatron.analysis.stats import distribution, select_best
 from inrun_megatron.analysis.synthetic import SyntheticRun, write_synthetic_dump
 from inrun_megatron.analysis.values import MergedValues
-from inrun_megatron.records import ScoreWriter, part_metadata, write_manifest
+from inrun_megatron.records import SCHEMA_VERSION, ScoreWriter, part_metadata, write_manifest
+
+from common import manifest_for_tests
 
 SYNTHETIC = SyntheticRun(steps=24, replicas=3, targets=("web", "code"), epochs=3, flush_every=5, skipped_steps=(7,))
 
@@ -79,7 +82,7 @@ def real_run(tmp_path_factory, megatron_world):
     from common import CASES, run_case
 
     run = tmp_path_factory.mktemp("real") / "run"
-    write_manifest(run, {"layout": {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1}})
+    write_manifest(run, manifest_for_tests())
     writer = ScoreWriter(run, dp_rank=0, flush_every=4)
     shape = GPTShape(num_layers=2, params_dtype=torch.float64, **CASES["layernorm-gelu-bias-untied"])
     result = run_case(shape, n_micro=2, mbs=3, steps=6, lr=0.5, seed=21, epoch_steps=3, writer=writer)
@@ -187,7 +190,6 @@ def data_run(tmp_path_factory, megatron_world):
     from inrun_megatron.data.validation_sets import TargetSpec, build_targets
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import GPTShape, build_gpt, gpt_forward_step
-    from inrun_megatron.records import StepInfo
 
     root = tmp_path_factory.mktemp("data_run")
     rng = random.Random(0)
@@ -204,16 +206,16 @@ def data_run(tmp_path_factory, megatron_world):
     data = build_training_data(
         sources, tokenizer, seq_length=16, seed=3, split="90,10,0", train_samples=48, cache_dir=run / "cache"
     )
-    write_manifest(run, {"data": data.manifest_section(tokenizer.spec(), run)})
+    write_manifest(run, manifest_for_tests(data=data.manifest_section(tokenizer.spec(), run)))
     targets = build_targets(
         [TargetSpec("prose", source="prose", sequences=4)], data, tokenizer, seq_length=16, micro_batch_size=4
     )
     model = build_gpt(GPTShape(vocab_size=tokenizer.vocab_size, seq_length=16))
-    scorer = MegatronScorer(model, targets)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     writer = ScoreWriter(run, dp_rank=0, flush_every=4)
+    scorer = MegatronScorer(model, targets, sink=writer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     batches = batch_iterator(data.train, consumed=0, micro_batch_size=4, dp_rank=0, dp_size=1)
-    for step in range(6):
+    for _ in range(6):
         optimizer.zero_grad()
         scorer.forward_backward(
             get_forward_backward_func(),
@@ -225,8 +227,7 @@ def data_run(tmp_path_factory, megatron_world):
             micro_batch_size=4,
         )
         optimizer.step()
-        records = scorer.end_step(lr=0.5)
-        writer.append(records, StepInfo(step, 0.5, 1.0, False, scorer.last_validation_losses))
+        scorer.end_step(lr=0.5)
     writer.close()
     scorer.detach()
     return run, open_sample_index(run)
@@ -277,6 +278,23 @@ def test_by_source_sums_and_curves(data_run, tmp_path, capsys):
     assert [source[s] for s in table["sample_id"].to_pylist()] == table["source"].to_pylist()
     figures = scores_cli("plot", tmp_path / "m", "-o", tmp_path / "figures", capsys=capsys)["files"]
     assert {Path(f).name for f in figures} >= {"sources.png", "source_curves.png"}
+
+
+@pytest.mark.megatron
+def test_by_source_in_a_step_view(data_run, capsys):
+    """by-source --view: per-source sums of the view's values (checked against numpy elsewhere)."""
+    run, index = data_run
+    with Scores(run) as scores:
+        table = pa.Table.from_batches(scores.view("step-rank").batches("prose", ["sample_id", "value"]))
+    ids, values = table["sample_id"].to_numpy(), table["value"].to_numpy()
+    source = np.array(index.lookup(ids).column("source").to_pylist())
+    answer = scores_cli("by-source", run, "--view", "step-rank", capsys=capsys)
+    assert answer["view"]["name"] == "step-rank" and len(answer["sources"]) == len(SOURCES)
+    for row in answer["sources"]:
+        mine = values[source == row["source"]]
+        assert row["samples"] == len(mine) and row["sum"] == pytest.approx(mine.sum(), rel=1e-12)
+    # every sample is seen once, and a step's ranks average 1/2
+    assert sum(r["sum"] for r in answer["sources"]) == pytest.approx(0.5 * len(values), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +506,8 @@ def test_plot_writes_png_figures(synthetic, tmp_path, capsys):
 def test_human_output_and_the_console_script(synthetic, capsys):
     assert cli.main(["top", str(synthetic), "-k", "3", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "highest accumulated values" in out and "sign: positive = the sample lowered the validation loss" in out
+    assert "highest values, view accumulated (nats)" in out
+    assert "sign: positive = the sample lowered the validation loss" in out
     script = Path(sys.executable).with_name("inrun-scores")
     proc = subprocess.run([script, "verify", synthetic], capture_output=True, text=True)
     assert proc.returncode == 0 and "OK" in proc.stdout
@@ -542,9 +561,10 @@ def test_parts_of_another_run_or_schema_version_are_named(synthetic, copy_of, tm
     stranger.unlink()
     newer = run / "steps" / "part-s00000025-s00000029.parquet"
     table = pq.read_table(sorted((run / "steps").iterdir())[0])
-    pq.write_table(table.replace_schema_metadata(part_metadata(ScoreDump.open(run).run_id, 2)), newer)
+    newer_version = SCHEMA_VERSION + 1
+    pq.write_table(table.replace_schema_metadata(part_metadata(ScoreDump.open(run).run_id, newer_version)), newer)
     err = _expect_error(run, tmp_path, str(newer), capsys)
-    assert "schema version 2" in err
+    assert f"schema version {newer_version}" in err
 
     newer.unlink()
     source = sorted((run / "scores" / "dp00001").iterdir())[0]
@@ -556,7 +576,7 @@ def test_parts_of_another_run_or_schema_version_are_named(synthetic, copy_of, tm
 
 
 def test_empty_run_and_missing_manifest(tmp_path, capsys):
-    write_manifest(tmp_path / "empty", {})
+    write_manifest(tmp_path / "empty", manifest_for_tests())
     err = _expect_error(tmp_path / "empty", tmp_path, str(tmp_path / "empty" / "scores"), capsys)
     assert "empty run" in err
     err = _expect_error(tmp_path / "nothing", tmp_path, "no manifest", capsys)
@@ -613,3 +633,212 @@ def test_a_merged_directory_is_not_a_dump(synthetic, tmp_path, capsys):
     (tmp_path / "merged" / "values" / "part-b00000.parquet").unlink()
     err = scores_cli("top", tmp_path / "merged", capsys=capsys, expect=2)
     assert "part-b00000.parquet: missing" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# step-aware views (docs/DESIGN.md §1.6)
+
+#: A hand-built dump: per step (lr, clip_coef, skipped, {replica: [(sample id, raw), ...]}).
+HAND_STEPS = [
+    (0.1, 1.0, False, {0: [(0, 1.0), (1, 3.0)], 1: [(2, -2.0), (3, 6.0)]}),
+    (0.01, 0.5, False, {0: [(4, 4.0), (0, -4.0)], 1: [(5, 8.0), (1, 4.0)]}),  # samples 4 and 1 tie
+    (0.1, 1.0, True, {0: [(2, 1.0), (3, 1.0)], 1: [(4, 1.0), (6, 1.0)]}),  # skipped: 6 is never trained
+]
+
+
+@pytest.fixture(scope="module")
+def hand_run(tmp_path_factory) -> Path:
+    from inrun_megatron.step_result import make_step_result
+
+    run = tmp_path_factory.mktemp("hand") / "run"
+    write_manifest(run, manifest_for_tests(2, targets=[{"name": "val"}]))
+    writers = [ScoreWriter(run, dp_rank=r, flush_every=2) for r in range(2)]
+    for step, (lr, clip, skipped, replicas) in enumerate(HAND_STEPS):
+        raws = [raw for rows in replicas.values() for _, raw in rows]
+        for r, writer in enumerate(writers):
+            ids, raw = zip(*replicas[r])
+            writer.write(
+                make_step_result(
+                    step=step,
+                    raw=torch.tensor(raw, dtype=torch.float64).reshape(1, 1, -1),
+                    sample_ids=torch.tensor(ids).reshape(1, -1),
+                    n_tokens=torch.full((1, len(ids)), 10),
+                    lr=lr,
+                    clip_coef=clip,
+                    skipped=skipped,
+                    dp_rank=r,
+                    validation_losses={"val": 1.0},
+                    batch_dots={"val": sum(raws)},
+                )
+            )
+    for writer in writers:
+        writer.close()
+    return run
+
+
+def hand_views() -> dict[str, dict[int, float]]:
+    """Every view of HAND_STEPS from the definitions, in plain Python."""
+    import statistics
+
+    per_sample: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for lr, clip, skipped, replicas in HAND_STEPS:
+        rows = [(sid, lr * clip * raw) for rows in replicas.values() for sid, raw in rows]
+        if skipped:
+            for sid, _ in rows:
+                per_sample["accumulated"][sid].append(0.0)
+                for view in ("step-scaled", "step-z", "step-rank"):
+                    per_sample[view].setdefault(sid, [])
+            continue
+        values = [v for _, v in rows]
+        mean, std = statistics.fmean(values), statistics.pstdev(values)
+        mean_abs = statistics.fmean(abs(v) for v in values)
+        for sid, v in rows:
+            below, equal = sum(x < v for x in values), sum(x == v for x in values)
+            per_sample["accumulated"][sid].append(v)
+            per_sample["step-scaled"][sid].append(v / mean_abs)
+            per_sample["step-z"][sid].append((v - mean) / std)
+            per_sample["step-rank"][sid].append((below + (equal + 1) / 2 - 0.5) / len(values))
+    neutral = {"step-scaled": 0.0, "step-z": 0.0, "step-rank": 0.5}
+    views = {"accumulated": {sid: sum(v) for sid, v in per_sample["accumulated"].items()}}
+    for view, n in neutral.items():
+        views[view] = {sid: statistics.fmean(v) if v else n for sid, v in per_sample[view].items()}
+    return views
+
+
+def test_each_view_follows_its_definition_on_a_hand_built_dump(hand_run, capsys):
+    expected = hand_views()
+    # sample 1: rank 3 of 4 at step 0, and at step 1 tied with sample 4 for ranks 2 and 3 (midrank 2.5)
+    assert expected["step-rank"][1] == pytest.approx(((3 - 0.5) / 4 + (2.5 - 0.5) / 4) / 2)
+    assert expected["step-z"][6] == 0.0 and expected["accumulated"][6] == 0.0  # only in the skipped step
+    for view, values in expected.items():
+        answer = scores_cli("top", hand_run, "--view", view, "-k", 10, capsys=capsys)
+        assert answer["view"]["name"] == view
+        got = {row["sample_id"]: row["value"] for row in answer["samples"]}
+        assert got.keys() == values.keys()
+        assert all(got[s] == pytest.approx(values[s], rel=1e-12, abs=1e-15) for s in values), (view, got, values)
+        assert [row["sample_id"] for row in answer["samples"]] == sorted(values, key=lambda s: (-values[s], s))
+
+
+def test_every_command_takes_a_view(synthetic, tmp_path, capsys):
+    """top, curate and compare accept --view (by-source, which needs a data section, in the megatron test)."""
+    views = direct_views(synthetic, "web")
+    top = scores_cli("top", synthetic, "--target", "web", "--view", "step-z", "-k", 5, "--bottom", capsys=capsys)
+    lowest = sorted(views["step-z"], key=lambda s: (views["step-z"][s], s))[:5]
+    assert [row["sample_id"] for row in top["samples"]] == lowest
+
+    keep = tmp_path / "keep.txt"
+    answer = scores_cli(
+        "curate",
+        synthetic,
+        "-o",
+        keep,
+        "--target",
+        "web",
+        "--view",
+        "step-rank",
+        "--drop-fraction",
+        0.25,
+        capsys=capsys,
+    )
+    ranks = views["step-rank"]
+    lowest = sorted(ranks, key=lambda s: (ranks[s], s))[: round(0.25 * len(ranks))]
+    assert {int(x) for x in keep.read_text().split()} == set(ranks) - set(lowest)
+    assert answer["view"]["name"] == "step-rank" and answer["dropped"] == len(lowest)
+
+    same = scores_cli(
+        "compare", synthetic, "--target", "web", "--target-b", "code", "--view", "step-rank", capsys=capsys
+    )
+    raw = scores_cli("compare", synthetic, "--target", "web", "--target-b", "code", capsys=capsys)
+    assert same["view"]["name"] == "step-rank" and same["spearman"] != raw["spearman"]
+    from scipy import stats
+
+    with Scores(synthetic) as scores:  # the view's values (checked against numpy below), ranked by scipy
+        web, code = (
+            pa.Table.from_batches(scores.view("step-rank", t).batches(t, ["sample_id", "value"])).sort_by("sample_id")
+            for t in ("web", "code")
+        )
+    rho = stats.spearmanr(web["value"].to_numpy(), code["value"].to_numpy()).statistic
+    assert same["spearman"] == pytest.approx(rho, rel=1e-12)
+
+
+def direct_views(run: Path, target: str) -> dict[str, dict[int, float]]:
+    """The step views straight from a dump's rows with numpy and scipy, one step at a time."""
+    from scipy import stats
+
+    table = ds.dataset(run / "scores", format="parquet").to_table()
+    table = table.filter(pa.compute.equal(table["target"], target))
+    sid, step = table["sample_id"].to_numpy(), table["step"].to_numpy()
+    value, skipped = table["value"].to_numpy(), table["skipped"].to_numpy(zero_copy_only=False)
+    per_row = {view: np.zeros(len(sid)) for view in ("step-scaled", "step-z", "step-rank")}
+    for t in np.unique(step[~skipped]):
+        mine = (step == t) & ~skipped
+        v = value[mine]
+        per_row["step-scaled"][mine] = v / np.abs(v).mean()
+        per_row["step-z"][mine] = (v - v.mean()) / v.std()
+        per_row["step-rank"][mine] = (stats.rankdata(v) - 0.5) / len(v)
+    samples = np.unique(sid)
+    trained = np.array([(~skipped[sid == s]).sum() for s in samples])
+    views = {}
+    for view, x in per_row.items():
+        sums = np.array([x[(sid == s) & ~skipped].sum() for s in samples])
+        neutral = 0.5 if view == "step-rank" else 0.0
+        views[view] = dict(zip(samples.tolist(), np.where(trained > 0, sums / np.maximum(trained, 1), neutral)))
+    return views
+
+
+def test_views_out_of_core_equal_numpy_at_scale(tmp_path):
+    """Many replicas, parts and epochs, a skipped step, and a memory budget that makes 26 buckets: the
+    out-of-core views of a dump, of a merge with per-step rows and of one without equal numpy's."""
+    from inrun_megatron.analysis.merge import BASE_BYTES, REDUCE_BYTES_PER_ROW, buckets_for
+
+    shape = SyntheticRun(steps=120, replicas=4, micro_batches=4, micro_batch_size=16, epochs=3, skipped_steps=(40,))
+    run = write_synthetic_dump(tmp_path / "run", shape)
+    memory = BASE_BYTES + 2000 * REDUCE_BYTES_PER_ROW
+    assert buckets_for(shape.rows, memory) == 16
+    expected = direct_views(run, "validation")
+    merge(ScoreDump.open(run), tmp_path / "per_step", per_step=True, buckets=5)
+    merge(ScoreDump.open(run), tmp_path / "plain", buckets=3)
+    for where in (run, tmp_path / "per_step", tmp_path / "plain"):
+        with Scores(where, memory_bytes=memory) as scores:
+            for view, values in expected.items():
+                table = pa.Table.from_batches(scores.view(view).batches("validation", ["sample_id", "value"]))
+                got = dict(zip(table["sample_id"].to_pylist(), table["value"].to_pylist()))
+                assert got.keys() == values.keys() and len(got) == shape.samples
+                assert all(got[s] == pytest.approx(values[s], rel=1e-12, abs=1e-14) for s in values), (where, view)
+
+
+@pytest.mark.parametrize("command", ["top", "by-source", "curate", "compare"])
+def test_an_unknown_view_is_refused_before_any_work(synthetic, tmp_path, command, capsys):
+    extra = ["-o", tmp_path / "keep.txt", "--drop-fraction", 0.1] if command == "curate" else []
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, str(synthetic), "--view", "raw-ish", *map(str, extra)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid choice: 'raw-ish'" in err and "step-rank" in err
+    assert not (tmp_path / "keep.txt").exists()
+    from inrun_megatron.analysis import commands
+
+    (tmp_path / "work").mkdir()
+    with Scores(synthetic, work_dir=tmp_path / "work") as scores:
+        with pytest.raises(ValueError, match="unknown view 'raw-ish'; the views are accumulated, step-scaled"):
+            commands.top(scores, view="raw-ish")
+        assert not list((tmp_path / "work").iterdir())  # nothing merged
+
+
+def test_drop_negative_needs_a_signed_view(synthetic, tmp_path, capsys):
+    err = scores_cli(
+        "curate", synthetic, "-o", tmp_path / "k.txt", "--view", "step-z", "--drop-negative", capsys=capsys, expect=2
+    )
+    assert "--drop-negative needs a view whose sign means helped or hurt (accumulated, step-scaled)" in err
+
+
+def test_a_step_that_tells_no_sample_apart_gives_the_neutral_value():
+    """A step with lr 0 (all values 0) and a step of equal values, next to an ordinary step."""
+    from inrun_megatron.analysis.views import VIEWS, per_step_view
+
+    step = np.array([0, 0, 0, 1, 1, 2, 2])
+    value = np.array([0.0, 0.0, 0.0, 2.0, 2.0, -1.0, 3.0])
+    skipped = np.zeros(7, dtype=bool)
+    assert per_step_view("step-z", step, value, skipped).tolist() == [0, 0, 0, 0, 0, -1, 1]
+    assert per_step_view("step-scaled", step, value, skipped).tolist() == [0, 0, 0, 1, 1, -0.5, 1.5]
+    assert per_step_view("step-rank", step, value, skipped).tolist() == [0.5] * 5 + [0.25, 0.75]
+    assert [VIEWS[v].neutral for v in ("step-z", "step-scaled", "step-rank")] == [0.0, 0.0, 0.5]

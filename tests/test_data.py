@@ -23,6 +23,8 @@ from inrun_megatron.data.indexed import preprocess
 from inrun_megatron.data.validation_sets import TargetSpec, build_targets
 from inrun_megatron.records import write_manifest
 
+from common import manifest_for_tests
+
 pytestmark = pytest.mark.megatron
 
 WORDS = [
@@ -100,7 +102,7 @@ def test_sample_index_maps_every_id_to_its_tokens(megatron_world, corpus, tmp_pa
     data = build_training_data(
         sources, tok, seq_length=16, seed=7, split="90,10,0", train_samples=300, cache_dir=tmp_path / "cache"
     )
-    write_manifest(tmp_path, {"data": data.manifest_section(tok.spec(), tmp_path)})
+    write_manifest(tmp_path, manifest_for_tests(data=data.manifest_section(tok.spec(), tmp_path)))
     index = open_sample_index(tmp_path)
     ids = np.arange(len(data.train))
     table = index.lookup(ids[::-1]).to_pylist()[::-1]

@@ -89,7 +89,7 @@ def _score_one_step(shape, validation: dict, train: list, *, stage: int, dtype: 
     g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
     dots = [batch_dot(scorer, g, k)[0] for k in range(len(validation))]
     engine.step()
-    c = scorer.end_step(lr=1.0).columns
+    c = scorer.end_step(lr=1.0).records.columns
     scorer.detach()
     efficiency = {t: (float(c["raw"][c["target"] == t].sum()), dot) for t, dot in zip(validation, dots)}
     return dict(columns=c, G=stored, scored_by=scored_by, efficiency=efficiency)
@@ -356,7 +356,7 @@ def test_bad_step_input_is_rejected_before_any_work(deepspeed_world):
     with pytest.raises(RuntimeError, match=r"call engine\.step\(\)"):
         scorer.end_step()
     engine.step()
-    records = scorer.end_step()
+    records = scorer.end_step().records
     assert sorted(records.columns["sample_id"].tolist()) == [0, 1, 2, 3]
     with pytest.raises(RuntimeError, match="needs a scored forward"):
         scorer.end_step()
@@ -410,12 +410,15 @@ def test_torch_layers_keyword_inputs_and_broadcast_embeddings(deepspeed_world, b
     validation, train = make_data(shape, 2, 2, seed=1, first_id=10**6), make_data(shape, 1, 2, seed=2)
     scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
     if broadcast_positions:  # one output shared by the batch has no per-sequence gradient: refused, not summed
-        with pytest.raises(RuntimeError, match="position_embedding was looked up with indices of shape \\(16,\\)"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"position_embedding \(Embedding\) failed: it was looked up with indices of shape \(16,\)",
+        ):
             scorer.forward_backward(train)
         return
     scorer.forward_backward(train)
     engine.step()
-    c = scorer.end_step(lr=1.0).columns
+    c = scorer.end_step(lr=1.0).records.columns
     torch.manual_seed(0)
     reference_model = _TinyLM(broadcast_positions).to(DEVICE)
     g_val = oracle.validation_gradient(reference_model, validation, lm_token_losses)

@@ -51,7 +51,7 @@ def _config(tmp: Path, name: str, accumulation_steps: int) -> Path:
 def _scores(run: Path) -> dict:
     """``{(step, sample_id): (raw, lr, clip_coef)}`` from a run directory, checking its manifest."""
     manifest = read_manifest(run)
-    assert "positive = the sample lowered the validation loss" in manifest["contract"]["sign"]
+    assert "positive = the sample lowered the validation loss" in manifest.contract["sign"]
     table = ds.dataset(run / "scores", format="parquet").to_table().to_pydict()
     rows = {}
     for step, sid, raw, lr, clip in zip(
@@ -97,8 +97,11 @@ def test_deepspeed_launcher_and_mpirun_end_to_end(tmp_path):
          "--steps", str(STEPS), "--micro-batch-size", "1", env=env)  # fmt: skip
     _assert_same_scores(_scores(tmp_path / "mpi"), reference, "mpirun, ZeRO-2, DP=2, micro-batch size 1")
     manifest = read_manifest(tmp_path / "mpi")
-    assert manifest["layout"] == {"dp": 2, "tp": 1, "zero_stage": 2}
-    assert manifest["scoring_path"] == "microbatch" and read_manifest(tmp_path / "ds")["scoring_path"] == "rules"
+    layout = manifest.layout
+    assert (layout.data_parallel, layout.tensor_parallel, layout.zero_stage, layout.world_size) == (2, 1, 2, 2)
+    assert (layout.micro_batch_size, layout.num_microbatches, layout.global_batch_size) == (1, 4, 8)
+    assert manifest.entry_point == "launch/deepspeed_train.py" and manifest.launcher == "mpirun"
+    assert manifest.scoring_path == "microbatch" and read_manifest(tmp_path / "ds").scoring_path == "rules"
     for run in ("reference-zero1-gas4", "ds", "mpi"):  # <g, G> from each rank's own gradient shards
         verified_efficiency(tmp_path / run, steps=STEPS)
 

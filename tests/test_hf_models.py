@@ -1,142 +1,129 @@
-"""Unmodified Hugging Face causal LMs under DeepSpeed at micro-batch size 1: the microbatch-gradient
-path scores modules no per-layer rule covers (GPT-2's ``Conv1D``, Llama's ``LlamaRMSNorm``) exactly.
+"""Unmodified Hugging Face causal LMs under DeepSpeed (tiny configurations, random weights, built in
+tests/hf_common.py).
 
-Tiny configurations built here with random weights (nothing is downloaded). Each case trains two
-steps with gradient accumulation and scores them: step 0's scores against brute force (one backward
-per sample through the same model), the efficiency and SGD identities in every step, and the same
-run without scoring gives bitwise the same losses and weights.
+* Micro-batch size 2 at DP=2: the per-layer rules, among them the built-in Hugging Face rules
+  (GPT-2's ``Conv1D``, the Llama, Mistral, Qwen2 and Gemma RMSNorms, Gemma's scaled embedding), score
+  Llama (tied and untied), GPT-2, Qwen2, Mistral and Gemma at ZeRO-0 and ZeRO-3, all in one launch.
+* Micro-batch size 1 in one process: the microbatch-gradient path scores them, rules or not.
+
+Every case trains two steps with gradient accumulation and scores them: step 0's scores against
+brute force (one backward per sample through the same model), the efficiency and SGD identities in
+every step, and the same run without scoring gives bitwise the same losses and weights.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 
 import pytest
 import torch
-import transformers
-from ds_common import ds_config, train
+from hf_common import LR, MODELS, build, data_shape, run_hf_case
+from test_deepspeed_parallel import _residuals
 
 import oracle
 from common import DEVICE, make_data
+from launcher import launch
 
-GAS = 3
-STEPS = 2
-LR = 0.5
-
-
-def _shape():
-    from inrun_megatron.deepspeed.model import llama_shape
-
-    return llama_shape()  # only its vocabulary size and sequence length: the data of the other tests
+DP = 2
 
 
-def _build(name: str) -> torch.nn.Module:
-    shape = _shape()
-    if name.startswith("llama"):
-        config = transformers.LlamaConfig(
-            vocab_size=shape.vocab_size,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,  # grouped-query attention
-            max_position_embeddings=shape.seq_length,
-            tie_word_embeddings=name == "llama-tied",
-        )
-        return transformers.LlamaForCausalLM(config)
-    config = transformers.GPT2Config(
-        vocab_size=shape.vocab_size,
-        n_embd=16,
-        n_layer=2,
-        n_head=4,
-        n_positions=shape.seq_length,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return transformers.GPT2LMHeadModel(config)
-
-
-def _run(name: str, *, stage: int, scored: bool) -> dict:
-    """Two steps of ``name`` in a DeepSpeed engine (plain SGD, clipping at 1.0); the initial model
-    is kept as ``initial`` for the reference."""
-    import deepspeed
-
-    from inrun_megatron import ScoringConfig
-    from inrun_megatron.deepspeed import DeepSpeedScorer
+def _brute_force_error(name: str, raw: dict, initial: torch.nn.Module, validation: list, train: list) -> float:
+    """Largest difference of step 0's scores ``{sample id: raw}`` of the whole global batch from brute
+    force through ``initial``, relative to the largest brute-force score."""
     from inrun_megatron.deepspeed.model import hf_causal_lm_token_losses
-    from inrun_megatron.deepspeed.scorer import masked_token_mean
 
-    shape = _shape()
-    torch.manual_seed(0)
-    model = _build(name)
-    initial = copy.deepcopy(model).to(DEVICE)
-    config = ds_config(stage=stage, gas=GAS, mbs=1, clip=1.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config)
-    validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
-    in_memory = ScoringConfig(accumulate_values=True)  # train() reads scorer.values()
-    scorer = DeepSpeedScorer(engine, validation, hf_causal_lm_token_losses, in_memory) if scored else None
+    g_val = oracle.validation_gradient(initial, validation, hf_causal_lm_token_losses)
+    reference = oracle.per_sample_raw(initial, train, hf_causal_lm_token_losses, g_val)
+    assert sorted(raw) == sorted(reference), name
+    scale = max(abs(v) for v in reference.values())
+    assert len({round(v / scale, 6) for v in reference.values()}) == len(reference), f"{name}: scores not distinct"
+    return max(abs(raw[sid] - reference[sid]) for sid in reference) / scale
 
-    def batches_of_step(step: int) -> list:
-        return make_data(shape, GAS, 1, seed=100 + step, first_id=1000 * step)
 
-    out = train(engine, scorer, batches_of_step, STEPS, masked_token_mean(hf_causal_lm_token_losses))
-    out.update(initial=initial, validation=validation, train=batches_of_step(0))
-    return out
+def _check_identities(name: str, got: dict) -> str:
+    assert not got["changed_by_scoring"], f"{name}: scoring changed {got['changed_by_scoring']}"
+    efficiency, sgd = _residuals(got, LR)
+    assert efficiency <= 1e-5, f"{name}: efficiency identity off by {efficiency:.1e}"
+    assert sgd <= 1e-4, f"{name}: SGD identity off by {sgd:.1e}"
+    return f"efficiency residual {efficiency:.1e}, SGD residual {sgd:.1e}, clip {got['clip']}"
+
+
+@pytest.mark.slow
+def test_hugging_face_models_at_micro_batch_size_2_match_brute_force(tmp_path):
+    """The rules path at DP=2, micro-batch size 2, two accumulation steps, ZeRO-0 and ZeRO-3 (where each
+    layer's G is gathered from both ranks' partitions inside its backward)."""
+    cases = [dict(name=name, stage=stage, gas=2, mbs=2, steps=2) for name in MODELS for stage in (0, 3)]
+    ranks = launch("hf_models.py", DP, tmp_path, json.dumps(cases))
+    for i, case in enumerate(cases):
+        label = f"{case['name']} ZeRO-{case['stage']} DP={DP} micro-batch size 2"
+        assert all(rank[i]["path"] == "rules" for rank in ranks), f"{label}: scored by {ranks[0][i]['path']}"
+        identities = [_check_identities(label, rank[i]) for rank in ranks]
+        raw = {sid: r for rank in ranks for sid, r in rank[i]["raw"][0]["validation"].items()}
+        torch.manual_seed(0)
+        initial = build(case["name"]).to(DEVICE)
+        tied = initial.lm_head.weight is initial.get_input_embeddings().weight
+        assert tied == (case["name"] in ("llama-tied", "gpt2", "gemma")), label
+        validation = make_data(data_shape(), 2, 2, seed=6, first_id=10**6)
+        train = make_data(data_shape(), case["gas"] * DP, case["mbs"], seed=100, first_id=0)
+        error = _brute_force_error(label, raw, initial, validation, train)
+        print(f"{label}: max relative error vs brute force {error:.2e}, {identities[0]}")
+        assert error <= 1e-4, f"{label}: {error:.2e} from brute force"
 
 
 @pytest.mark.parametrize("stage", [0, 3])
 @pytest.mark.parametrize("name", ["llama-tied", "llama-untied", "gpt2"])
-def test_hugging_face_models_match_brute_force(deepspeed_world, name, stage):
-    from inrun_megatron.deepspeed.model import hf_causal_lm_token_losses
-
-    scored = _run(name, stage=stage, scored=True)
-    plain = _run(name, stage=stage, scored=False)
+def test_hugging_face_models_at_micro_batch_size_1_match_brute_force(deepspeed_world, name, stage):
+    scored = run_hf_case(name, stage=stage, gas=3, mbs=1, steps=2, scored=True)
+    plain = run_hf_case(name, stage=stage, gas=3, mbs=1, steps=2, scored=False)
     assert scored["path"] == "microbatch"
     assert (scored["initial"].lm_head.weight is scored["initial"].get_input_embeddings().weight) == (
         name != "llama-untied"
     )
     changed = [n for n, w in plain["weights"].items() if not torch.equal(w, scored["weights"][n])]
-    assert not changed and plain["losses"] == scored["losses"], f"scoring changed {changed or 'the losses'}"
-
-    reference_model = scored["initial"]
-    g_val = oracle.validation_gradient(reference_model, scored["validation"], hf_causal_lm_token_losses)
-    reference = oracle.per_sample_raw(reference_model, scored["train"], hf_causal_lm_token_losses, g_val)
-    ours = scored["raw"][0]["validation"]
-    assert sorted(ours) == sorted(reference)
-    scale = max(abs(v) for v in reference.values())
-    assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)
-    error = max(abs(ours[sid] - reference[sid]) for sid in reference) / scale
-    efficiency = max(abs(t - d) / a for (t, d), a in zip(scored["efficiency"], scored["abs_raw"]))
-    sgd = max(abs(t - d) / (LR * c * a) for (t, d), c, a in zip(scored["sgd"], scored["clip"], scored["abs_raw"]))
-    print(
-        f"{name} ZeRO-{stage}: max relative error vs brute force {error:.2e}, efficiency residual"
-        f" {efficiency:.1e}, SGD residual {sgd:.1e}, clip {scored['clip']}"
-    )
+    scored["changed_by_scoring"] = changed + ([] if plain["losses"] == scored["losses"] else ["the losses"])
+    label = f"{name} ZeRO-{stage} micro-batch size 1"
+    identities = _check_identities(label, scored)
+    raw = scored["raw"][0]["validation"]
+    error = _brute_force_error(label, raw, scored["initial"], scored["validation"], scored["train"])
+    print(f"{label}: max relative error vs brute force {error:.2e}, {identities}")
     assert error <= 1e-4
-    assert efficiency <= 1e-5 and sgd <= 1e-4
 
 
-def test_hugging_face_model_is_refused_above_micro_batch_size_1(deepspeed_world):
-    """GPT-2's Conv1D has no per-layer rule: micro-batches of two sequences cannot be scored."""
+def test_unregistered_hugging_face_layer_is_refused_above_micro_batch_size_1(deepspeed_world):
+    """OLMo 2's RMSNorm multiplies by its weight *before* casting back, unlike Llama's: no rule is
+    registered for it (rules match types, never names), so micro-batches of two sequences are refused
+    at attach, naming the layer and the registry."""
     import deepspeed
+    import transformers
+    from ds_common import ds_config
 
     from inrun_megatron.deepspeed import DeepSpeedScorer
     from inrun_megatron.deepspeed.model import hf_causal_lm_token_losses
 
-    model = _build("gpt2")
+    shape = data_shape()
+    config = transformers.Olmo2Config(
+        vocab_size=shape.vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=shape.seq_length,
+    )
+    model = transformers.Olmo2ForCausalLM(config)
     config = ds_config(stage=0, gas=1, mbs=2, clip=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config)
     with pytest.raises(NotImplementedError) as refused:
-        DeepSpeedScorer(engine, make_data(_shape(), 2, 2, seed=6, first_id=10**6), hf_causal_lm_token_losses)
+        DeepSpeedScorer(engine, make_data(shape, 2, 2, seed=6, first_id=10**6), hf_causal_lm_token_losses)
     message = str(refused.value)
-    assert "'transformer.h.0.attn.c_attn'" in message and "Conv1D" in message, message
-    assert "micro_batch_size 1" in message, message
+    assert "'model.layers.0.self_attn.q_norm'" in message and "Olmo2RMSNorm" in message, message
+    assert "inrun_megatron.register_rule" in message and "micro_batch_size 1" in message, message
 
 
-def test_entry_point_scores_a_hugging_face_model(tmp_path):
-    """``launch/deepspeed_train.py --model hf-gpt2 --micro-batch-size 1 --scoring-path microbatch`` in
-    one process at ZeRO-3: the microbatch-gradient path scores every sequence of every step."""
+@pytest.mark.parametrize(("mbs", "path"), [(1, "microbatch"), (2, "rules")])
+def test_entry_point_scores_a_hugging_face_model(tmp_path, mbs, path):
+    """``launch/deepspeed_train.py --model hf-gpt2 --micro-batch-size N --scoring-path PATH`` in one
+    process at ZeRO-3 (two accumulation steps): the microbatch-gradient path at micro-batch size 1, the
+    per-layer rules (GPT-2's Conv1D among them) at 2, score every sequence of every step."""
     import sys
 
     import pyarrow.dataset as ds
@@ -147,10 +134,12 @@ def test_entry_point_scores_a_hugging_face_model(tmp_path):
     config = _config(tmp_path, "zero3.json", 2)
     run = tmp_path / "hf"
     _run(sys.executable, "launch/deepspeed_train.py", "--deepspeed_config", str(config), "--out", str(run),
-         "--steps", "2", "--model", "hf-gpt2", "--micro-batch-size", "1", "--scoring-path", "microbatch",
+         "--steps", "2", "--model", "hf-gpt2", "--micro-batch-size", str(mbs), "--scoring-path", path,
          "--num-layers", "1", "--hidden-size", "16", "--vocab-size", "64", "--seq-length", "16")  # fmt: skip
     manifest = read_manifest(run)
-    assert manifest["scoring"]["path"] == "microbatch" and manifest["scoring_path"] == "microbatch"
+    assert manifest.scoring["path"] == path and manifest.scoring_path == path
     table = ds.dataset(run / "scores", format="parquet").to_table().to_pydict()
-    assert sorted(zip(table["step"], table["sample_id"])) == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    per_step = 2 * mbs
+    expected = [(step, step * per_step + i) for step in range(2) for i in range(per_step)]
+    assert sorted(zip(table["step"], table["sample_id"])) == expected
     assert all(r == r and r != 0.0 for r in table["raw"]), table["raw"]

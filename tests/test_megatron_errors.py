@@ -207,10 +207,12 @@ def _state(model):
 def test_bad_sample_ids_record_nothing_and_the_next_step_works(gpt, problem):
     from inrun_megatron.config import ScoringConfig
     from inrun_megatron.megatron import MegatronScorer
+    from inrun_megatron.step_result import MemorySink
 
     shape, model = gpt
-    in_memory = ScoringConfig(keep_records=True, accumulate_values=True)  # so that "nothing" is observable
-    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6), in_memory)
+    in_memory = ScoringConfig(accumulate_values=True)  # so that "nothing" is observable
+    sink = MemorySink()
+    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6), in_memory, sink=sink)
     data = make_data(shape, 2, 2, seed=5)
     if problem == "missing":
         del data[1]["sample_ids"]
@@ -221,22 +223,24 @@ def test_bad_sample_ids_record_nothing_and_the_next_step_works(gpt, problem):
     weights_before, _ = _state(model)
     with pytest.raises(ValueError, match=message):
         scored_forward_backward(scorer, model, shape, data)
-    assert scorer.records == [] and scorer.step == 0 and scorer.values() == {}
+    assert sink.results == [] and scorer.step == 0 and scorer.values() == {}
     weights_after, _ = _state(model)
     assert all(torch.equal(weights_before[n], weights_after[n]) for n in weights_before)
     for p in model.parameters():
         p.grad = None
     scored_forward_backward(scorer, model, shape, make_data(shape, 2, 2, seed=6))
-    assert len(scorer.end_step(lr=0.1)) == 4
+    result = scorer.end_step(lr=0.1)
+    assert len(result.records) == 4 and sink.results == [result]
     scorer.detach()
 
 
 def test_non_finite_validation_loss_stops_before_training(gpt):
-    from inrun_megatron.config import ScoringConfig
     from inrun_megatron.megatron import MegatronScorer
+    from inrun_megatron.step_result import MemorySink
 
     shape, model = gpt
-    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6), ScoringConfig(keep_records=True))
+    sink = MemorySink()
+    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6), sink=sink)
     with torch.no_grad():
         model.output_layer.weight[3, 0] = float("nan")
     weights_before, grads_before = _state(model)
@@ -248,7 +252,7 @@ def test_non_finite_validation_loss_stops_before_training(gpt):
     )
     assert grads_after == grads_before  # all None: the validation gradient left no trace
     assert len(calls) == 1  # only the validation microbatch ran; no training microbatch did
-    assert scorer.records == [] and scorer.step == 0
+    assert sink.results == [] and scorer.step == 0
     scorer.detach()
 
 

@@ -78,10 +78,10 @@ def test_scored_run_end_to_end(data_dir, tmp_path):
     assert "rows 176" in progress[-1]  # (6 SGD + 5 Adam-aware) x 8 sequences x 2 targets, all flushed
     manifest = json.loads((run / "manifest.json").read_text())
     assert "positive = the sample lowered the validation loss" in manifest["contract"]["sign"]
-    assert manifest["parallel_layout"]["pipeline_model_parallel_size"] == 2
+    assert manifest["layout"]["pipeline_parallel"] == 2 and manifest["entry_point"] == "launch/pretrain_gpt.py"
     assert manifest["versions"]["megatron_core"] and manifest["config"]["training"]["train_iters"] == 6
-    assert [t["name"] for t in manifest["validation_targets"]] == ["heldout-a", "mine"]
-    assert manifest["validation_targets"][1]["sequences"] == 2
+    assert [t["name"] for t in manifest["targets"]] == ["heldout-a", "mine"]
+    assert manifest["targets"][1]["sequences"] == 2 and manifest["scoring_path"] == "microbatch"
     # trained with Adam: both values are recorded and the analysis reads the Adam-aware one by default
     assert manifest["values"]["default"] == "adam"
     assert manifest["values"]["rows"]["mine:adam"] == {"target": "mine", "value": "adam"}

@@ -126,3 +126,99 @@ def test_norms(kind):
     else:
         got = rules.layer_norm_scores(x, upstream, G[0], G[1] if len(G) > 1 else None, eps=eps, batch_dim=1)
     torch.testing.assert_close(got, _reference(grads, G), rtol=1e-12, atol=1e-12)
+
+
+def _hugging_face_layer(class_name: str, dtype: torch.dtype, g: torch.Generator) -> torch.nn.Module:
+    """A Hugging Face layer with random parameters of ``dtype`` (its module imported, its rules registered)."""
+    import importlib
+
+    from inrun_megatron import hf_rules
+
+    module_name = next(m for m, c, *_ in hf_rules.RULES if c == class_name)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if class_name == "Conv1D":
+        layer = cls(7, 5)  # 5 -> 7 features
+    elif class_name.endswith("ScaledWordEmbedding"):
+        layer = cls(20, 8, padding_idx=0, embed_scale=8**0.5)
+    else:
+        layer = cls(8, eps=1e-6)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return layer.to(dtype)
+
+
+HF_NORMS = ["LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"]
+HF_NORMS += ["GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"]
+HF_LAYERS = ["Conv1D", *HF_NORMS, "GemmaTextScaledWordEmbedding", "Gemma2TextScaledWordEmbedding"]
+HF_LAYERS += ["Gemma3TextScaledWordEmbedding"]
+
+
+@pytest.mark.parametrize(
+    ("class_name", "input_dtype"),
+    [pytest.param(c, torch.float64, id=f"{c}-float64") for c in HF_LAYERS]
+    + [pytest.param(c, torch.bfloat16, id=f"{c}-bf16") for c in HF_NORMS],
+)
+def test_hugging_face_layer_rules(class_name, input_dtype):
+    """Each built-in Hugging Face rule against per-sample autograd through the real layer.
+
+    bf16 inputs to norms with float32 weights (mixed precision) tell the casts apart: Llama-style
+    norms multiply the weight by x_hat *rounded to bf16*, Gemma's by the float32 x_hat; the wrong one
+    is off by about 1e-3. Tolerances are those of the arithmetic the layer itself runs: float64 layers
+    are exact to 1e-12, except Gemma's norm, which computes in float32 whatever its input."""
+    from inrun_megatron import hf_rules
+
+    g = torch.Generator().manual_seed(4)
+    layer = _hugging_face_layer(class_name, torch.float64 if input_dtype == torch.float64 else torch.float32, g)
+    B, T = 3, 5
+    if class_name.endswith("Embedding"):
+        x = torch.randint(0, 20, (B, T), generator=g)
+        x[:, ::2] = 0  # the padding row: no gradient, but (as with a tied output layer) a validation gradient
+    else:
+        x = torch.randn(B, T, 5 if class_name == "Conv1D" else 8, generator=g, dtype=torch.float64).to(input_dtype)
+    y = layer(x)
+    upstream = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    named = dict(layer.named_parameters())
+    grads = _per_sample_grads([(y[j] * upstream[j]).sum() for j in range(B)], list(named.values()))
+    G = {n: torch.randn(K, *p.shape, generator=g, dtype=p.dtype) for n, p in named.items()}
+    rule = next(r for _, c, r, _ in hf_rules.RULES if c == class_name)
+    got = rule(layer, x, upstream, G, projection_dtype=None)
+    expected = _reference(grads, list(G.values()))
+    gemma_norm = class_name.startswith("Gemma") and class_name.endswith("RMSNorm")
+    float64_arithmetic = input_dtype == torch.float64 and not gemma_norm
+    tolerance = (1e-12 if float64_arithmetic else 1e-5) * float(expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+
+
+def test_registered_embedding_rule_skips_the_padding_row():
+    """``nn.Embedding(padding_idx=...)``'s registered rule: the padding row gets no gradient from the
+    lookup even where its validation gradient is not zero (an output layer tied to the table)."""
+    from inrun_megatron.sites import embedding_rule
+
+    g = torch.Generator().manual_seed(5)
+    layer = torch.nn.Embedding(20, 4, padding_idx=3).double()
+    ids = torch.randint(0, 20, (3, 6), generator=g)
+    ids[:, 1::2] = 3
+    y = layer(ids)
+    upstream = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    grads = _per_sample_grads([(y[j] * upstream[j]).sum() for j in range(3)], [layer.weight])
+    G = torch.randn(K, 20, 4, generator=g, dtype=torch.float64)
+    got = embedding_rule(layer, ids, upstream, {"weight": G}, projection_dtype=None)
+    torch.testing.assert_close(got, _reference(grads, [G]), rtol=1e-12, atol=1e-12)
+
+
+def test_built_in_hugging_face_rules_never_replace_a_users_rule(monkeypatch):
+    """Registering the built-in Hugging Face rules (at every attach) keeps a rule the user registered
+    for one of those classes; ``register_rule`` takes module types only."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from inrun_megatron import register_rule
+    from inrun_megatron.sites import TORCH_SITE_BUILDERS, registered_builders
+
+    built_in = registered_builders()[LlamaRMSNorm]
+    monkeypatch.setitem(TORCH_SITE_BUILDERS, LlamaRMSNorm, built_in)  # restored after the test
+    register_rule(LlamaRMSNorm)(lambda layer, x, grad_output, G, *, projection_dtype: None)
+    users = TORCH_SITE_BUILDERS[LlamaRMSNorm]
+    assert users is not built_in and registered_builders()[LlamaRMSNorm] is users
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module subclasses"):
+        register_rule("LlamaRMSNorm")

@@ -3,7 +3,8 @@
 Writes a synthetic dump of ``--rows`` rows (through the real ScoreWriter, many parts per
 replica), then runs each command as its own process and measures wall time, rows/s and the
 peak resident memory of the process (for ``mpirun``, of the largest rank): ``merge``, ``top`` on
-the merged directory, ``top`` straight on the dump (merging on the fly), and ``merge --mpi``
+the merged directory, ``top`` straight on the dump (merging on the fly), ``top`` in a step view
+(docs/DESIGN.md §1.6, from the dump's per-step rows), and ``merge --mpi``
 with 2 and 4 ranks, whose output must be byte-for-byte the merge's.
 """
 
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> Report:
     results.append(
         ["top -k 100 (dump, merges on the fly)", *_measure(cli_command("top", dump_dir, "-k", "100", *memory), rows)]
     )
+    view = cli_command("top", root / "merged", "-k", "100", "--view", "step-rank", *memory)
+    results.append(["top -k 100 --view step-rank (merged; reads the dump's rows)", *_measure(view, rows)])
     identical = {}
     for n in args.mpi:
         out = root / f"merged-mpi{n}"

@@ -19,6 +19,7 @@ from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import Progress
 from inrun_megatron.analysis.report import Report, Table, render
+from inrun_megatron.analysis.views import DEFAULT_VIEW, VIEWS
 from inrun_megatron.optimizer_values import ADAM, SGD
 
 VALUE_KINDS = (ADAM, SGD)
@@ -45,15 +46,24 @@ def _parser() -> argparse.ArgumentParser:
         help="which value: adam (Adam-aware, docs/DESIGN.md §1.5) or sgd (lr * clip * <grad, G>);"
         " default adam where the run recorded it, else sgd",
     )
+    view = argparse.ArgumentParser(add_help=False)
+    view.add_argument(
+        "--view",
+        choices=list(VIEWS),
+        default=DEFAULT_VIEW,
+        help="which number per sample (default %(default)s): accumulated = sum of the sample's values (nats);"
+        " step-scaled, step-z, step-rank = the sample against the other samples of the steps it was seen in"
+        " (docs/DESIGN.md §1.6)",
+    )
 
     parser = argparse.ArgumentParser(prog="inrun-scores", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("summary", parents=[run], help="steps, samples, value distribution, efficiency identity")
-    p = sub.add_parser("top", parents=[run, target], help="highest (or lowest) accumulated values, with text")
+    p = sub.add_parser("top", parents=[run, target, view], help="highest (or lowest) accumulated values, with text")
     p.add_argument("--bottom", action="store_true", help="the lowest (most harmful) values instead")
     p.add_argument("-k", type=int, default=20, help="how many (default %(default)s)")
     p.add_argument("--text-chars", type=int, default=200, help="length of the text snippets")
-    sub.add_parser("by-source", parents=[run, target], help="values aggregated per source dataset")
+    sub.add_parser("by-source", parents=[run, target, view], help="values aggregated per source dataset")
     p = sub.add_parser("trajectory", parents=[run, target], help="value of samples or sources over steps")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--sample", type=int, nargs="+", metavar="ID", help="sample ids")
@@ -61,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", parents=[run, target], help="PNG figures: histogram, steps, trajectories, sources")
     p.add_argument("-o", "--out", required=True, help="new directory for the figures")
     p.add_argument("--sample", type=int, nargs="+", metavar="ID", help="trajectories of these samples")
-    p = sub.add_parser("compare", parents=[common], help="rank agreement of two runs or two targets")
+    p = sub.add_parser("compare", parents=[common, view], help="rank agreement of two runs or two targets")
     p.add_argument("run", help="first run (or merged) directory")
     p.add_argument("run_b", nargs="?", help="second run (default: the first, with --target-b)")
     p.add_argument("--target", help="target of the first run")
@@ -79,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["csv", "parquet", "jsonl"], required=True)
     p.add_argument("--per-step", action="store_true", help="per-step rows instead of accumulated values")
     p.add_argument("--with-source", action="store_true", help="add each sample's source dataset")
-    p = sub.add_parser("curate", parents=[run, target], help="sample ids to keep for retraining")
+    p = sub.add_parser("curate", parents=[run, target, view], help="sample ids to keep for retraining")
     p.add_argument("-o", "--out", required=True, help="file of kept sample ids, one per line")
     p.add_argument("--drop-negative", action="store_true", help="drop samples with negative value (harmful)")
     p.add_argument("--drop-fraction", type=float, default=0.0, help="drop this fraction of lowest-valued samples")
@@ -127,9 +137,11 @@ def _run(args: argparse.Namespace, progress: Progress, comm) -> Report:
         if args.command == "summary":
             return commands.summary(scores)
         if args.command == "top":
-            return commands.top(scores, k=args.k, bottom=args.bottom, target=args.target, text_chars=args.text_chars)
+            return commands.top(
+                scores, k=args.k, bottom=args.bottom, target=args.target, text_chars=args.text_chars, view=args.view
+            )
         if args.command == "by-source":
-            return commands.by_source(scores, target=args.target)
+            return commands.by_source(scores, target=args.target, view=args.view)
         if args.command == "trajectory":
             if args.by_source:
                 return commands.source_curves(scores, target=args.target)
@@ -155,16 +167,17 @@ def _run(args: argparse.Namespace, progress: Progress, comm) -> Report:
                 drop_negative=args.drop_negative,
                 drop_fraction=args.drop_fraction,
                 dropped_out=args.dropped,
+                view=args.view,
             )
         if args.command == "compare":
             value_b = args.value_b or args.value
             target_a = scores.score_row(args.target, args.value)
             if args.run_b is None or Path(args.run_b).resolve() == Path(args.run).resolve():
                 target_b = scores.score_row(args.target_b or args.target, value_b)
-                return commands.compare(scores, scores, target_a=target_a, target_b=target_b, k=args.k)
+                return commands.compare(scores, scores, target_a=target_a, target_b=target_b, k=args.k, view=args.view)
             with Scores(args.run_b, **options) as other:
                 target_b = other.score_row(args.target_b or args.target, value_b)
-                return commands.compare(scores, other, target_a=target_a, target_b=target_b, k=args.k)
+                return commands.compare(scores, other, target_a=target_a, target_b=target_b, k=args.k, view=args.view)
     raise AssertionError(args.command)
 
 

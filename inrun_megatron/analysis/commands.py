@@ -31,11 +31,12 @@ from inrun_megatron.analysis.stats import (
     sample_stride,
     top_k,
 )
+from inrun_megatron.analysis.views import DEFAULT_VIEW, VIEWS, check_view
 
 
 def sign_of(scores: Scores) -> str:
     """The sign convention of the run's score contract (shown with every answer about values)."""
-    return scores.manifest.get("contract", {}).get("sign", "missing from the manifest")
+    return scores.manifest.contract.get("sign", "missing from the manifest's score contract")
 
 
 #: Tolerance of the efficiency identity, relative to the step's sum of |raw| (fp32 scores are
@@ -110,7 +111,7 @@ def summary(scores: Scores) -> Report:
         "parts": values.manifest["source"]["parts"],
         "replicas": len(values.manifest["source"]["replicas"]),
         "targets": values.targets,
-        "layout": manifest.get("layout"),
+        "layout": asdict(manifest.layout),
     }
     targets = {}
     for target in values.targets:
@@ -176,8 +177,6 @@ def verify(
     notes, checked = [], {}
     if dump is not None:
         notes += [f"{p}: crash debris (*.tmp), never data; safe to delete" for p in dump.debris]
-        if "contract" not in dump.manifest:
-            problems.append(Problem(dump.root, "the manifest carries no score contract (units and sign)"))
     if dump is not None and not problems:
         found = merge(
             dump, None, memory_bytes=memory_bytes, progress=progress, allow_duplicates=True, work_dir=work_dir
@@ -281,8 +280,18 @@ def _ids(ids: list[int], shown: int = 10) -> str:
 # per-sample questions
 
 
-def top(scores: Scores, *, k: int = 20, bottom: bool = False, target: str | None = None, text_chars: int = 200):
-    values = scores.values()
+def top(
+    scores: Scores,
+    *,
+    k: int = 20,
+    bottom: bool = False,
+    target: str | None = None,
+    text_chars: int = 200,
+    view: str = DEFAULT_VIEW,
+):
+    """The ``k`` samples with the highest (lowest) values in ``view``, with source, documents and text."""
+    spec = check_view(view)
+    values = scores.view(view, target)
     target = values.target(target)
     columns = ["sample_id", "value", "n_steps", "first_step", "last_step"]
     best = top_k(values.batches(target, columns), k, bottom)
@@ -299,11 +308,11 @@ def top(scores: Scores, *, k: int = 20, bottom: bool = False, target: str | None
     columns = ["rank", *columns] + (["source", "document_ids", "text"] if index is not None else [])
     which = "lowest" if bottom else "highest"
     table = Table(
-        f"{len(rows)} {which} accumulated values, target {target!r}",
+        f"{len(rows)} {which} values, view {view} ({spec.unit}), target {target!r}",
         columns,
         [[_short(row[c]) if c == "text" else row[c] for c in columns] for row in rows],
     )
-    data = {"target": target, "order": which, "sign": sign_of(scores), "samples": rows}
+    data = {"target": target, "order": which, "sign": sign_of(scores), "view": asdict(spec), "samples": rows}
     return Report(data, [table], scores.notes)
 
 
@@ -312,9 +321,10 @@ def _short(text: str, chars: int = 80) -> str:
     return text if len(text) <= chars else text[: chars - 1] + "…"
 
 
-def by_source(scores: Scores, *, target: str | None = None) -> Report:
-    """Accumulated values per source dataset: the paper's per-domain view."""
-    values = scores.values()
+def by_source(scores: Scores, *, target: str | None = None, view: str = DEFAULT_VIEW) -> Report:
+    """Values (in ``view``) per source dataset: the paper's per-domain view."""
+    spec = check_view(view)
+    values = scores.view(view, target)
     target = values.target(target)
     index = scores.index()
     if index is None:
@@ -346,11 +356,12 @@ def by_source(scores: Scores, *, target: str | None = None) -> Report:
     ]
     columns = ["source", "samples", "sum", "mean", "positive", "negative", "positive_sum", "negative_sum"]
     table = Table(
-        f"accumulated value per source, target {target!r}",
+        f"values per source, view {view} ({spec.unit}), target {target!r}",
         columns,
         [[f"{r[c]:.1%}" if c in ("positive", "negative") else r[c] for c in columns] for r in rows],
     )
-    return Report({"target": target, "sign": sign_of(scores), "sources": rows}, [table], scores.notes)
+    data = {"target": target, "sign": sign_of(scores), "view": asdict(spec), "sources": rows}
+    return Report(data, [table], scores.notes)
 
 
 def trajectory(scores: Scores, sample_ids: list[int], *, target: str | None = None) -> Report:
@@ -423,7 +434,7 @@ def _target_of(scores: Scores, target: str | None) -> str:
         return scores.merged.target(target)
     if target is not None:
         return target
-    names = scores.dump.steps_table().column("target").to_pylist() or scores.manifest.get("targets") or []
+    names = scores.dump.steps_table().column("target").to_pylist() or [t["name"] for t in scores.manifest.targets]
     if not names:
         raise DumpError(f"{scores.path}: cannot tell the targets without a step table; pass --target")
     return sorted(set(names), key=names.index)[0]
@@ -433,12 +444,21 @@ def _target_of(scores: Scores, target: str | None) -> str:
 # two runs
 
 
-def compare(a: Scores, b: Scores, *, target_a: str | None = None, target_b: str | None = None, k: int = 100):
-    """Rank agreement of two runs' (or two targets') accumulated values, on the samples both scored."""
-    va, vb = a.values(), b.values()
-    ta, tb = va.target(target_a), vb.target(target_b or target_a)
-    if va.root == vb.root and ta == tb:
+def compare(
+    a: Scores,
+    b: Scores,
+    *,
+    target_a: str | None = None,
+    target_b: str | None = None,
+    k: int = 100,
+    view: str = DEFAULT_VIEW,
+):
+    """Rank agreement of two runs' (or two targets' or values') values in ``view``, on the samples both scored."""
+    spec = check_view(view)
+    ta, tb = a.values().target(target_a), b.values().target(target_b or target_a)
+    if a.values().root == b.values().root and ta == tb:
         raise DumpError("compare needs two runs, or two targets or values of one run (--target-b, --value-b)")
+    va, vb = a.view(view, ta), b.view(view, tb)
     stride = sample_stride(max(va.samples[ta], vb.samples[tb]), CORRELATION_CAP)
     ids_a, val_a = va.arrays(ta, stride)
     ids_b, val_b = vb.arrays(tb, stride)
@@ -446,6 +466,7 @@ def compare(a: Scores, b: Scores, *, target_a: str | None = None, target_b: str 
     data = {
         "a": {"path": str(a.path), "target": ta, "samples": va.samples[ta]},
         "b": {"path": str(b.path), "target": tb, "samples": vb.samples[tb]},
+        "view": asdict(spec),
         "common_samples": len(common) * stride,  # an estimate when sampled
         "sampled": len(common) if stride > 1 else None,
         **rank_correlations(val_a[ia], val_b[ib]),
@@ -466,7 +487,7 @@ def compare(a: Scores, b: Scores, *, target_a: str | None = None, target_b: str 
     notes = [*a.notes, *b.notes]
     if stride > 1:
         notes.append(f"correlations on a hash sample of {len(common)} common samples; overlaps are exact")
-    title = f"{a.path} [{ta}] vs {b.path} [{tb}]"
+    title = f"{a.path} [{ta}] vs {b.path} [{tb}], view {view}"
     return Report(plain(data), [Table(title, ["", ""], rows)], notes)
 
 
@@ -541,8 +562,10 @@ def curate(
     drop_negative: bool = False,
     drop_fraction: float = 0.0,
     dropped_out: str | Path | None = None,
+    view: str = DEFAULT_VIEW,
 ) -> Report:
-    """Sample ids to keep for retraining: without the harmful (negative) and/or the lowest-valued samples.
+    """Sample ids to keep for retraining: without the harmful (negative) and/or the lowest-valued samples
+    (lowest in ``view``; ``drop_negative`` only in a view whose sign means helped/hurt).
 
     As in the paper's data-curation study, ids never scored in the run are not listed: the
     list says which *scored* samples to keep. Written in merge order (unique ids), one per line.
@@ -551,7 +574,14 @@ def curate(
         raise ValueError("say what to drop: --drop-negative and/or --drop-fraction F")
     if not 0.0 <= drop_fraction < 1.0:
         raise ValueError(f"--drop-fraction must be in [0, 1), got {drop_fraction}")
-    values = scores.values()
+    spec = check_view(view)
+    if drop_negative and not spec.signed:
+        signed = ", ".join(name for name, v in VIEWS.items() if v.signed)
+        raise ValueError(
+            f"--drop-negative needs a view whose sign means helped or hurt ({signed}); in view {view} a low value"
+            " means worse than the step's other samples, use --drop-fraction"
+        )
+    values = scores.view(view, target)
     target = values.target(target)
     threshold, ties = -np.inf, np.empty(0, dtype=np.int64)
     n_drop = round(drop_fraction * values.samples[target])
@@ -582,6 +612,7 @@ def curate(
     data = {
         "target": target,
         "sign": sign_of(scores),
+        "view": asdict(spec),
         "kept": kept,
         "dropped": dropped,
         "kept_value": kept_value,
@@ -590,7 +621,7 @@ def curate(
         "drop_ids": None if dropped_out is None else str(dropped_out),
     }
     table = Table(
-        f"curation by accumulated value, target {target!r}",
+        f"curation by view {view} ({spec.unit}), target {target!r}",
         ["", "samples", "total value"],
         [["kept", kept, kept_value], ["dropped", dropped, dropped_value]],
     )

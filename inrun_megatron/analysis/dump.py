@@ -24,6 +24,7 @@ from inrun_megatron.records import (
     SCHEMA_VERSION,
     SCORE_SCHEMA,
     STEP_SCHEMA,
+    Manifest,
     part_steps,
     read_manifest,
 )
@@ -100,7 +101,9 @@ def check_part_metadata(
 class ScoreDump:
     """A validated score dump: its manifest and its score and step parts, in a fixed order."""
 
-    def __init__(self, root: Path, manifest: dict, score_parts: list[Part], step_parts: list[Part], debris: list[Path]):
+    def __init__(
+        self, root: Path, manifest: Manifest, score_parts: list[Part], step_parts: list[Part], debris: list[Path]
+    ):
         self.root = root
         self.manifest = manifest
         self.score_parts = score_parts
@@ -110,7 +113,7 @@ class ScoreDump:
 
     @property
     def run_id(self) -> str:
-        return self.manifest["run_id"]
+        return self.manifest.run_id
 
     @property
     def num_rows(self) -> int:
@@ -139,10 +142,10 @@ class ScoreDump:
             if not (replica.is_dir() and _REPLICA.match(replica.name)):
                 problems.append(Problem(replica, "unexpected entry in scores/: expected dpNNNNN replica directories"))
                 continue
-            score_parts += _stream_parts(replica, replica.name, SCORE_SCHEMA, manifest["run_id"], problems, debris)
+            score_parts += _stream_parts(replica, replica.name, SCORE_SCHEMA, manifest.run_id, problems, debris)
         step_parts = []
         if (root / "steps").is_dir():
-            step_parts = _stream_parts(root / "steps", "steps", STEP_SCHEMA, manifest["run_id"], problems, debris)
+            step_parts = _stream_parts(root / "steps", "steps", STEP_SCHEMA, manifest.run_id, problems, debris)
         if not score_parts and not problems:
             problems.append(
                 Problem(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,9 @@ from inrun_megatron.analysis.dump import DumpError, ScoreDump, read_table
 from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.values import VALUES_FORMAT, MergedValues
+from inrun_megatron.analysis.views import DEFAULT_VIEW, ROW_FIELDS, check_view, write_view
 from inrun_megatron.optimizer_values import ADAM, ADAM_ROW_SUFFIX, SGD, split_row_name
-from inrun_megatron.records import MANIFEST
+from inrun_megatron.records import MANIFEST, Manifest
 
 ROW_COLUMNS = ["sample_id", "step", "value", "raw", "skipped"]
 
@@ -55,6 +56,7 @@ class Scores:
         self.merged: MergedValues | None = None
         self._temporary: Path | None = None
         self._index = _UNOPENED
+        self._views: dict[tuple[str, str], MergedValues] = {}
         if _format_of(self.path) == VALUES_FORMAT:
             self.merged = MergedValues.open(self.path)
         else:
@@ -72,7 +74,7 @@ class Scores:
             self._temporary = None
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         """The score dump's manifest (for a merged directory, the one it was merged from)."""
         return self.dump.manifest if self.dump is not None else self.merged.source_manifest
 
@@ -93,12 +95,35 @@ class Scores:
             )
         return self.merged
 
-    def rows(self, target: str | None = None, sample_ids: np.ndarray | None = None) -> Iterator[pa.Table]:
-        """Per-step rows (``ROW_COLUMNS`` plus ``target``) of one target or all, optionally of some samples.
+    def view(self, name: str, target: str | None = None) -> MergedValues:
+        """Values of one target in the view ``name`` (docs/DESIGN.md §1.6), in the merged format.
+
+        ``accumulated`` is :meth:`values` itself; the step views are computed from the per-step
+        rows into a temporary directory, once per view and target.
+        """
+        check_view(name)
+        values = self.values()
+        if name == DEFAULT_VIEW:
+            return values
+        target = values.target(target)
+        if (name, target) not in self._views:
+            if self._temporary is None:
+                self._temporary = Path(tempfile.mkdtemp(prefix="inrun-scores-", dir=self.work_dir))
+            out = self._temporary / f"view-{name}-{len(self._views)}"
+            rows = self.rows(target, columns=ROW_FIELDS)
+            self._views[name, target] = write_view(
+                values, rows, name, target, out, memory_bytes=self.memory_bytes, progress=self.progress
+            )
+        return self._views[name, target]
+
+    def rows(
+        self, target: str | None = None, sample_ids: np.ndarray | None = None, columns: Sequence[str] = ROW_COLUMNS
+    ) -> Iterator[pa.Table]:
+        """Per-step rows (``columns`` plus ``target``) of one target or all, optionally of some samples.
 
         From a merged directory's ``per_step`` parts when it has them, else from the dump.
         """
-        columns = ["target", *ROW_COLUMNS]
+        columns = ["target", *columns]
         if self.merged is not None and self.merged.has_per_step:
             filters = [("sample_id", "in", sample_ids.tolist())] if sample_ids is not None else None
             for path in self.merged.parts("per_step"):
@@ -128,7 +153,8 @@ class Scores:
         if self.merged is not None:
             return self.merged.targets
         names = self.dump.steps_table().column("target").to_pylist()
-        names += list((self.manifest.get("values") or {}).get("rows", {})) or self.manifest.get("targets") or []
+        values = self.manifest.values
+        names += list(values.rows) if values is not None else [t["name"] for t in self.manifest.targets]
         return sorted(set(names), key=names.index)
 
     def score_row(self, target: str | None, value: str | None) -> str | None:
@@ -157,7 +183,7 @@ class Scores:
         """The run's sample index (``inrun_megatron.data``), or None with a note if it has no data section."""
         if self._index is _UNOPENED:
             self._index = None
-            if not self.manifest.get("data"):
+            if not self.manifest.data:
                 self.notes.append(NO_DATA)
             else:
                 from inrun_megatron.data import open_sample_index

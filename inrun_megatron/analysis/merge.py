@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 from inrun_megatron.analysis.dump import DumpError, Part, ScoreDump
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.values import (
+    PER_STEP_COLUMNS,
     PER_STEP_SCHEMA,
     STEP_TOTALS_COLUMNS,
     STEP_TOTALS_SCHEMA,
@@ -480,20 +481,24 @@ def _publish(dump: ScoreDump, report: MergeReport, tmp: Path, out: Path, per_ste
         "format": VALUES_FORMAT,
         "schema_version": VALUES_SCHEMA_VERSION,
         "run_id": dump.run_id,
-        "contract": dump.manifest.get("contract"),
+        "contract": dump.manifest.contract,
         "source": {
             "path": str(dump.root.resolve()),
             "rows": report.rows,
             "parts": report.parts,
             "replicas": dump.replicas,
         },
-        "source_manifest": dump.manifest,
+        "source_manifest": dump.manifest.to_dict(),
         "buckets": report.buckets,
         "bucket_of": "murmur3 fmix64(sample_id) mod buckets",
         "per_step": per_step,
         "targets": report.targets,
         "samples": report.samples,
-        "columns": {"values": VALUE_COLUMNS, "steps": STEP_TOTALS_COLUMNS},
+        "columns": {
+            "values": VALUE_COLUMNS,
+            "per_step": PER_STEP_COLUMNS,
+            "steps": STEP_TOTALS_COLUMNS,
+        },
     }
     atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     shutil.rmtree(tmp / "spill")

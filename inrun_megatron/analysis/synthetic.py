@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inrun_megatron.records import ScoreWriter, StepInfo, write_manifest
-from inrun_megatron.scores import make_step_records
+from inrun_megatron.optimizer_values import SGD, values_manifest
+from inrun_megatron.records import Manifest, RunLayout, ScoreWriter, write_manifest
+from inrun_megatron.step_result import make_step_result
 
 
 @dataclass
@@ -48,18 +49,23 @@ class SyntheticRun:
         return math.ceil(self.steps * self.global_batch / self.epochs)
 
 
-def write_synthetic_dump(run_dir: str | Path, run: SyntheticRun, manifest: dict | None = None) -> Path:
+def write_synthetic_dump(run_dir: str | Path, run: SyntheticRun) -> Path:
     """Write ``run`` as a score dump in ``run_dir`` (which must not hold score parts yet)."""
     run_dir = Path(run_dir)
-    write_manifest(
-        run_dir,
-        {
-            "config": {"synthetic": vars(run) | {"targets": list(run.targets)}},
-            "layout": {"data_parallel": run.replicas},
-            "targets": list(run.targets),
-            **(manifest or {}),
-        },
+    manifest = Manifest(
+        entry_point="synthetic",
+        config={"synthetic": vars(run) | {"targets": list(run.targets)}},
+        layout=RunLayout(
+            world_size=run.replicas,
+            data_parallel=run.replicas,
+            micro_batch_size=run.micro_batch_size,
+            num_microbatches=run.micro_batches,
+            global_batch_size=run.global_batch,
+        ),
+        targets=[{"name": t} for t in run.targets],
+        values=values_manifest(list(run.targets), [SGD]),
     )
+    write_manifest(run_dir, manifest)
     rng = np.random.default_rng(run.seed)
     quality = rng.standard_t(df=3, size=run.samples) * 0.5 + 0.1
     target_scale = 1.0 + 0.5 * np.arange(len(run.targets))
@@ -73,19 +79,12 @@ def write_synthetic_dump(run_dir: str | Path, run: SyntheticRun, manifest: dict 
         lr = 1e-3 * (0.5 + 0.5 * math.cos(math.pi * step / max(run.steps, 1)))
         clip = 1.0 if step % 7 else 0.8
         skipped = step in run.skipped_steps
-        info = StepInfo(
-            step=step,
-            lr=lr,
-            clip_coef=clip,
-            skipped=skipped,
-            validation_losses={t: 3.0 - 0.001 * step for t in run.targets},
-            batch_dots={t: float(raw[k].sum()) for k, t in enumerate(run.targets)},
-        )
+        validation_losses = {t: 3.0 - 0.001 * step for t in run.targets}
+        batch_dots = {t: float(raw[k].sum()) for k, t in enumerate(run.targets)}
         for r, writer in enumerate(writers):
             mine = slice(r * per_replica, (r + 1) * per_replica)
-            records = make_step_records(
+            result = make_step_result(
                 step=step,
-                targets=list(run.targets),
                 raw=torch.from_numpy(raw[:, mine]).reshape(len(run.targets), run.micro_batches, -1),
                 sample_ids=torch.from_numpy(ids[mine]).reshape(run.micro_batches, -1),
                 n_tokens=torch.from_numpy(100 + ids[mine] % 28).reshape(run.micro_batches, -1),
@@ -93,8 +92,10 @@ def write_synthetic_dump(run_dir: str | Path, run: SyntheticRun, manifest: dict 
                 clip_coef=clip,
                 skipped=skipped,
                 dp_rank=r,
+                validation_losses=validation_losses,
+                batch_dots=batch_dots,
             )
-            writer.append(records, info)
+            writer.write(result)
     for writer in writers:
         writer.close()
     return run_dir

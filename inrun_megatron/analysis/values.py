@@ -23,72 +23,61 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from inrun_megatron.analysis.dump import DumpError, check_part_metadata, open_part_metadata, read_batches, read_table
-from inrun_megatron.records import read_manifest
+from inrun_megatron.records import (
+    SCORE_FIELDS,
+    STEP_FIELDS,
+    Column,
+    Manifest,
+    arrow_schema,
+    check_format,
+    describe_columns,
+    load_manifest_json,
+    pick_columns,
+)
 
 VALUES_FORMAT = "inrun_megatron.values"
-VALUES_SCHEMA_VERSION = 1
+#: Version of a merged directory's layout (manifest fields, part columns); bumped when either changes.
+VALUES_SCHEMA_VERSION = 2
 
-VALUE_SCHEMA = pa.schema(
-    [
-        pa.field("target", pa.string()),
-        pa.field("sample_id", pa.int64()),
-        pa.field("value", pa.float64()),
-        pa.field("raw", pa.float64()),
-        pa.field("n_steps", pa.int32()),
-        pa.field("skipped_steps", pa.int32()),
-        pa.field("first_step", pa.int64()),
-        pa.field("last_step", pa.int64()),
-        pa.field("n_tokens", pa.int64()),
-    ]
+#: ``values/*.parquet``: one row per (target, sample id).
+VALUE_FIELDS = (
+    *pick_columns(SCORE_FIELDS, "target", "sample_id"),
+    Column(
+        "value",
+        pa.float64(),
+        "accumulated value phi = sum of value (lr * clip_coef * raw) over the sample's non-skipped steps",
+    ),
+    Column("raw", pa.float64(), "sum of raw over the sample's non-skipped steps"),
+    Column("n_steps", pa.int32(), "non-skipped steps that trained on the sample"),
+    Column("skipped_steps", pa.int32(), "skipped steps (no update) that drew the sample; they add nothing to value"),
+    Column("first_step", pa.int64(), "first step that drew the sample (skipped or not)"),
+    Column("last_step", pa.int64(), "last step that drew the sample (skipped or not)"),
+    Column("n_tokens", pa.int64(), "loss tokens of the sample, summed over its non-skipped steps"),
 )
+VALUE_SCHEMA = arrow_schema(VALUE_FIELDS)
+#: What the merged manifest records of them (``columns.values``).
+VALUE_COLUMNS = describe_columns(VALUE_FIELDS)
 
-VALUE_COLUMNS = {
-    "value": "accumulated value phi = sum of value (lr * clip_coef * raw) over the sample's non-skipped steps",
-    "raw": "sum of raw over the sample's non-skipped steps",
-    "n_steps": "non-skipped steps that trained on the sample",
-    "skipped_steps": "skipped steps (no update) that drew the sample; they add nothing to value",
-    "first_step": "first step that drew the sample (skipped or not)",
-    "last_step": "last step that drew the sample (skipped or not)",
-    "n_tokens": "loss tokens of the sample, summed over its non-skipped steps",
-}
+#: ``per_step/*.parquet`` (optional): the dump's rows of each (target, sample id, step), sorted.
+PER_STEP_FIELDS = pick_columns(SCORE_FIELDS, "target", "sample_id", "step", "value", "raw", "skipped", "n_tokens")
+PER_STEP_SCHEMA = arrow_schema(PER_STEP_FIELDS)
+PER_STEP_COLUMNS = describe_columns(PER_STEP_FIELDS)
 
-PER_STEP_SCHEMA = pa.schema(
-    [
-        pa.field("target", pa.string()),
-        pa.field("sample_id", pa.int64()),
-        pa.field("step", pa.int64()),
-        pa.field("value", pa.float64()),
-        pa.field("raw", pa.float64()),
-        pa.field("skipped", pa.bool_()),
-        pa.field("n_tokens", pa.int64()),
-    ]
+#: ``steps.parquet``: one row per (step, target): sums of the dump's rows, then the dump's step table
+#: (NaN / null where it has no row for the step).
+STEP_TOTALS_FIELDS = (
+    *pick_columns(STEP_FIELDS, "step", "target"),
+    Column("rows", pa.int64(), "score rows of the step and target over all replicas"),
+    Column("skipped_rows", pa.int64(), "of which in a skipped step"),
+    Column(
+        "raw_sum", pa.float64(), "sum of raw over the non-skipped rows: equals batch_dot by the efficiency identity"
+    ),
+    Column("raw_abs_sum", pa.float64(), "sum of |raw| over the non-skipped rows (the scale for the efficiency check)"),
+    Column("value_sum", pa.float64(), "sum of value over the non-skipped rows"),
+    *pick_columns(STEP_FIELDS, "lr", "clip_coef", "skipped", "validation_loss", "batch_dot"),
 )
-
-STEP_TOTALS_SCHEMA = pa.schema(
-    [
-        pa.field("step", pa.int64()),
-        pa.field("target", pa.string()),
-        pa.field("rows", pa.int64()),
-        pa.field("skipped_rows", pa.int64()),
-        pa.field("raw_sum", pa.float64()),
-        pa.field("raw_abs_sum", pa.float64()),
-        pa.field("value_sum", pa.float64()),
-        # From the dump's step table (NaN / null where it has no row for the step).
-        pa.field("lr", pa.float64()),
-        pa.field("clip_coef", pa.float64()),
-        pa.field("skipped", pa.bool_()),
-        pa.field("validation_loss", pa.float64()),
-        pa.field("batch_dot", pa.float64()),
-    ]
-)
-
-STEP_TOTALS_COLUMNS = {
-    "rows": "score rows of the step and target over all replicas",
-    "skipped_rows": "of which in a skipped step",
-    "raw_sum": "sum of raw over the non-skipped rows: equals batch_dot by the efficiency identity",
-    "raw_abs_sum": "sum of |raw| over the non-skipped rows (the scale for the efficiency check)",
-    "value_sum": "sum of value over the non-skipped rows",
-}
+STEP_TOTALS_SCHEMA = arrow_schema(STEP_TOTALS_FIELDS)
+STEP_TOTALS_COLUMNS = describe_columns(STEP_TOTALS_FIELDS)
 
 
 def bucket_of(sample_ids: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -132,7 +121,8 @@ class MergedValues:
     def open(cls, root: str | Path) -> MergedValues:
         root = Path(root)
         try:
-            manifest = read_manifest(root, expected_format=VALUES_FORMAT, expected_version=VALUES_SCHEMA_VERSION)
+            path, manifest = load_manifest_json(root)
+            check_format(manifest, str(path), VALUES_FORMAT, VALUES_SCHEMA_VERSION)
         except (OSError, ValueError) as e:
             raise DumpError(str(e)) from e
         merged = cls(root, manifest)
@@ -162,8 +152,9 @@ class MergedValues:
         return bool(self.manifest["per_step"])
 
     @property
-    def source_manifest(self) -> dict:
-        return self.manifest["source_manifest"]
+    def source_manifest(self) -> Manifest:
+        """The manifest of the dump this directory was merged from."""
+        return Manifest.from_dict(self.manifest["source_manifest"], f"{self.root / 'manifest.json'}: source_manifest")
 
     @property
     def source_dir(self) -> Path:

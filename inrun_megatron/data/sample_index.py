@@ -192,7 +192,7 @@ class SampleIndex:
 def open_sample_index(run_dir: str | Path) -> SampleIndex:
     """The sample index of a pretraining run directory (see the module docstring)."""
     manifest = read_manifest(run_dir)
-    data = manifest.get("data")
+    data = manifest.data
     if not data or "sources" not in data:
         raise ValueError(
             f"{run_dir}: the manifest has no 'data' section; only runs of launch/pretrain_gpt.py record"

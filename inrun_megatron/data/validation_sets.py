@@ -19,6 +19,7 @@ import torch
 from inrun_megatron.data.datasets import TrainingData, stack_items
 from inrun_megatron.data.indexed import read_documents
 from inrun_megatron.data.tokenizer import Tokenizer
+from inrun_megatron.validation import ValidationTarget
 
 
 @dataclass
@@ -94,12 +95,7 @@ def describe_targets(specs: Sequence[TargetSpec], targets: dict[str, list]) -> l
     """The manifest's description of each target (where it came from, its size in tokens)."""
     out = []
     for spec in specs:
-        batches = targets[spec.name]
-        entry = {
-            "name": spec.name,
-            "sequences": int(sum(int((b["loss_mask"].sum(-1) > 0).sum()) for b in batches)),
-            "loss_tokens": int(sum(float(b["loss_mask"].sum()) for b in batches)),
-        }
+        entry = ValidationTarget(spec.name, targets[spec.name]).describe()
         entry.update({"source": spec.source, "split": "heldout"} if spec.source else {"jsonl": spec.jsonl})
         out.append(entry)
     return out

@@ -8,8 +8,8 @@ Usage (a complete loop is in the README)::
         micro_batches = [next(batches) for _ in range(engine.gradient_accumulation_steps())]
         losses = scorer.forward_backward(micro_batches)  # validation pass, then the scored micro-steps
         engine.step()                                    # the optimizer step: clips, may skip (fp16)
-        records = scorer.end_step()                      # lr, clip coefficient, skipped: from the engine
-        writer.append(records, ...)                      # a ScoreWriter makes the rows durable
+        result = scorer.end_step()                       # lr, clip coefficient, skipped: from the engine
+        # result.records: this step's rows, also written to the scorer's sink (e.g. a ScoreWriter)
     scorer.detach()
 
 Every batch carries ``sample_ids`` ``[micro_batch_size]`` (the dataset index of each sequence)
@@ -32,9 +32,11 @@ one at attach (``ScoringConfig.path`` forces either):
   hooks, and ZeRO-0 all-reduces after the backward. Under ZeRO-3 the hook receives the full
   gathered gradient and gathers that one parameter's ``G`` (the same all-gather on every rank, in
   the backward's order).
-* larger micro-batches: per-layer rules inside each layer's backward, for models built from
-  ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm`` or megatron-core
-  tensor-parallel layers; another trainable module is refused at attach.
+* larger micro-batches: per-layer rules inside each layer's backward, for models built from layers
+  with a registered rule (:func:`inrun_megatron.register_rule`: ``nn.Linear``, ``nn.Embedding``,
+  ``nn.LayerNorm``, ``nn.RMSNorm``, the Hugging Face layers of :mod:`inrun_megatron.hf_rules`, the
+  user's own) or from megatron-core tensor-parallel layers; another trainable module is refused at
+  attach.
 
 What a raw score is (``docs/DESIGN.md`` §1): ``<grad l_z, G>`` where ``l_z`` is sample z's term of the loss
 the optimizer received. DeepSpeed divides each micro-step's loss by the gradient accumulation
@@ -60,9 +62,9 @@ from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGr
 from inrun_megatron.deepspeed.optimizer_state import adam_preconditioners, is_adam_engine
 from inrun_megatron.deepspeed.validation_pass import run_validation_pass
 from inrun_megatron.optimizer_values import ADAM
-from inrun_megatron.scorer import Scorer, clip_coefficient
-from inrun_megatron.scores import StepRecords
-from inrun_megatron.sites import TORCH_SITE_BUILDERS
+from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
+from inrun_megatron.sites import registered_builders
+from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 
 TokenLosses = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -149,8 +151,9 @@ class DeepSpeedScorer(Scorer):
     Args:
         engine: the ``DeepSpeedEngine`` returned by ``deepspeed.initialize``. With
             ``train_micro_batch_size_per_gpu`` 1 its module may be any model; with larger
-            micro-batches it is built from ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``,
-            ``nn.RMSNorm`` (weights may be tied) or megatron-core tensor-parallel layers.
+            micro-batches it is built from layers with a registered score rule
+            (:func:`inrun_megatron.register_rule`; weights may be tied) or megatron-core
+            tensor-parallel layers.
         validation: the validation set (a list of batches in the training batch format), or a dict
             ``{target name: batches}`` of several sets, each scored separately. Every rank passes
             the same batches.
@@ -163,6 +166,7 @@ class DeepSpeedScorer(Scorer):
             (``docs/DESIGN.md`` §1.5) unless ``config.optimizer_values`` is False.
         vocab_size: the model's vocabulary size, when neither ``module.vocab_size`` nor
             ``module.config.vocab_size`` gives it (used to check the validation token ids).
+        sink: where :meth:`end_step` writes each step's result (see :class:`~inrun_megatron.scorer.Scorer`).
     """
 
     def __init__(
@@ -173,8 +177,9 @@ class DeepSpeedScorer(Scorer):
         config: ScoringConfig | None = None,
         *,
         vocab_size: int | None = None,
+        sink: ResultSink | None = None,
     ):
-        super().__init__(validation, config)
+        super().__init__(validation, config, sink)
         refuse_unsupported(engine)
         self.engine = engine
         self.token_losses = token_losses
@@ -190,12 +195,12 @@ class DeepSpeedScorer(Scorer):
         if self.config.optimizer_values and is_adam_engine(engine):
             self.score_adam_values()
         try:
-            builders = TORCH_SITE_BUILDERS
             if _is_megatron_model(engine.module):
                 from inrun_megatron.deepspeed import megatron_tp
 
-                builders = megatron_tp.attach(self)
-            self.build_sites([("", engine.module)], builders)
+                self.build_sites([("", engine.module)], megatron_tp.attach(self))
+            else:
+                self.build_sites([("", engine.module)], registered_builders(), registry=True)
             self.micro_batch_size = int(engine.train_micro_batch_size_per_gpu())
             self.path = self.path_for(self.micro_batch_size)  # refuses what neither path can score
             self._record_fp32_clip_norm()
@@ -291,9 +296,11 @@ class DeepSpeedScorer(Scorer):
         sample_ids = self._check_step_input(micro_batches)
         micro_batches = [_on_device(b, engine.device) for b in micro_batches]
         self._fp32_clip_norm = None
+        stopwatch = Stopwatch(self.pass_clock)
         validation_losses = run_validation_pass(self)
         if ADAM in self.value_kinds:
             self.precondition(adam_preconditioners(engine, self.grads.params()))
+        stopwatch.lap()
         lrs = set(engine.get_lr())
         self._lr = lrs.pop() if len(lrs) == 1 else None
         self._global_steps_at_forward = engine.global_steps
@@ -314,6 +321,7 @@ class DeepSpeedScorer(Scorer):
             completed = True
         finally:
             raw = self.end_scoring(completed)
+        stopwatch.lap()
         if (applied == 0).any():
             raise RuntimeError("the training loss did not reach the model's backward; check loss_fn")
         mp_group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
@@ -324,7 +332,7 @@ class DeepSpeedScorer(Scorer):
         gas = engine.gradient_accumulation_steps()
         raw /= (applied.to(raw.device) * gas * self.dp_size).view(1, n_micro, 1)
         n_tokens = torch.stack([loss_mask_of(b).sum(-1) for b in micro_batches]).round().to(torch.int64)
-        self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses, self.gradient_dots())
+        self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses, self.gradient_dots(), stopwatch)
         return losses
 
     def _check_step_input(self, micro_batches: list[Batch]) -> torch.Tensor:
@@ -366,7 +374,7 @@ class DeepSpeedScorer(Scorer):
 
     def end_step(
         self, *, lr: float | None = None, clip_coef: float | None = None, skipped: bool | None = None
-    ) -> StepRecords:
+    ) -> StepResult:
         """Close the step after ``engine.step()``; arguments left out are read from the engine.
 
         ``lr``: the learning rate the optimizer step used (read before the step, so a scheduler

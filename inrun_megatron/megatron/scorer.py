@@ -6,8 +6,8 @@ Usage (a complete loop is in the README)::
     for step in range(n_steps):
         losses = scorer.forward_backward(get_forward_backward_func(), forward_step_func=...,
                                          data_iterator=..., model=model_chunks, ...)
-        records = scorer.end_optimizer_step(optimizer, optimizer.step())  # lr, clip coefficient, skipped
-        writer.append(records, ...)   # a ScoreWriter makes the rows durable; inrun-scores merge sums them
+        result = scorer.end_optimizer_step(optimizer, optimizer.step())  # lr, clip coefficient, skipped
+        # result.records: this step's rows, also written to the scorer's sink (e.g. a ScoreWriter)
     scorer.detach()
 
 Training batches must carry a ``sample_ids`` tensor ``[micro_batch_size]`` of global sample ids
@@ -18,7 +18,6 @@ wherever the forward step pulls a batch from its data iterator.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -36,8 +35,8 @@ from inrun_megatron.megatron.optimizer_state import adam_preconditioners, is_ada
 from inrun_megatron.megatron.validation_pass import run_validation_pass
 from inrun_megatron.microbatch_gradients import gradient_scores
 from inrun_megatron.optimizer_values import ADAM
-from inrun_megatron.scorer import Scorer, clip_coefficient
-from inrun_megatron.scores import StepRecords
+from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
+from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 
 #: megatron-core release lines the Megatron adapter is tested against.
@@ -78,34 +77,6 @@ class _CapturingIterator(Iterator):
         return batch
 
 
-@dataclass(frozen=True)
-class PassTimings:
-    """Seconds (on :attr:`MegatronScorer.pass_clock`) of the parts of one scored ``forward_backward``."""
-
-    validation: float  # the validation pass: G of every target
-    training: float  # megatron's forward_backward_func over the training microbatches, scoring included
-    bookkeeping: float  # reducing the partial scores, checking the sample ids, <g, G> per target
-
-
-class _Stopwatch:
-    """Times between laps; reads ``clock`` (if any) after synchronising CUDA, so that unmeasured
-    steps pay nothing and measured ones time finished work, not queued kernels."""
-
-    def __init__(self, clock: Callable[[], float] | None):
-        self.clock = clock
-        self.laps: list[float] = []
-        self.lap()
-
-    def lap(self) -> None:
-        if self.clock is not None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.laps.append(self.clock())
-
-    def intervals(self) -> list[float]:
-        return [end - start for start, end in zip(self.laps, self.laps[1:])]
-
-
 class MegatronScorer(Scorer):
     """Exact per-sample In-Run Data Shapley scores for megatron-core model chunks.
 
@@ -126,10 +97,7 @@ class MegatronScorer(Scorer):
             is Adam/AdamW, every step also records the Adam-aware value (``docs/DESIGN.md`` §1.5)
             from its state before the step (``config.optimizer_values``); without it, or with
             another optimizer, the SGD value only.
-
-    Set ``pass_clock`` to a clock (``time.perf_counter``, or ``time.process_time`` on a shared CPU) to
-    have each :meth:`forward_backward` leave its :class:`PassTimings` in ``last_timings``
-    (benchmarks; it synchronises CUDA between the passes, so it is off by default).
+        sink: where :meth:`end_step` writes each step's result (see :class:`~inrun_megatron.scorer.Scorer`).
     """
 
     def __init__(
@@ -139,16 +107,15 @@ class MegatronScorer(Scorer):
         config: ScoringConfig | None = None,
         micro_batch_size: int | None = None,
         optimizer=None,
+        sink: ResultSink | None = None,
     ):
-        super().__init__(validation, config)
+        super().__init__(validation, config, sink)
         self.optimizer = optimizer
         if optimizer is not None and self.config.optimizer_values and is_adam_optimizer(optimizer):
             self.score_adam_values()
         # <main_grad, G> per target as last read, of weights whose gradient megatron's fused
         # accumulation writes into main_grad (see _local_scores); main_grad is zero when a step starts.
         self._main_grad_scores: dict[torch.nn.Parameter, torch.Tensor] = {}
-        self.pass_clock: Callable[[], float] | None = None
-        self.last_timings: PassTimings | None = None
         check_megatron_version(self.config.allow_untested_megatron)
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
         self.models = [_unwrap(c) for c in self.chunks]
@@ -302,7 +269,7 @@ class MegatronScorer(Scorer):
         parallelism by ``finalize_model_grads``, before clipping), the fp16 loss scale removed."""
         return optimizer_gradient_dot(self.chunks, self.grads).dot / self.loss_scale()
 
-    def end_optimizer_step(self, optimizer, step_result: tuple) -> StepRecords:
+    def end_optimizer_step(self, optimizer, step_result: tuple) -> StepResult:
         """Close the step from megatron's optimizer and what its ``step()`` returned.
 
         Reads the learning rate the update used (call this before the LR scheduler steps), the
@@ -342,7 +309,7 @@ class MegatronScorer(Scorer):
         if self._pending is not None:
             raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
         self.path_for(kwargs["micro_batch_size"])  # a step no path can score is refused before any work
-        stopwatch = _Stopwatch(self.pass_clock)
+        stopwatch = Stopwatch(self.pass_clock)
         validation_losses = run_validation_pass(
             self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
         )
@@ -362,10 +329,7 @@ class MegatronScorer(Scorer):
         stopwatch.lap()
         sample_ids, n_tokens = self._reduce(raw, captured, n_micro, mbs)
         raw *= self._gradient_scale()
-        self.finish_pass(raw, sample_ids, n_tokens, validation_losses, self.gradient_dots())
-        stopwatch.lap()
-        if stopwatch.clock is not None:
-            self.last_timings = PassTimings(*stopwatch.intervals())
+        self.finish_pass(raw, sample_ids, n_tokens, validation_losses, self.gradient_dots(), stopwatch)
         return result
 
     @staticmethod

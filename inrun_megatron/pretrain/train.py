@@ -22,20 +22,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
-import platform
 import shutil
 import time
 from collections.abc import Sequence
 
-import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from inrun_megatron import __version__
 from inrun_megatron.config import ScoringConfig, projection_dtype
 from inrun_megatron.data.datasets import Source, TrainingData, batch_iterator, build_training_data, check_sources
 from inrun_megatron.data.tokenizer import Tokenizer
@@ -64,7 +59,16 @@ from inrun_megatron.pretrain.progress import (
     progress_line,
     value_statistics,
 )
-from inrun_megatron.records import MANIFEST, ScoreWriter, StepInfo, read_manifest, write_manifest
+from inrun_megatron.records import (
+    MANIFEST,
+    Manifest,
+    RunLayout,
+    ScoreWriter,
+    library_versions,
+    read_manifest,
+    write_manifest,
+)
+from inrun_megatron.step_result import StepResult
 
 #: Where the run's accumulated values are merged at the end (an ``inrun-scores merge`` output).
 MERGED = "merged"
@@ -181,7 +185,7 @@ class Pretraining:
         if iteration is not None:
             old = checkpoint.saved_config(self.config.checkpoint_dir, iteration)
         elif (self.run_dir / MANIFEST).exists():
-            old = read_manifest(self.run_dir).get("config")
+            old = read_manifest(self.run_dir).config
         if old is not None:
             changed = unresumable_changes(old, new)
             if changed:
@@ -288,13 +292,13 @@ class Pretraining:
                 validation_split=c.scoring.validation_split,
                 projection_dtype=projection,
                 path=c.scoring.path,
-                keep_records=False,
                 accumulate_values=False,
                 optimizer_values=c.scoring.optimizer_values,
             )
             self.scorer = MegatronScorer(
                 self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size, optimizer=self.optimizer
             )
+            self.scorer.pass_clock = time.perf_counter  # each step's result times its training pass
         self.iteration = 0
         if resume is not None:
             from inrun_megatron.pretrain import checkpoint
@@ -319,6 +323,7 @@ class Pretraining:
             self.writer = ScoreWriter(
                 self.run_dir, dp_rank=self.dp_rank, flush_every=c.scoring.flush_every, resume_step=resume_step
             )
+            self.scorer.sink = self.writer  # end_step writes each step's rows
         self.scalars_on = bool(c.logging.tensorboard or c.logging.wandb_project)
         self.sink = None
         if self.is_logger and self.scalars_on:
@@ -345,47 +350,41 @@ class Pretraining:
         import megatron.core
 
         c = self.config
-        previous = read_manifest(self.run_dir) if (self.run_dir / MANIFEST).exists() else {}
+        previous = read_manifest(self.run_dir) if (self.run_dir / MANIFEST).exists() else None
         tokenizer_spec = self.tokenizer.spec()
         if self.tokenizer.path is not None:  # keep the run directory self-contained
             shutil.copyfile(self.tokenizer.path, self.run_dir / "tokenizer.json")
             tokenizer_spec["path"] = "tokenizer.json"
         layout = self.layout
-        write_manifest(
-            self.run_dir,
-            {
-                "run_id": previous.get("run_id"),
-                "created": previous.get("created") or datetime.datetime.now(datetime.UTC).isoformat(),
-                "entry_point": "launch/pretrain_gpt.py",
-                "launcher": self.env.launcher,
-                "resumed_from": [*previous.get("resumed_from", []), *([resume] if resume is not None else [])],
-                "config": c.to_dict(),
-                "parallel_layout": {
-                    "world_size": layout.world_size,
-                    "tensor_model_parallel_size": layout.tp,
-                    "pipeline_model_parallel_size": layout.pp,
-                    "virtual_pipeline_model_parallel_size": layout.vpp,
-                    "data_parallel_size": layout.dp,
-                    "num_microbatches": layout.num_microbatches,
-                    "micro_batch_size": c.training.micro_batch_size,
-                    "global_batch_size": c.training.global_batch_size,
-                },
-                "model": {"vocab_size": vocab, "parameters": parameter_count(c, vocab)},
-                "versions": {
-                    "inrun_megatron": __version__,
-                    "megatron_core": megatron.core.__version__,
-                    "torch": torch.__version__,
-                    "python": platform.python_version(),
-                    "pyarrow": pa.__version__,
-                    "numpy": np.__version__,
-                },
-                "validation_targets": describe_targets(c.validation.targets, targets),
-                **({"values": self.scorer.values_manifest} if self.scorer is not None else {}),
-                "shards": "scores/dpNNNNN holds the rows of data-parallel replica NNNNN; steps/ one row per step"
-                f" and target; {MERGED}/ the accumulated values merged from them at the end of training",
-                "data": self.data.manifest_section(tokenizer_spec, self.run_dir),
-            },
+        manifest = Manifest(
+            entry_point="launch/pretrain_gpt.py",
+            config=c.to_dict(),
+            layout=RunLayout(
+                world_size=layout.world_size,
+                data_parallel=layout.dp,
+                tensor_parallel=layout.tp,
+                pipeline_parallel=layout.pp,
+                virtual_pipeline=layout.vpp,
+                micro_batch_size=c.training.micro_batch_size,
+                num_microbatches=layout.num_microbatches,
+                global_batch_size=c.training.global_batch_size,
+            ),
+            targets=describe_targets(c.validation.targets, targets),
+            values=None if self.scorer is None else self.scorer.values_manifest,
+            scoring=None if self.scorer is None else self.scorer.config.to_dict(),
+            scoring_path=None if self.scorer is None else self.scorer.path_for(c.training.micro_batch_size),
+            data=self.data.manifest_section(tokenizer_spec, self.run_dir),
+            model={"vocab_size": vocab, "parameters": parameter_count(c, vocab)},
+            versions=library_versions(megatron_core=megatron.core.__version__),
+            launcher=self.env.launcher,
         )
+        if previous is not None:  # the same run, resumed: its identity and history carry over
+            manifest = dataclasses.replace(
+                manifest, run_id=previous.run_id, created=previous.created, resumed_from=previous.resumed_from
+            )
+        if resume is not None:
+            manifest = dataclasses.replace(manifest, resumed_from=(*manifest.resumed_from, resume))
+        write_manifest(self.run_dir, manifest)
 
     def _data_iterators(self):
         from megatron.core import parallel_state
@@ -412,20 +411,14 @@ class Pretraining:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, times: StepTimes):
-        """One optimizer step; returns (megatron's losses, the scorer's records or None)."""
+    def train_step(self, times: StepTimes) -> tuple[list, StepResult | None]:
+        """One optimizer step; returns (megatron's losses, the scorer's step result or None).
+
+        The scorer's sink (this rank's writer, if any) has the step's rows when it returns."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         c = self.config
         forward_backward = get_forward_backward_func()
-
-        def timed(**kwargs):
-            start = time.perf_counter()
-            result = forward_backward(**kwargs)
-            if kwargs["forward_step_func"] is forward_step:  # the training pass, not the validation pass
-                times.training_pass += time.perf_counter() - start
-            return result
-
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -438,12 +431,20 @@ class Pretraining:
             seq_length=c.model.seq_length,
             micro_batch_size=c.training.micro_batch_size,
         )
-        losses = self.scorer.forward_backward(timed, **kwargs) if self.scorer else timed(**kwargs)
+        if self.scorer is None:
+            start = time.perf_counter()
+            losses = forward_backward(**kwargs)
+            times.training_pass = time.perf_counter() - start
+        else:
+            losses = self.scorer.forward_backward(forward_backward, **kwargs)
         with _cpu_mode():
-            result = self.optimizer.step()
-        records = self.scorer.end_optimizer_step(self.optimizer, result) if self.scorer else None
+            update = self.optimizer.step()
+        result = None
+        if self.scorer is not None:
+            result = self.scorer.end_optimizer_step(self.optimizer, update)
+            times.training_pass = result.timings.training
         self.scheduler.step(1)
-        return losses, records
+        return losses, result
 
     def save(self) -> None:
         from inrun_megatron.pretrain import checkpoint
@@ -463,22 +464,12 @@ class Pretraining:
         while self.iteration < total:
             times = StepTimes()
             start = time.perf_counter()
-            losses, records = self.train_step(times)
-            lr = float(self.optimizer.param_groups[0]["lr"]) if records is None else float(records.columns["lr"][0])
+            losses, result = self.train_step(times)
+            lr = float(self.optimizer.param_groups[0]["lr"]) if result is None else result.lr
             step_stats = None
-            if records is not None and self.writer is not None:
-                columns = records.columns
-                info = StepInfo(
-                    step=int(columns["step"][0]),
-                    lr=lr,
-                    clip_coef=float(columns["clip_coef"][0]),
-                    skipped=bool(columns["skipped"][0]),
-                    validation_losses=self.scorer.last_validation_losses,
-                    batch_dots=self.scorer.last_batch_dots,
-                )
-                self.writer.append(records, info)
-                if self.scalars_on:  # statistics over every replica's rows: all writers take part
-                    step_stats = value_statistics(records, self.dp_group)
+            if result is not None and self.writer is not None and self.scalars_on:
+                # statistics over every replica's rows: all writers take part
+                step_stats = value_statistics(result.records, self.dp_group)
             self.iteration += 1
             times.step = time.perf_counter() - start
             save_interval = c.checkpoint.save_interval
@@ -486,7 +477,7 @@ class Pretraining:
                 self.save()
             if self.is_writer:  # the last pipeline stage has the loss
                 loss_sum, loss_tokens = mean_loss(losses, self.dp_group)
-                validation = self.scorer.last_validation_losses if self.scorer else {}
+                validation = result.validation_losses if result is not None else {}
                 interval.add(times, loss_sum, loss_tokens, validation)
                 if self.sink is not None:
                     self._log_scalars(times, loss_sum / max(loss_tokens, 1.0), lr, validation, step_stats)

@@ -22,7 +22,7 @@ from megatron.core import parallel_state  # noqa: E402
 
 from inrun_megatron.records import ScoreWriter, write_manifest  # noqa: E402
 
-from common import run_case, shape_from_json  # noqa: E402
+from common import manifest_for_tests, run_case, shape_from_json  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(1, 1)
     if dist.get_rank() == 0:
-        write_manifest(run_dir, {"layout": {"data_parallel": dist.get_world_size()}, "config": options})
+        write_manifest(run_dir, manifest_for_tests(dist.get_world_size(), config=options))
     dist.barrier()
     writer = ScoreWriter(run_dir, dp_rank=parallel_state.get_data_parallel_rank(), flush_every=2)
     result = run_case(shape_from_json(options.pop("shape")), writer=writer, **options)
