@@ -80,9 +80,10 @@ def verified_efficiency(run_dir, *, steps: int, rtol: float = 1e-5) -> dict[str,
     return checked
 
 
-def plant_wrong_row(run_dir, step: int) -> None:
-    """Negate the largest score of ``step`` in one part of the dump: its sum of raw no longer equals
-    the recorded <g, G> by twice that score, a sizeable share of the step's sum of |raw|."""
+def plant_wrong_row(run_dir, step: int, target: str = "validation") -> None:
+    """Negate the largest score of ``step`` and ``target`` (a score row) in one part of the dump: its
+    sum of raw no longer equals the recorded <g, G> by twice that score, a sizeable share of the
+    step's sum of |raw|."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -96,7 +97,9 @@ def plant_wrong_row(run_dir, step: int) -> None:
     )
     table = original = pq.read_table(part)
     raw = table.column("raw").to_numpy().copy()
-    in_step = table.column("step").to_numpy() == step
+    in_step = (table.column("step").to_numpy() == step) & (
+        table.column("target").to_numpy(zero_copy_only=False) == target
+    )
     row = int(np.flatnonzero(in_step)[np.argmax(np.abs(raw[in_step]))])
     raw[row] = -raw[row]
     table = table.set_column(table.schema.get_field_index("raw"), "raw", pa.array(raw))
