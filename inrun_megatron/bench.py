@@ -143,6 +143,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dtype of the score GEMMs (ScoringConfig.projection_dtype); default: the library's choice",
     )
     p.add_argument("--recompute", action="store_true")
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default="sgd",
+        help="the optimizer of both kinds of step; with adam the scored step also scores the Adam-aware value"
+        " (docs/DESIGN.md §1.5) unless --sgd-value-only",
+    )
+    p.add_argument(
+        "--sgd-value-only",
+        action="store_true",
+        help="with --optimizer adam, score the SGD value only (ScoringConfig(optimizer_values=False))",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     p.add_argument(
         "--clock",
@@ -160,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--path microbatch scores whole microbatches, so it needs --micro-batch-size 1,"
             f" not {args.micro_batch_size}"
         )
+    if args.sgd_value_only and args.optimizer != "adam":
+        p.error("--sgd-value-only chooses between the values of an Adam run: it needs --optimizer adam")
     if args.clock == "cpu" and torch.cuda.is_available():
         p.error("--clock cpu counts CPU work only, not the GPU's; time GPU runs with the wall clock")
     try:
@@ -219,9 +233,16 @@ def main(argv: list[str] | None = None) -> None:
     }
     data = batches(n_micro, mbs, args.seq, 0)
     fb = get_forward_backward_func()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    scoring = ScoringConfig(projection_dtype=projection_dtype(args.projection_dtype), path=args.path)
-    scorer = MegatronScorer(model, validation, scoring)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    scoring = ScoringConfig(
+        projection_dtype=projection_dtype(args.projection_dtype),
+        path=args.path,
+        optimizer_values=not args.sgd_value_only,
+    )
+    scorer = MegatronScorer(model, validation, scoring, optimizer=optimizer)
     path = scorer.path_for(mbs)
     kwargs = dict(
         forward_step_func=gpt_forward_step,
@@ -302,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq {args.seq}, vocab {args.vocab},"
         f" {params / 1e6:.1f}M parameters, {args.dtype}, recompute={'on' if args.recompute else 'off'},"
-        f" projection dtype {args.projection_dtype or 'default'}, {device}"
+        f" projection dtype {args.projection_dtype or 'default'}, {device}; optimizer {args.optimizer},"
+        f" values scored: {' and '.join(scorer.value_kinds)}"
     )
     print(
         f"step: {n_micro} microbatches x {mbs} sequences = {train_tokens} training tokens, scoring path {path};"

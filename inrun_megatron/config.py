@@ -35,6 +35,10 @@ class ScoringConfig:
         allow_untested_megatron: attach to a megatron-core version outside the tested ones.
         accumulate_values: also sum each sample's values in memory (``scorer.values()``, a
             :class:`~inrun_megatron.scores.ValueAccumulator`).
+        optimizer_values: when the optimizer is Adam/AdamW, also score every sample against the
+            preconditioned validation gradient ``P_t ⊙ G_t`` (the Adam-aware value,
+            ``docs/DESIGN.md`` §1.5), in the same backward as the SGD value; False records the
+            SGD value only.
 
     The last is off by default because it grows with every sample seen (a 7B run sees ~10^8
     sequences per replica, and an in-memory accumulator of them costs gigabytes per rank), while
@@ -50,6 +54,7 @@ class ScoringConfig:
     path: str = "auto"
     allow_untested_megatron: bool = False
     accumulate_values: bool = False
+    optimizer_values: bool = True
 
     def __post_init__(self) -> None:
         if self.validation_split not in VALIDATION_SPLITS:

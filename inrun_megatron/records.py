@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import torch
 
 from inrun_megatron import __version__
+from inrun_megatron.optimizer_values import RunValues, split_row_name
 from inrun_megatron.scores import SCORE_CONTRACT, StepRecords
 from inrun_megatron.step_result import StepResult
 
@@ -78,7 +79,11 @@ def pick_columns(columns: Sequence[Column], *names: str) -> tuple[Column, ...]:
 SCORE_FIELDS = (
     Column("step", pa.int64(), "optimizer step (the scorer's step counter; a resumed run continues it)"),
     Column("sample_id", pa.int64(), "global sample id: the dataset index of the training sequence"),
-    Column("target", pa.string(), "validation target the scores are against"),
+    Column(
+        "target",
+        pa.string(),
+        "score row: the validation target T the scores are against (SGD value), or T:adam (its Adam-aware value)",
+    ),
     Column("raw", pa.float64(), "<grad of the sample's loss term, G_target> at the step's weights; NaN if skipped"),
     Column("value", pa.float64(), "lr * clip_coef * raw, nats; positive = lowered the validation loss; 0 if skipped"),
     Column("lr", pa.float64(), "learning rate of the step's update"),
@@ -98,8 +103,9 @@ STEP_FIELDS = (
     Column(
         "batch_dot",
         pa.float64(),
-        "<g_t, G_t> over the global batch, before clipping, loss scale removed (NaN: not measured); by the"
-        " efficiency identity the sum of raw over every replica's rows of the step and target",
+        "<g_t, G_t> over the global batch, before clipping, loss scale removed (NaN: not measured; <g_t, P_t G_t>"
+        " on a T:adam row); by the efficiency identity the sum of raw over every replica's rows of the step and"
+        " target",
     ),
 )
 STEP_SCHEMA = arrow_schema(STEP_FIELDS)
@@ -214,6 +220,9 @@ class Manifest:
     targets: list[dict[str, Any]]
     """One entry per validation target, in scoring order: ``name``, and where known ``sequences``,
     ``loss_tokens`` and where the target came from (``source``/``split`` or ``jsonl``)."""
+    values: RunValues | None
+    """The value kinds recorded and the score row of each (``Scorer.values_manifest``,
+    ``docs/DESIGN.md`` §1.5); None if scoring was off."""
     scoring: dict[str, Any] | None = None
     """The ``ScoringConfig`` of the run (``ScoringConfig.to_dict()``); None if scoring was off."""
     scoring_path: str | None = None
@@ -267,7 +276,11 @@ class Manifest:
             raise ValueError(f"{where}: bad layout {data['layout']!r} ({e})") from e
         if not all(isinstance(t, Mapping) and isinstance(t.get("name"), str) for t in data["targets"]):
             raise ValueError(f"{where}: every entry of targets needs a name, got {data['targets']!r}")
-        return cls(**{**data, "layout": layout, "resumed_from": tuple(data.get("resumed_from", ()))})
+        try:
+            values = None if data["values"] is None else RunValues.from_dict(data["values"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: bad values {data['values']!r} ({e!r})") from e
+        return cls(**{**data, "layout": layout, "values": values, "resumed_from": tuple(data.get("resumed_from", ()))})
 
 
 def check_format(data: Any, where: str, expected_format: str, expected_version: int) -> None:
@@ -418,8 +431,10 @@ class ScoreWriter:
 
 
 def step_table(result: StepResult) -> pa.Table:
-    """The step's rows of the ``steps`` stream: one per target (``STEP_SCHEMA``)."""
-    targets = result.targets
+    """The step's rows of the ``steps`` stream (``STEP_SCHEMA``): one per score row, each target
+    and each target's Adam-aware row where the step has one (its validation loss is its target's),
+    docs/DESIGN.md §1.5."""
+    targets = result.score_rows
     return pa.Table.from_pydict(
         {
             "step": [result.step] * len(targets),
@@ -427,7 +442,7 @@ def step_table(result: StepResult) -> pa.Table:
             "lr": [result.lr] * len(targets),
             "clip_coef": [result.clip_coef] * len(targets),
             "skipped": [result.skipped] * len(targets),
-            "validation_loss": [float(result.validation_losses[t]) for t in targets],
+            "validation_loss": [float(result.validation_losses[split_row_name(t)[0]]) for t in targets],
             "batch_dot": [float(result.batch_dots[t]) for t in targets],
         },
         schema=STEP_SCHEMA,

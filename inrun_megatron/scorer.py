@@ -24,6 +24,16 @@ import torch.distributed as dist
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.microbatch_gradients import LocalScores, ParameterSite, attach_parameter_sites, gradient_scores
+from inrun_megatron.optimizer_values import (
+    ADAM,
+    ADAM_ROW_SUFFIX,
+    SGD,
+    RunValues,
+    precondition_rows,
+    row_names,
+    split_row_name,
+    values_manifest,
+)
 from inrun_megatron.scores import StepScores, ValueAccumulator
 from inrun_megatron.sites import Site, SiteBuilder
 from inrun_megatron.step_result import PassTimings, ResultSink, StepResult, make_step_result
@@ -103,6 +113,9 @@ class Scorer:
         self.step_scores: StepScores | None = None
         self.step = 0
         self.accumulator = ValueAccumulator() if self.config.accumulate_values else None
+        # Value kinds scored (docs/DESIGN.md §1.5): the store of G holds one row per target and kind.
+        self.value_kinds: list[str] = [SGD]
+        self._adam_rows_filled = False  # whether this step's store holds P ⊙ G (not at the first Adam step)
         self.sites: list[Site] = []
         self.grads: GradientStore | None = None
         self._pending: PendingStep | None = None
@@ -216,7 +229,64 @@ class Scorer:
 
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
         """The store of ``G`` for ``params``; adapters whose parameters are sharded override it."""
-        return GradientStore(params, len(self.targets))
+        return GradientStore(params, self.n_score_rows)
+
+    # ----------------------------------------------------------------------------------
+    # value kinds (docs/DESIGN.md §1.5)
+
+    def score_adam_values(self) -> None:
+        """Also score the Adam-aware value: adapters call it before :meth:`build_sites` when the
+        optimizer is Adam and ``config.optimizer_values`` is on. The store of ``G`` then holds
+        ``2K`` rows, ``G`` of every target followed by ``P_t ⊙ G`` of every target, so both scoring
+        paths produce both raw scores in the same backward."""
+        if self.grads is not None:
+            raise RuntimeError("value kinds are fixed before the store of G is built")
+        clashing = [t.name for t in self.targets if split_row_name(t.name)[1] == ADAM]
+        if clashing:
+            raise ValueError(
+                f"validation target names {clashing} end in {ADAM_ROW_SUFFIX!r}, which names the Adam-aware rows"
+                " of a target (docs/DESIGN.md §1.5); rename them"
+            )
+        self.value_kinds = [SGD, ADAM]
+
+    @property
+    def score_rows(self) -> list[str]:
+        """Name of each row of the store and of the step's score tensor (the records' ``target``)."""
+        return row_names([t.name for t in self.targets], self.value_kinds)
+
+    @property
+    def values_manifest(self) -> RunValues:
+        """The manifest's ``values`` field: which score rows hold which value kind."""
+        return values_manifest([t.name for t in self.targets], self.value_kinds)
+
+    @property
+    def n_score_rows(self) -> int:
+        return len(self.score_rows)
+
+    def precondition(self, preconditioners: Mapping[torch.nn.Parameter, torch.Tensor | None]) -> None:
+        """Fill the Adam rows of the store with ``P_t ⊙ G`` after the step's validation pass.
+
+        ``preconditioners`` maps every stored parameter to its ``P_t`` in the store's layout of
+        that parameter (its local shard or ZeRO-3 partition), or to None for all of them when the
+        optimizer has taken no step yet: that step has no Adam-aware value and records only the
+        SGD rows.
+        """
+        missing = [p for p in self.grads.params() if p not in preconditioners]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} scored parameters (first of shape {tuple(missing[0].shape)}) have no"
+                " optimizer state: is every trainable parameter in the optimizer?"
+            )
+        defined = {preconditioners[p] is not None for p in self.grads.params()}
+        if len(defined) > 1:
+            raise RuntimeError(
+                "the optimizer has a second moment for some scored parameters but not for others; the Adam-aware"
+                " value needs every parameter stepped by the same Adam optimizer"
+            )
+        self._adam_rows_filled = defined.pop()
+        if self._adam_rows_filled:
+            rows = [(self.grads.local_rows(p), preconditioners[p]) for p in self.grads.params()]
+            precondition_rows(rows, len(self.targets))
 
     def add_hook(self, handle) -> None:
         self._hooks.append(handle)
@@ -261,7 +331,7 @@ class Scorer:
             raise RuntimeError("call end_step() after each scored step before starting the next one")
         path = self.path_for(micro_batch_size)
         device = self.grads.params()[0].device
-        self.step_scores = StepScores(len(self.targets), n_microbatches, micro_batch_size, device)
+        self.step_scores = StepScores(self.n_score_rows, n_microbatches, micro_batch_size, device)
         self.scoring = path
 
     def end_scoring(self, completed: bool) -> torch.Tensor:
@@ -285,8 +355,14 @@ class Scorer:
         stopwatch: Stopwatch,
     ) -> None:
         """Accept a reduced step after checking its sample ids over the whole global batch; the
-        stopwatch's last lap (validation and training passes done) closes the bookkeeping."""
+        stopwatch's last lap (validation and training passes done) closes the bookkeeping.
+
+        ``raw`` and ``batch_dots`` have one row per score row (:attr:`score_rows`); a step whose
+        Adam rows were not filled (:meth:`precondition`) keeps only its SGD rows.
+        """
         self._check_sample_ids(sample_ids)
+        if ADAM in self.value_kinds and not self._adam_rows_filled:
+            raw, batch_dots = raw[: len(self.targets)], batch_dots[: len(self.targets)]
         stopwatch.lap()
         self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch.timings())
 
@@ -330,7 +406,8 @@ class Scorer:
             skipped=skipped,
             dp_rank=self.dp_rank,
             validation_losses={t.name: pending.validation_losses[t.name] for t in self.targets},
-            batch_dots=dict(zip([t.name for t in self.targets], pending.batch_dots.tolist())),
+            # one dot per score row of the step: the SGD rows only where the Adam rows were not filled
+            batch_dots=dict(zip(self.score_rows, pending.batch_dots.tolist())),
             timings=pending.timings,
         )
         if self.accumulator is not None:
@@ -342,7 +419,8 @@ class Scorer:
 
     def values(self, target: str | None = None) -> dict[int, float]:
         """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples, summed
-        in memory over the steps this scorer ran (``ScoringConfig(accumulate_values=True)``)."""
+        in memory over the steps this scorer ran (``ScoringConfig(accumulate_values=True)``).
+        ``target`` is a score row name: ``"name:adam"`` for a target's Adam-aware value."""
         if self.accumulator is None:
             raise RuntimeError(
                 "accumulated values are not kept in memory: create the scorer with"

@@ -38,6 +38,13 @@ SCORE_CONTRACT = {
     "sign": "positive = the sample lowered the validation loss (helpful); the paper's phi is -value",
     "accumulated": "sum of value over the steps that trained on the sample; skipped steps add nothing",
     "skipped": "a step whose update was skipped (fp16 overflow) stores raw NaN and value 0",
+    "value_kinds": "the target column names a score row: T holds target T's SGD value (raw and value as above);"
+    " T:adam, recorded when the optimizer is Adam/AdamW, its Adam-aware value: raw = <grad of the sample's loss"
+    " term, P_t * G>, P_t = (1 - beta1) / (1 - beta1^t) / (sqrt(v_{t-1} / (1 - beta2^(t-1))) + eps) elementwise"
+    " from the optimizer's second moment v before step t (t counts the optimizer's steps including this one),"
+    " value = lr * clip_coef * raw. The first step (no second moment before it) records no T:adam rows; momentum"
+    " carried into later steps and weight decay add no per-sample term. Under plain SGD the SGD value is the"
+    " optimizer-aware value. The manifest's 'values' section maps rows to targets and kinds",
 }
 
 

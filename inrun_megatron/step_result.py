@@ -2,8 +2,8 @@
 
 ``Scorer.end_step`` returns one :class:`StepResult`: the step's records (one row per sample and
 target of this data-parallel replica) together with the facts of the step that every row shares
-or that no row holds (learning rate, clipping coefficient, skipped, validation loss and
-``<g_t, G_t>`` per target, the pass timings). Callers read those facts from the result, never back
+or that no row holds (learning rate, clipping coefficient, skipped, validation loss per target,
+``<g_t, G_t>`` per score row, the pass timings). Callers read those facts from the result, never back
 from the rows. The scorer hands every result to its sink, if it has one (``docs/DESIGN.md`` §2.8):
 :class:`MemorySink` keeps them in memory, :class:`~inrun_megatron.records.ScoreWriter` appends
 them to a Parquet dump. Framework independent.
@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from inrun_megatron.optimizer_values import ADAM, row_names
 from inrun_megatron.scores import StepRecords, make_step_records
 
 
@@ -42,9 +43,11 @@ class StepResult:
         skipped: whether the update was skipped (fp16 overflow); its rows hold raw NaN, value 0.
         validation_losses: the validation loss per target at the step's weights (mean per-token
             cross-entropy, nats), from the validation pass that computed ``G``.
-        batch_dots: ``<g_t, G_t>`` per target over the whole global batch (before clipping, loss
+        batch_dots: ``<g_t, G_t>`` per score row over the whole global batch (before clipping, loss
             scale removed): by the efficiency identity (``docs/DESIGN.md`` §1.3) the sum of the
-            step's raw scores over every replica.
+            step's raw scores of that row over every replica. Its keys are the score rows of the
+            step, in the records' order: every target, then ``T:adam`` with ``<g_t, P_t ⊙ G_t>``
+            for every target ``T`` when the step has Adam-aware rows (``docs/DESIGN.md`` §1.5).
         timings: the pass timings when the scorer's ``pass_clock`` is set, else None.
     """
 
@@ -62,6 +65,12 @@ class StepResult:
         """The validation targets, in the scorer's order."""
         return list(self.validation_losses)
 
+    @property
+    def score_rows(self) -> list[str]:
+        """The step's score rows (the records' ``target`` column): the targets, then their
+        Adam-aware rows where the step has them (``docs/DESIGN.md`` §1.5)."""
+        return list(self.batch_dots)
+
 
 def make_step_result(
     *,
@@ -78,15 +87,22 @@ def make_step_result(
     timings: PassTimings | None = None,
 ) -> StepResult:
     """The result of a step from its reduced ``[K, M, B]`` raw scores and its facts: the rows
-    (:func:`~inrun_megatron.scores.make_step_records`, one target per key of
-    ``validation_losses``, in that order) and the facts come from the same arguments, so they
-    always agree."""
+    (:func:`~inrun_megatron.scores.make_step_records`, one score row per key of ``batch_dots``,
+    in that order: the targets of ``validation_losses`` in their order, then possibly their
+    Adam-aware rows) and the facts come from the same arguments, so they always agree."""
     targets = list(validation_losses)
-    if list(batch_dots) != targets:
-        raise ValueError(f"batch_dots are for targets {list(batch_dots)}, the validation losses for {targets}")
+    rows = list(batch_dots)
+    adam_rows = rows[len(targets) :]
+    if rows[: len(targets)] != targets or adam_rows not in ([], row_names(targets, [ADAM])[len(targets) :]):
+        raise ValueError(
+            f"batch_dots are for targets {rows}; the validation losses are for targets {targets}, whose"
+            " score rows are the targets, then (for an Adam-aware step) every target's Adam-aware row"
+        )
+    if raw.shape[0] != len(rows):
+        raise ValueError(f"raw scores have {raw.shape[0]} rows, batch_dots {len(rows)} score rows {rows}")
     records = make_step_records(
         step=step,
-        targets=targets,
+        targets=rows,
         raw=raw,
         sample_ids=sample_ids,
         n_tokens=n_tokens,

@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                 global_batch_size=mbs * gas * dp_size,
             ),
             targets=[t.describe() for t in scorer.targets],
+            values=scorer.values_manifest,
             scoring=scoring.to_dict(),
             scoring_path=scorer.path,
             versions=library_versions(deepspeed=deepspeed.__version__),

@@ -64,22 +64,26 @@ def efficiency_error(
 
 def verified_efficiency(run_dir, *, steps: int, rtol: float = 1e-5) -> dict[str, dict]:
     """``inrun-scores verify`` of a run directory: no problem found, and the efficiency identity
-    checked on all ``steps`` steps of every target to ``rtol`` of the step's sum of |raw|.
-    Returns the per-target efficiency check."""
+    checked on all ``steps`` steps of every target to ``rtol`` of the step's sum of |raw|; an
+    Adam-aware row (``T:adam``) on every step but the optimizer's first, which has no second moment
+    before it (docs/DESIGN.md §1.5). Returns the per-row efficiency check."""
     from inrun_megatron.analysis.commands import verify
+    from inrun_megatron.optimizer_values import ADAM, split_row_name
 
     report = verify(run_dir)
     assert report.ok, report.data["problems"]
     checked = report.data["checked"]["efficiency"]
     for target, e in checked.items():
-        assert e["steps_measured"] == e["steps_applied"] == steps, f"{run_dir} {target}: {e}"
+        expected = steps - 1 if split_row_name(target)[1] == ADAM else steps
+        assert e["steps_measured"] == e["steps_applied"] == expected, f"{run_dir} {target}: {e}"
         assert e["max_rel_error"] <= rtol, f"{run_dir} {target}: efficiency residual {e['max_rel_error']:.2e}"
     return checked
 
 
-def plant_wrong_row(run_dir, step: int) -> None:
-    """Negate the largest score of ``step`` in one part of the dump: its sum of raw no longer equals
-    the recorded <g, G> by twice that score, a sizeable share of the step's sum of |raw|."""
+def plant_wrong_row(run_dir, step: int, target: str = "validation") -> None:
+    """Negate the largest score of ``step`` and ``target`` (a score row) in one part of the dump: its
+    sum of raw no longer equals the recorded <g, G> by twice that score, a sizeable share of the
+    step's sum of |raw|."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -93,7 +97,9 @@ def plant_wrong_row(run_dir, step: int) -> None:
     )
     table = original = pq.read_table(part)
     raw = table.column("raw").to_numpy().copy()
-    in_step = table.column("step").to_numpy() == step
+    in_step = (table.column("step").to_numpy() == step) & (
+        table.column("target").to_numpy(zero_copy_only=False) == target
+    )
     row = int(np.flatnonzero(in_step)[np.argmax(np.abs(raw[in_step]))])
     raw[row] = -raw[row]
     table = table.set_column(table.schema.get_field_index("raw"), "raw", pa.array(raw))
@@ -278,7 +284,13 @@ def data_parallel_traffic():
 
 
 def _megatron_training(
-    models: list[torch.nn.Module], ddp: dict, optimizer: str, lr: float, clip_grad: float, fp16_loss_scale: dict
+    models: list[torch.nn.Module],
+    ddp: dict,
+    optimizer: str,
+    lr: float,
+    clip_grad: float,
+    fp16_loss_scale: dict,
+    adam_eps: float,
 ):
     """Wrap chunks in megatron's Float16Module (bf16/fp16 configs) and DDP and build megatron's
     optimizer, as megatron's training loop does."""
@@ -301,6 +313,7 @@ def _megatron_training(
         optimizer=optimizer,
         lr=lr,
         weight_decay=0.0,
+        adam_eps=adam_eps,
         sgd_momentum=0.0,
         clip_grad=clip_grad,
         use_distributed_optimizer=ddp_config.use_distributed_optimizer,
@@ -313,6 +326,11 @@ def _megatron_training(
         opt = get_megatron_optimizer(opt_config, chunks)
     config.grad_scale_func = opt.scale_loss
     return chunks, opt
+
+
+def torch_adamw(params: list[torch.nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.AdamW:
+    """torch's AdamW with GPT pretraining's betas and decoupled weight decay (the megatron CPU fallback)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.1)
 
 
 def run_case(
@@ -331,6 +349,7 @@ def run_case(
     validation_split: str = "replicate",
     path: str = "auto",
     fp16_loss_scale: dict | None = None,
+    adam_eps: float = 1e-8,
     validation: list[dict] | None = None,
     epoch_steps: int | None = None,
     writer=None,
@@ -340,15 +359,18 @@ def run_case(
 
     Each DP rank trains ``n_micro`` microbatches of the step's ``n_micro * DP`` (so a DP=1 run
     with ``n_micro * DP`` microbatches is its single-process reference). ``ddp=None`` trains the
-    bare model with torch SGD; otherwise the chunks are wrapped in megatron DDP with these
+    bare model with torch SGD (``optimizer="adam"``: :func:`torch_adamw`); otherwise the chunks are
+    wrapped in megatron DDP with these
     ``DistributedDataParallelConfig`` options and trained by megatron's ``optimizer`` ("sgd" or
-    "adam"), clipping at ``clip_grad`` (0: off); bf16/fp16 configs (``shape.extra_config``) add
+    "adam", with ``adam_eps``), clipping at ``clip_grad`` (0: off); bf16/fp16 configs (``shape.extra_config``) add
     megatron's ``Float16Module`` and mixed-precision optimizer (``fp16_loss_scale``: its loss-scale
     options). ``validation`` replaces the default validation batches. ``path`` is the scoring path
     (``ScoringConfig.path``), resolved at attach for micro-batch size ``mbs``.
 
     Returns per step: ``raw`` ``{sample_id: raw}`` of this DP rank's samples, ``efficiency``
     ``(sum raw, <g, G>, sum |g_i G_i|)`` and ``sgd`` ``(sum v, <G, w_t - w_t+1>)`` over the global batch,
+    ``raw_adam`` ``{sample_id: raw}`` of the Adam-aware rows (None for a step without them: an SGD run, the
+    first Adam step) and ``efficiency_adam`` ``(sum raw_adam, <g, P G>, sum |g_i (P G)_i|)`` of the steps with them,
     ``clip_coef``, ``skipped``, ``losses``, ``dp_traffic`` (elements reduced over the DP group
     during the forward/backward call), ``fb_calls`` (calls of megatron's forward_backward_func) and
     ``paths`` (the scoring path of each call that was scored);
@@ -378,15 +400,22 @@ def run_case(
     for model in models:
         load_canonical_weights(model, seed, tp_rank, tp_size)
     if ddp is None:
-        chunks, opt = models, torch.optim.SGD([p for m in models for p in m.parameters()], lr=lr)
+        params = [p for m in models for p in m.parameters()]
+        chunks, opt = (
+            models,
+            (torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch_adamw(params, lr, adam_eps)),
+        )
     else:
-        chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {})
+        chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {}, adam_eps)
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
     config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
-    scorer = MegatronScorer(chunks, validation, config, micro_batch_size=mbs, sink=writer) if scored else None
+    scorer = (
+        MegatronScorer(chunks, validation, config, micro_batch_size=mbs, optimizer=opt, sink=writer) if scored else None
+    )
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
+    keys += ("raw_adam", "efficiency_adam")
     out = {key: [] for key in keys}
 
     def fb(**kwargs):
@@ -427,6 +456,9 @@ def run_case(
             loss_scale = 1.0 if ddp is None else float(opt.get_loss_scale())
             gradient_dot = optimizer_gradient_dot(chunks, g_val, with_abs=True)
             batch_dot, batch_abs = float(gradient_dot.dot[0]) / loss_scale, float(gradient_dot.abs_sum[0]) / loss_scale
+            if scorer.n_score_rows > 1:  # the Adam rows: P_t ⊙ G (docs/DESIGN.md §1.5)
+                adam_dot = optimizer_gradient_dot(chunks, scorer.grads.target(1), with_abs=True)
+                adam_dot = (float(adam_dot.dot[0]) / loss_scale, float(adam_dot.abs_sum[0]) / loss_scale)
         if ddp is None:
             opt.step()
             result = (True, None, None)
@@ -440,9 +472,23 @@ def run_case(
             assert (step_result.clip_coef, step_result.skipped) == (out["clip_coef"][-1], out["skipped"][-1])
             records = step_result.records
             c = records.columns
-            raw = dict(zip(c["sample_id"].tolist(), c["raw"].tolist()))
+            rows = {name: c["target"] == name for name in scorer.score_rows}
+            raw = dict(zip(c["sample_id"][rows["validation"]].tolist(), c["raw"][rows["validation"]].tolist()))
             out["raw"].append(raw)
-            sums = torch.tensor([sum(raw.values()), float(records.values.sum())], dtype=torch.float64)
+            adam = rows.get("validation:adam")
+            out["raw_adam"].append(
+                dict(zip(c["sample_id"][adam].tolist(), c["raw"][adam].tolist()))
+                if adam is not None and adam.any()
+                else None
+            )
+            if out["raw_adam"][-1] is not None:
+                adam_sum = torch.tensor(sum(out["raw_adam"][-1].values()), dtype=torch.float64)
+                dist.all_reduce(adam_sum, group=parallel_state.get_data_parallel_group())
+                assert step_result.batch_dots["validation:adam"] == adam_dot[0]  # what the scorer stores
+                out["efficiency_adam"].append((float(adam_sum), *adam_dot))
+            sums = torch.tensor(
+                [sum(raw.values()), float(records.values[rows["validation"]].sum())], dtype=torch.float64
+            )
             dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
             out["efficiency"].append((float(sums[0]), batch_dot, batch_abs))
             moved = {p: before[p] - p.detach() for p in before}
@@ -505,7 +551,8 @@ def retained_bytes(root: object) -> int:
 
 def manifest_for_tests(data_parallel: int = 1, **fields):
     """The manifest of a dump a test writes itself: ``data_parallel`` replicas, one target named
-    ``validation``, unless ``fields`` say otherwise."""
+    ``validation`` with its SGD value only, unless ``fields`` say otherwise."""
+    from inrun_megatron.optimizer_values import SGD, values_manifest
     from inrun_megatron.records import Manifest, RunLayout
 
     defaults = dict(
@@ -514,4 +561,6 @@ def manifest_for_tests(data_parallel: int = 1, **fields):
         layout=RunLayout(world_size=data_parallel, data_parallel=data_parallel),
         targets=[{"name": "validation"}],
     )
-    return Manifest(**(defaults | fields))
+    fields = defaults | fields
+    fields.setdefault("values", values_manifest([t["name"] for t in fields["targets"]], [SGD]))
+    return Manifest(**fields)

@@ -19,7 +19,7 @@ from inrun_megatron.deepspeed.scorer import masked_token_mean
 from inrun_megatron.distributed import free_port
 from inrun_megatron.model_shape import ModelShape
 
-from common import BACKEND, DEVICE, make_data
+from common import BACKEND, DEVICE, make_data, torch_adamw
 
 
 def init_deepspeed() -> None:
@@ -103,19 +103,22 @@ def validation_pass_isolation(scorer) -> dict:
 def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradients: bool = False) -> dict:
     """``steps`` optimizer steps: scored, or (``scorer=None``) DeepSpeed's plain loop.
 
-    Returns ``{"raw": [{target: {sample_id: raw}}], "efficiency": [(sum raw, the scorer's <g, G>, checked
+    Returns ``{"raw": [{row: {sample_id: raw}}], "efficiency": [(sum raw, the scorer's <g, G>, checked
     against the full gradients)], "sgd": [(sum
     of values, <G, w_t - w_t+1>)], "clip": [c_t], "skipped": [...], "losses": [...], "weights":
-    {name: full tensor}}``; efficiency, ``abs_raw`` (the sum of |raw|) and sgd have one entry per
-    step and target (efficiency and ``abs_raw`` only for applied steps: a skipped step's raw is
-    NaN), sums over the global batch; ``path``: the scoring path the scorer chose. ZeRO-3 adds the
-    store's memory counts; ``keep_gradients`` adds step 0's ``G`` as ``{(target, parameter name): G}``.
-    Plain SGD makes the SGD identity exact.
+    {name: full tensor}}``; a row is a target, or under Adam also a target's Adam-aware row
+    (``name:adam``, ``G`` replaced by ``P ⊙ G``, from the second step on: docs/DESIGN.md §1.5).
+    efficiency and ``abs_raw`` (the sum of |raw|) have one entry per step and row, sgd one per step
+    and target under plain SGD only (efficiency and ``abs_raw`` only for applied steps: a skipped
+    step's raw is NaN), sums over the global batch; ``path``: the scoring path the scorer chose.
+    ZeRO-3 adds the store's memory counts; ``keep_gradients`` adds step 0's ``G`` as
+    ``{(target, parameter name): G}``. Plain SGD makes the SGD identity exact.
     """
     from deepspeed.utils import safe_get_full_grad
 
     dp_group = engine.data_parallel_group
     names = {p: n for n, p in engine.module.named_parameters()}
+    plain_sgd = type(getattr(engine.optimizer, "optimizer", engine.optimizer)) is torch.optim.SGD
     out = {"raw": [], "efficiency": [], "abs_raw": [], "sgd": [], "clip": [], "skipped": [], "losses": []}
     for step in range(steps):
         data = batches_of_step(step)
@@ -143,7 +146,8 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
                 out["G"].update({(t, names[p]): g[k].clone() for k, t in enumerate(targets)})
         loss_scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0  # ZeRO keeps grads scaled
         g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
-        dots = [batch_dot(scorer, g, k) for k in range(len(targets))]
+        rows = scorer.score_rows  # row k of the store of G is score row k
+        dots = [batch_dot(scorer, g, k) for k in range(len(rows))]
         before = full_weights(engine.module)
         engine.step()
         result = scorer.end_step()
@@ -151,8 +155,8 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
         recorded = result.batch_dots  # the library's <g, G>, from each rank's own gradient shards
         after = full_weights(engine.module)
         c = records.columns
-        raw = {t: {} for t in targets}
-        values = dict.fromkeys(targets, 0.0)
+        raw = {t: {} for t in dict.fromkeys(c["target"])}  # the first Adam step has no Adam rows
+        values = dict.fromkeys(raw, 0.0)
         for t, sid, r, v in zip(c["target"], c["sample_id"].tolist(), c["raw"].tolist(), records.values):
             raw[t][sid] = r
             values[t] += float(v)
@@ -163,7 +167,9 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
         out["skipped"].append(skipped)
         out["clip"].append(result.clip_coef)
         moved = {p: before[names[p]] - after[names[p]] for p in scorer.grads.params()}
-        for k, t in enumerate(targets):
+        for k, t in enumerate(rows):
+            if t not in raw:
+                continue
             if not skipped:
                 reference, reference_abs = dots[k]
                 assert abs(recorded[t] - reference) <= 1e-9 * reference_abs, (
@@ -171,7 +177,8 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
                 )
                 out["efficiency"].append((sum(sum(r[t].values()) for r, _ in everyone), recorded[t]))
                 out["abs_raw"].append(sum(sum(abs(x) for x in r[t].values()) for r, _ in everyone))
-            out["sgd"].append((sum(v[t] for _, v in everyone), batch_dot(scorer, moved, k)[0]))
+            if plain_sgd and t in targets:
+                out["sgd"].append((sum(v[t] for _, v in everyone), batch_dot(scorer, moved, k)[0]))
     out["weights"] = full_weights(engine.module)
     if scorer is not None:
         out["values"] = scorer.values()
@@ -198,9 +205,12 @@ def run_deepspeed_case(
     keep_gradients: bool = False,
     fp16_scale_power: int = 8,
     path: str = "auto",
+    optimizer: str = "sgd",
+    adam_eps: float = 1e-8,
 ) -> dict:
-    """:func:`train` of the plain-PyTorch LM under DeepSpeed (plain SGD, clipping at ``clip``);
-    ``n_targets=2`` adds a second validation set, ``held-out``; ``path`` is the scoring path."""
+    """:func:`train` of the plain-PyTorch LM under DeepSpeed (plain SGD, or ``optimizer="adam"``:
+    :func:`common.torch_adamw` with ``adam_eps``; clipping at ``clip``); ``n_targets=2`` adds a second validation set,
+    ``held-out``; ``path`` is the scoring path."""
     import deepspeed
 
     from inrun_megatron import ScoringConfig
@@ -210,7 +220,9 @@ def run_deepspeed_case(
     torch.manual_seed(seed)
     model = TransformerLM(shape)
     config = ds_config(stage=stage, gas=gas, mbs=mbs, clip=clip, dtype=dtype, fp16_scale_power=fp16_scale_power)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=config)
+    params = list(model.parameters())
+    client = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch_adamw(params, lr, adam_eps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
     validation = {"validation": make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)}
     if n_targets == 2:
         validation["held-out"] = make_data(shape, n_val_batches, 2, seed + 2, first_id=2 * 10**6)

@@ -70,3 +70,25 @@ def per_sample_raw(
 
             out[int(sid)] = combine(gradients(model, loss_z), g_val)
     return out
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> torch.Tensor:
+    """``P_t`` of torch Adam/AdamW for ``param`` from its state before step ``t`` (:func:`adam_preconditioner_of`)."""
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    state = optimizer.state[param]
+    return adam_preconditioner_of(state["exp_avg_sq"], int(state["step"]), group["betas"], group["eps"])
+
+
+def adam_preconditioner_of(
+    exp_avg_sq: torch.Tensor, steps_taken: int, betas: tuple[float, float], eps: float
+) -> torch.Tensor:
+    """``P_t``, written out from Adam's update rule (docs/DESIGN.md §1.5), in float64.
+
+    Before step ``t`` the state holds ``m_{t-1}``, ``v_{t-1}`` and ``k = t - 1`` steps taken. With ``v``
+    held at ``v_{t-1}``, the update is ``-lr * (beta1 m_{t-1} + (1 - beta1) g) / (1 - beta1^t) / (sqrt(v_hat) + eps)``
+    with ``v_hat = v_{t-1} / (1 - beta2^k)``; its derivative by ``g``, over ``-lr``, is ``P_t``.
+    """
+    beta1, beta2 = betas
+    v_hat = exp_avg_sq.double() / (1.0 - beta2**steps_taken)
+    m_t_per_g = (1.0 - beta1) / (1.0 - beta1 ** (steps_taken + 1))
+    return m_t_per_g / (torch.sqrt(v_hat) + eps)

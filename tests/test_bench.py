@@ -71,6 +71,18 @@ def test_bench_microbatch_path_with_targets_sharing_the_validation_budget():
     assert g_three == 3 * g_one  # one float32 gradient of every parameter per target
 
 
+def test_bench_adam_scores_both_values_with_twice_the_rows_of_g():
+    """With Adam the store of G holds P ⊙ G too (docs/DESIGN.md §1.5): twice the bytes, scored in the same
+    passes; --sgd-value-only is the same Adam run scoring the SGD value alone."""
+    both = run_bench("--optimizer", "adam")
+    assert "optimizer adam, values scored: sgd and adam" in both
+    sgd_only = run_bench("--optimizer", "adam", "--sgd-value-only")
+    assert "optimizer adam, values scored: sgd" in sgd_only and "sgd and adam" not in sgd_only
+    assert check_report(both, path="rules") == 2 * check_report(sgd_only, path="rules")
+    # more score FLOPs (the rule GEMMs have twice the validation rows), in the same number of passes
+    assert number(r"flop_ratio=(\d+\.\d+)", both) > number(r"flop_ratio=(\d+\.\d+)", sgd_only)
+
+
 def test_validation_layout_deals_the_budget_into_targets():
     assert validation_layout(4096, 512, 1 / 8, 1) == (1, 512)
     assert validation_layout(4096, 512, 1 / 8, 3) == (1, 170)  # 3 x 170 of 512 tokens
@@ -84,6 +96,7 @@ def test_bench_refuses_bad_options_before_any_work(capsys):
         (["--path", "microbatch"], "needs --micro-batch-size 1, not 4"),
         (["--targets", "0"], "--targets must be at least 1"),
         ([*SMALL, "--targets", "40"], "less than one token for each of 40 targets"),
+        (["--sgd-value-only"], "needs --optimizer adam"),
     ):
         with pytest.raises(SystemExit):
             parse_args(argv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,17 +50,24 @@ def _config(tmp: Path, name: str, accumulation_steps: int) -> Path:
 
 
 def _scores(run: Path) -> dict:
-    """``{(step, sample_id): (raw, lr, clip_coef)}`` from a run directory, checking its manifest."""
+    """``{(step, sample_id): (raw, lr, clip_coef)}`` of the SGD value from a run directory, checking
+    its manifest. The launcher trains with AdamW, so every step but the first also records the
+    Adam-aware row of every sample (docs/DESIGN.md §1.5); its layouts are compared per sample at
+    eps 1e-3 in tests/test_adam_values.py (P amplifies rounding at the launcher's eps 1e-8)."""
     manifest = read_manifest(run)
     assert "positive = the sample lowered the validation loss" in manifest.contract["sign"]
+    assert manifest.values is not None and manifest.values.default == "adam", manifest.values
     table = ds.dataset(run / "scores", format="parquet").to_table().to_pydict()
-    rows = {}
-    for step, sid, raw, lr, clip in zip(
-        table["step"], table["sample_id"], table["raw"], table["lr"], table["clip_coef"], strict=True
+    rows: dict[str, dict] = {row: {} for row in manifest.values.rows}
+    for step, target, sid, raw, lr, clip in zip(
+        table["step"], table["target"], table["sample_id"], table["raw"], table["lr"], table["clip_coef"], strict=True
     ):
-        assert (step, sid) not in rows, f"{run}: sample {sid} recorded twice in step {step}"
-        rows[step, sid] = (raw, lr, clip)
-    return rows
+        assert (step, sid) not in rows[target], f"{run}: sample {sid} recorded twice in step {step} for {target}"
+        rows[target][step, sid] = (raw, lr, clip)
+    (sgd,) = [row for row, kind in manifest.values.rows.items() if kind["value"] == "sgd"]
+    (adam,) = [row for row, kind in manifest.values.rows.items() if kind["value"] == "adam"]
+    assert sorted(rows[adam]) == sorted(key for key in rows[sgd] if key[0] > 0), f"{run}: Adam-aware rows"
+    return rows[sgd]
 
 
 def _assert_same_scores(ours: dict, reference: dict, what: str) -> None:
@@ -118,7 +126,8 @@ def test_verify_names_the_step_of_a_wrong_row(tmp_path, capsys):
     assert cli.main(["verify", str(tmp_path / "run"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "efficiency identity" in out and "steps checked" in out and "worst residual" in out
-    assert f"│ validation │ {STEPS}" in out, out
+    assert re.search(rf"│ validation +│ {STEPS} ", out), out
+    assert re.search(rf"│ validation:adam +│ {STEPS - 1} ", out), out  # none at the optimizer's first step
     plant_wrong_row(tmp_path / "run", step=1)
     assert cli.main(["verify", str(tmp_path / "run"), "--json"]) == 1
     problems = json.loads(capsys.readouterr().out)["problems"]

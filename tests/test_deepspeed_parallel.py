@@ -26,16 +26,30 @@ CASES += [dict(model="gpt-untied", stage=1, split=False), dict(model="gpt-untied
 # Micro-batch size 1: path "auto" takes the microbatch-gradient path; the reference runs the rules.
 CASES += [dict(model="llama-tied", stage=s, split=s % 2 == 1, mbs=1) for s in (0, 1, 2, 3)]
 CASES += [dict(model="gpt-untied", stage=3, split=True, mbs=1)]
+# Adam: the Adam-aware scores (docs/DESIGN.md §1.5) from the ZeRO-partitioned second moment, per sample id equal to
+# the single process's, from the second of three steps on; both paths. P = c / (sqrt(v_hat) + eps) amplifies rounding:
+# after one step v_hat = g^2, and coordinates whose gradient sums to rounding noise in fp32 get P up to c / eps
+# (3.6e7 here at eps 1e-8, against a median of 1e3), set by the summation order, which differs between layouts. With
+# eps 1e-3 (P at most 530) the comparison measures the layouts, not fp32 noise; the single-process brute-force test
+# (test_adam_values) runs at eps 1e-8.
+ADAM = dict(optimizer="adam", lr=1e-3, steps=3, adam_eps=1e-3)
+CASES += [dict(model="llama-tied", stage=s, split=s == 3, **ADAM) for s in (1, 2, 3)]
+CASES += [dict(model="llama-tied", stage=3, split=False, mbs=1, **ADAM)]
 # Dropout: the validation pass must leave every RNG stream as it found it (no single-process twin).
 EQUIVALENCE_ONLY = [dict(model="gpt-untied", stage=s, split=False, dropout=0.2) for s in (2, 3)]
 
 
-def _reference(model: str, mbs: int) -> dict:
+def _run(case: dict) -> dict:
+    """The training options of a case: RUN, with its micro-batch size and optimizer settings."""
+    return dict(RUN, **{k: case[k] for k in ("mbs", "optimizer", "lr", "steps", "adam_eps") if k in case})
+
+
+def _reference(model: str, run: dict) -> dict:
     """The same global batches in one process: DP=1 with DP times the accumulation steps, scored by
     the per-layer rules."""
     from inrun_megatron.deepspeed.model import llama_shape
 
-    run = dict(RUN, gas=RUN["gas"] * DP, mbs=mbs)
+    run = dict(run, gas=RUN["gas"] * DP)
     shape = llama_shape(**MODELS[model], num_layers=LAYERS)
     return run_deepspeed_case(shape, stage=0, n_targets=TARGETS[model], keep_gradients=True, path="rules", **run)
 
@@ -65,14 +79,19 @@ def _residuals(got: dict, lr: float) -> tuple[float, float]:
     return efficiency, sgd
 
 
-def _assert_rank_result(name: str, got: dict, stage: int, lr: float) -> str:
+def _assert_rank_result(name: str, got: dict, stage: int, lr: float, plain_sgd: bool = True) -> str:
     """What every rank shows in every case: training unchanged by scoring, DeepSpeed's state
-    untouched by the validation pass, and the efficiency and SGD identities (returned as text)."""
+    untouched by the validation pass, and the efficiency and (plain SGD) SGD identities (returned as text)."""
     assert not got["changed_by_scoring"], f"{name}: scoring changed {got['changed_by_scoring']}"
     iso = got["isolation"]
     assert iso["accumulate_grad_hooks_fired"] == 0 and iso["grads_untouched"], f"{name}: {iso}"
     assert iso["partitions_unchanged"] and iso["parameters_released"], f"{name}: {iso}"
     assert (iso["zero3_parameters"] > 0) == (stage == 3), f"{name}: {iso}"
+    if not plain_sgd:  # efficiency of both values; no SGD identity for Adam
+        efficiency = max(abs(t - d) / a for (t, d), a in zip(got["efficiency"], got["abs_raw"]))
+        assert efficiency <= 1e-5, f"{name}: efficiency identity off by {efficiency:.1e}"
+        assert not got["sgd"]
+        return f"efficiency residual (both values) {efficiency:.1e}"
     efficiency, sgd = _residuals(got, lr)
     assert efficiency <= 1e-5, f"{name}: efficiency identity off by {efficiency:.1e}"
     assert sgd <= 1e-4, f"{name}: SGD identity off by {sgd:.1e}"
@@ -86,7 +105,7 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
             stage=c["stage"],
             split=c["split"],
             n_targets=TARGETS[c["model"]],
-            **dict(RUN, mbs=c.get("mbs", RUN["mbs"])),
+            **_run(c),
         )
         for c in CASES + EQUIVALENCE_ONLY
     ]
@@ -95,23 +114,28 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
     # Bad input on one rank is refused on every rank before any collective work (no hang).
     assert "rank(s) [1] rejected their input" in outputs[0]["rejection"], outputs[0]["rejection"]
     assert "has no 'sample_ids'" in outputs[1]["rejection"], outputs[1]["rejection"]
-    references = {key: _reference(*key) for key in {(c["model"], c.get("mbs", RUN["mbs"])) for c in CASES}}
-    for ref in references.values():  # the reference itself satisfies the identities
-        efficiency, sgd = _residuals(ref, RUN["lr"])
-        assert efficiency <= 1e-5 and sgd <= 1e-4, (efficiency, sgd)
+    keys = {(c["model"], tuple(sorted(_run(c).items()))) for c in CASES}
+    references = {key: _reference(key[0], dict(key[1])) for key in keys}
+    for (_, run), ref in references.items():  # the reference itself satisfies the identities
+        plain_sgd = dict(run).get("optimizer", "sgd") == "sgd"
+        assert _assert_rank_result("reference", dict(ref, changed_by_scoring=[]), 0, dict(run)["lr"], plain_sgd)
     for i, case in enumerate(CASES + EQUIVALENCE_ONLY):
-        mbs = case.get("mbs", RUN["mbs"])
+        run = _run(case)
+        mbs, plain_sgd = run["mbs"], run.get("optimizer", "sgd") == "sgd"
         path = "microbatch" if mbs == 1 else "rules"
         name = f"ZeRO-{case['stage']} {case['model']} {'split' if case['split'] else 'replicated'} validation, {path}"
-        residuals = [_assert_rank_result(name, rank[i], case["stage"], RUN["lr"]) for rank in ranks]
+        name += "" if plain_sgd else ", Adam"
+        residuals = [_assert_rank_result(name, rank[i], case["stage"], run["lr"], plain_sgd) for rank in ranks]
         assert all(rank[i]["path"] == path for rank in ranks), f"{name}: scored by {ranks[0][i]['path']}"
         for rank in ranks:
             assert min(rank[i]["clip"]) < 1.0, f"{name}: clipping at 1.0 should be active in some step"
         if case in EQUIVALENCE_ONLY:
             continue
-        ref = references[case["model"], mbs]
+        ref = references[case["model"], tuple(sorted(run.items()))]
+        if not plain_sgd:  # Adam-aware rows from the second step on, on every rank
+            assert [sorted(raw) for raw in ref["raw"]] == [["validation"]] + [["validation", "validation:adam"]] * 2
         errors = []
-        for step in range(RUN["steps"]):
+        for step in range(run["steps"]):
             errors.append(_relative_error(ranks, i, step, ref["raw"][step]))
             assert errors[-1] <= 1e-4, f"{name} step {step}: {errors[-1]:.2e} from the single-process scores"
             assert ranks[0][i]["clip"][step] == pytest.approx(ref["clip"][step], rel=1e-5), f"{name}: clip_coef"

@@ -1,7 +1,8 @@
 """Parallel layouts: every layout gives the single-process scores per sample id (docs/DESIGN.md §1.3, identity 4).
 
 Tensor, pipeline (1F1B and interleaved), sequence and data parallelism, megatron DDP with and
-without overlapped, bucketed gradient reduction, the distributed optimizer, gradient
+without overlapped, bucketed gradient reduction, the distributed optimizer (with its Adam state
+sharded: the Adam-aware scores, docs/DESIGN.md §1.5, must match too), gradient
 accumulation fusion, replicated and split validation sets, gradient clipping and bf16. Each
 layout trains a few steps of a tiny GPTModel scored and unscored, at micro-batch size 2 (the
 per-layer rules) and again at micro-batch size 1 (the microbatch-gradient path, chosen by
@@ -99,8 +100,12 @@ def at_micro_batch_size_1(layout: Layout) -> Layout:
 
 MEGATRON_DDP = {}  # megatron DDP, gradient reduction after the last microbatch
 OVERLAPPED_DDP = {"overlap_grad_reduce": True, "bucket_size": 5000}  # several buckets, reduced during backward
-# megatron's distributed optimizer only takes Adam: scores and efficiency are checked, not the SGD identity.
-DISTRIBUTED_ADAM = {"ddp": {"use_distributed_optimizer": True}, "optimizer": "adam", "lr": 1e-3}
+# megatron's distributed optimizer only takes Adam: scores and efficiency are checked, not the SGD identity. Adam's
+# P = c / (sqrt(v_hat) + eps) reaches c / eps on coordinates whose gradient so far is fp32 rounding noise, which the
+# layouts' summation orders set differently (docs/DESIGN.md §1.5, conditioning): at eps 1e-3 (P at most 530) the
+# Adam-aware comparison measures the layouts; test_adam_values checks them against brute force at eps 1e-8.
+ADAM_EPS = 1e-3
+DISTRIBUTED_ADAM = {"ddp": {"use_distributed_optimizer": True}, "optimizer": "adam", "lr": 1e-3, "adam_eps": ADAM_EPS}
 DISTRIBUTED_ADAM_OVERLAPPED = dict(
     DISTRIBUTED_ADAM, ddp={"use_distributed_optimizer": True, "overlap_param_gather": True, **OVERLAPPED_DDP}
 )
@@ -125,6 +130,9 @@ LAYOUTS = [
     Layout("2x1x1-sp-rope", 2, "layernorm-swiglu-bias-tied-rope", tp=2, sequence_parallel=True,
            options={"ddp": MEGATRON_DDP}),
     Layout("1x1x2-distopt", 2, "layernorm-gelu-bias-untied", options=DISTRIBUTED_ADAM),
+    # Adam with bf16 weights: megatron's mixed-precision optimizer keeps the state on fp32 main copies.
+    Layout("1x1x2-bf16-adam", 2, "rmsnorm-swiglu-nobias-tied-recompute", config={"bf16": True},
+           options={"ddp": {"grad_reduce_in_fp32": True}, "optimizer": "adam", "lr": 1e-3, "adam_eps": ADAM_EPS}),
     Layout("1x2x1-bf16", 2, "layernorm-gelu-bias-untied", pp=2, config={"bf16": True},
            options={"ddp": {"grad_reduce_in_fp32": True}}),
     Layout("2x2x1", 4, "layernorm-swiglu-bias-tied-rope", tp=2, pp=2, options={"ddp": MEGATRON_DDP, "n_micro": 3}),
@@ -182,15 +190,19 @@ def _reference(name: str, path: str = "rules") -> dict:
     return run_case(layout.shape(parallel=False), **layout.run_options(parallel=False, reference_path=path))
 
 
-def _max_error(ranks: list[dict], reference: dict) -> float:
+def _max_error(ranks: list[dict], reference: dict, key: str = "raw") -> float:
     """Largest ``|raw - raw_ref|`` over every DP rank's samples, relative to the step's largest
-    reference score; checks that the DP ranks together report exactly the global batch."""
+    reference score; checks that the DP ranks together report exactly the global batch.
+    ``key="raw_adam"``: the Adam-aware scores, of the steps that have them (docs/DESIGN.md §1.5)."""
     worst = 0.0
-    for step, ref in enumerate(reference["raw"]):
+    for step, ref in enumerate(reference[key]):
+        if ref is None:  # no Adam-aware value at the first step: on no rank either
+            assert all(got[key][step] is None for got in ranks), f"step {step}: {key} where the reference has none"
+            continue
         scale = max(abs(v) for v in ref.values())
         seen: dict[int, float] = {}
         for got in ranks:
-            ours = got["raw"][step]
+            ours = got[key][step]
             assert set(ours) <= set(ref), f"step {step}: sample ids {set(ours) - set(ref)} not in the global batch"
             seen.update(ours)
             worst = max(worst, max(abs(ours[sid] - ref[sid]) for sid in ours) / scale)
@@ -220,6 +232,12 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
         assert report["max rel error, same path"] <= tol, "the single-process microbatch path scores differently"
         rules_tol = UNIT_ROUNDOFF[layout.precision]
     assert report["max rel error"] <= rules_tol, f"{report['max rel error']:.2e} from the single-process run"
+    adam = options.get("optimizer") == "adam"  # Adam-aware scores from the second step on (docs/DESIGN.md §1.5)
+    assert [r is not None for r in reference["raw_adam"]] == [adam and step > 0 for step in range(options["steps"])]
+    if adam:
+        report["Adam max rel error"] = _max_error(ranks, reference, "raw_adam")
+        assert report["Adam max rel error"] <= rules_tol, "Adam-aware scores differ from the single-process run"
+        report["Adam " + efficiency_key] = 0.0
     if scored_sgd:
         report["SGD residual"] = 0.0
     for got in ranks:
@@ -230,6 +248,12 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
             residual = error * tol if layout.precision is None else error  # relative, or in units of u*sum|gG|
             report[efficiency_key] = max(report[efficiency_key], residual)
             assert error <= 1, f"efficiency: sum of scores {total} != <g, G> {batch_dot}"
+        for total, batch_dot, batch_abs in got["efficiency_adam"]:
+            error = efficiency_error((total, batch_dot, batch_abs), tol=tol, precision=layout.precision)
+            residual = error * tol if layout.precision is None else error
+            report["Adam " + efficiency_key] = max(report["Adam " + efficiency_key], residual)
+            assert error <= 1, f"Adam efficiency: sum of Adam-aware scores {total} != <g, P G> {batch_dot}"
+        assert len(got["efficiency_adam"]) == (options["steps"] - 1 if adam else 0)
         if scored_sgd:
             for total, change in got["sgd"]:
                 residual = abs(total - change) / abs(change)
@@ -240,8 +264,12 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
         assert got["fb_calls"] == [n_targets + 1] * steps, "the validation pass is one schedule call per target"
         if layout.dp > 1:
             extra = [s - p for s, p in zip(got["dp_traffic"], got["plain_dp_traffic"])]
-            # <g, G> of each target is summed over the distributed optimizer's gradient shards
-            shards = n_targets if options.get("ddp", {}).get("use_distributed_optimizer") else 0
+            # <g, G> of each score row (G, and P ⊙ G under Adam) is summed over the distributed optimizer's
+            # gradient shards, and P is assembled from its shards of the second moment: one all-reduce of
+            # every parameter and a flag (docs/DESIGN.md §1.5)
+            distributed = options.get("ddp", {}).get("use_distributed_optimizer")
+            rows = n_targets * (2 if adam else 1)
+            shards = (rows + (got["n_params"] + 1 if adam else 0)) if distributed else 0
             if options.get("validation_split") == "split":  # G once, plus the loss sums
                 assert extra == [got["n_params"] + n_targets + shards] * steps
             else:

@@ -34,13 +34,15 @@ def _ok(proc) -> str:
 
 
 def _check_dump_consistency(run_dir, steps: int, global_batch: int, targets: list[str]) -> None:
-    """Every sample of every step appears exactly once per target; the accumulated values merged
+    """Every sample of every step appears exactly once per target, and (the runs train with Adam)
+    once more in the target's Adam-aware rows from the second step on; the accumulated values merged
     at the end of the run (merged/) equal the dump's rows summed in step order, bit for bit."""
     rows = read_rows(run_dir)
-    assert rows.num_rows == steps * global_batch * len(targets)
+    assert rows.num_rows == (2 * steps - 1) * global_batch * len(targets)
     for target in targets:
-        ids = np.sort(rows.filter(ds.field("target") == target)["sample_id"].to_numpy())
-        np.testing.assert_array_equal(ids, np.arange(steps * global_batch))
+        for row, first in ((target, 0), (f"{target}:adam", global_batch)):
+            ids = np.sort(rows.filter(ds.field("target") == row)["sample_id"].to_numpy())
+            np.testing.assert_array_equal(ids, np.arange(first, steps * global_batch))
     values = read_rows(run_dir, "values")
     carried = dict(zip(zip(values["target"].to_pylist(), values["sample_id"].to_pylist()), values["value"].to_pylist()))
     assert carried == accumulate_from_rows(rows)
@@ -73,16 +75,19 @@ def test_scored_run_end_to_end(data_dir, tmp_path):
     assert "scoring on (microbatch path): heldout-a, mine" in out
     progress = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(progress) == 3 and "val heldout-a" in progress[-1] and "mine" in progress[-1]
-    assert "rows 96" in progress[-1]  # 6 steps x 8 sequences x 2 targets, all flushed
+    assert "rows 176" in progress[-1]  # (6 SGD + 5 Adam-aware) x 8 sequences x 2 targets, all flushed
     manifest = json.loads((run / "manifest.json").read_text())
     assert "positive = the sample lowered the validation loss" in manifest["contract"]["sign"]
     assert manifest["layout"]["pipeline_parallel"] == 2 and manifest["entry_point"] == "launch/pretrain_gpt.py"
     assert manifest["versions"]["megatron_core"] and manifest["config"]["training"]["train_iters"] == 6
     assert [t["name"] for t in manifest["targets"]] == ["heldout-a", "mine"]
     assert manifest["targets"][1]["sequences"] == 2 and manifest["scoring_path"] == "microbatch"
+    # trained with Adam: both values are recorded and the analysis reads the Adam-aware one by default
+    assert manifest["values"]["default"] == "adam"
+    assert manifest["values"]["rows"]["mine:adam"] == {"target": "mine", "value": "adam"}
     _check_dump_consistency(run, 6, 8, ["heldout-a", "mine"])
     steps = read_rows(run, "steps")
-    assert steps.num_rows == 12 and all(v > 0 for v in steps["validation_loss"].to_pylist())
+    assert steps.num_rows == 22 and all(v > 0 for v in steps["validation_loss"].to_pylist())
     rows = read_rows(run)
     assert np.isfinite(rows["raw"].to_numpy()).all() and (rows["n_tokens"].to_numpy() == 32).all()
 

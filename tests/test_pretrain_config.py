@@ -32,6 +32,9 @@ def test_shipped_configs_fit_their_layout(name, world, millions):
     if millions:
         vocab = padded_vocab_size(50257, config.model.make_vocab_size_divisible_by, layout.tp)
         assert parameter_count(config, vocab) == pytest.approx(millions * 1e6, rel=0.05)
+    # every shipped config trains with Adam and records the Adam-aware value, which the analysis reads by
+    # default (docs/DESIGN.md §1.5; the entry point hands its optimizer to the scorer: test_pretrain)
+    assert config.optimizer.type == "adam" and config.scoring.enabled and config.scoring.optimizer_values
 
 
 def _raw() -> dict:

@@ -116,12 +116,51 @@ def test_step_result_facts_are_those_of_its_rows():
         )
 
 
+def test_an_adam_step_result_carries_both_dots_and_rows():
+    """A step with Adam-aware rows (docs/DESIGN.md §1.5): its batch_dots name every score row, the
+    records and the steps table have a row per score row, the Adam row's loss is its target's."""
+    from inrun_megatron.records import step_table
+
+    def result(batch_dots: dict[str, float]) -> StepResult:
+        return make_step_result(
+            step=1,
+            raw=torch.tensor([[[1.0]], [[2.0]]], dtype=torch.float64),
+            sample_ids=torch.zeros(1, 1, dtype=torch.int64),
+            n_tokens=torch.ones(1, 1, dtype=torch.int64),
+            lr=0.5,
+            clip_coef=1.0,
+            skipped=False,
+            dp_rank=0,
+            validation_losses={"val": 3.0},
+            batch_dots=batch_dots,
+        )
+
+    adam = result({"val": 1.0, "val:adam": 2.0})
+    assert adam.targets == ["val"] and adam.score_rows == ["val", "val:adam"]
+    assert adam.records.columns["target"].tolist() == ["val", "val:adam"]
+    assert adam.records.columns["raw"].tolist() == [1.0, 2.0]
+    table = step_table(adam)
+    assert table.column("target").to_pylist() == ["val", "val:adam"]
+    assert table.column("validation_loss").to_pylist() == [3.0, 3.0]
+    assert table.column("batch_dot").to_pylist() == [1.0, 2.0]
+    for wrong in ({"val": 1.0, "other:adam": 2.0}, {"val:adam": 2.0, "val": 1.0}):
+        with pytest.raises(ValueError, match=r"batch_dots are for targets"):
+            result(wrong)
+
+
 def test_manifest_round_trips_and_malformed_ones_are_named(tmp_path):
     import json
 
+    from inrun_megatron.optimizer_values import ADAM, SGD, values_manifest
     from inrun_megatron.records import MANIFEST, SCHEMA_VERSION, RunLayout
 
-    written = manifest_for_tests(2, data={"sources": []}, scoring_path="rules", launcher="torchrun")
+    written = manifest_for_tests(
+        2,
+        data={"sources": []},
+        scoring_path="rules",
+        launcher="torchrun",
+        values=values_manifest(["validation"], [SGD, ADAM]),  # typed again as RunValues
+    )
     write_manifest(tmp_path, written)
     assert read_manifest(tmp_path) == written  # every field, the layout typed again
     path = tmp_path / MANIFEST
@@ -131,6 +170,7 @@ def test_manifest_round_trips_and_malformed_ones_are_named(tmp_path):
         ({"parallel_layout": {}}, r"unknown fields \['parallel_layout'\]"),
         ({"targets": [{"sequences": 3}]}, "every entry of targets needs a name"),
         ({"layout": {"world_size": 2, "dp": 2}}, "bad layout"),
+        ({"values": {"kinds": ["sgd"]}}, "bad values"),
     ):
         path.write_text(json.dumps(written.to_dict() | change))
         with pytest.raises(ValueError, match=message):

@@ -5,7 +5,8 @@ values of every view find the demo corpus's planted corrupted documents (AUROC).
     python tools/demo_report.py runs/demo
 
 A sequence counts as corrupted when most of its tokens come from documents the corpus marked
-``corrupted`` (their JSON fields are kept in each source's document table).
+``corrupted`` (their JSON fields are kept in each source's document table). ``--value`` chooses the
+value of each target, by default the Adam-aware one where the run recorded it (docs/DESIGN.md §1.5).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from inrun_megatron.analysis.commands import by_source, top
 from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.analysis.report import render
 from inrun_megatron.analysis.views import VIEWS
+from inrun_megatron.optimizer_values import split_row_name
 
 #: The view the report shows the sequences and sources in (docs/DESIGN.md §1.6): each value as a
 #: multiple of its step's mean |value|, so that a sequence is compared with its own batch and not
@@ -99,7 +101,8 @@ def sign_flips(totals: pa.Table, targets: list[str]) -> dict[str, dict[str, int]
 
 
 def view_values(scores: Scores, view: str, targets: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Sample ids (sorted) and, per target, their values in ``view``; 'all targets' is their sum."""
+    """Sample ids (sorted) and, per target (score row), their values in ``view``; 'all targets' is
+    their sum. The rows of one value kind all score the same samples."""
     tables = {
         t: pa.Table.from_batches(scores.view(view, t).batches(t, ["sample_id", "value"])).sort_by("sample_id")
         for t in targets
@@ -126,10 +129,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--value", choices=["adam", "sgd"], help="default: adam where the run recorded it")
     args = parser.parse_args()
     view = RECOMMENDED_VIEW
     with Scores(args.run_dir) as scores:
-        targets = scores.values().targets
+        names = dict.fromkeys(split_row_name(row)[0] for row in scores.values().targets)
+        targets = [scores.score_row(name, args.value) for name in names]
+        print(
+            f"values: {', '.join(targets)} (rows named TARGET:adam hold the Adam-aware value; sequences trained only"
+            " at the optimizer's first step have none and are left out, docs/DESIGN.md §1.5)"
+        )
         for target in targets:
             for bottom in (False, True):
                 render(top(scores, k=args.top, bottom=bottom, target=target, text_chars=100, view=view), False)

@@ -20,6 +20,9 @@ from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import Progress
 from inrun_megatron.analysis.report import Report, Table, render
 from inrun_megatron.analysis.views import DEFAULT_VIEW, VIEWS
+from inrun_megatron.optimizer_values import ADAM, SGD
+
+VALUE_KINDS = (ADAM, SGD)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("run", help="run directory (score dump) or merged directory")
     target = argparse.ArgumentParser(add_help=False)
     target.add_argument("--target", help="validation target (default: the first)")
+    target.add_argument(
+        "--value",
+        choices=VALUE_KINDS,
+        help="which value: adam (Adam-aware, docs/DESIGN.md §1.5) or sgd (lr * clip * <grad, G>);"
+        " default adam where the run recorded it, else sgd",
+    )
     view = argparse.ArgumentParser(add_help=False)
     view.add_argument(
         "--view",
@@ -67,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_b", nargs="?", help="second run (default: the first, with --target-b)")
     p.add_argument("--target", help="target of the first run")
     p.add_argument("--target-b", help="target of the second run (default: --target)")
+    p.add_argument("--value", choices=VALUE_KINDS, help="value of the first run (default: adam where recorded)")
+    p.add_argument("--value-b", choices=VALUE_KINDS, help="value of the second run (default: --value)")
     p.add_argument("-k", type=int, default=100, help="size of the top/bottom sets compared (default %(default)s)")
     p = sub.add_parser("merge", parents=[run], help="compact the shards into accumulated per-sample values")
     p.add_argument("-o", "--out", required=True, help="new merged directory")
@@ -119,6 +130,10 @@ def _run(args: argparse.Namespace, progress: Progress, comm) -> Report:
         return bench.run(args)
     options = dict(memory_bytes=memory, work_dir=args.work_dir, progress=progress)
     with Scores(args.run, **options) as scores:
+        if hasattr(args, "value") and args.command not in ("compare", "export"):
+            args.target = scores.score_row(args.target, args.value)
+        elif args.command == "export" and (args.target is not None or args.value is not None):
+            args.target = scores.score_row(args.target, args.value)  # else every row of every target
         if args.command == "summary":
             return commands.summary(scores)
         if args.command == "top":
@@ -155,14 +170,14 @@ def _run(args: argparse.Namespace, progress: Progress, comm) -> Report:
                 view=args.view,
             )
         if args.command == "compare":
+            value_b = args.value_b or args.value
+            target_a = scores.score_row(args.target, args.value)
             if args.run_b is None or Path(args.run_b).resolve() == Path(args.run).resolve():
-                return commands.compare(
-                    scores, scores, target_a=args.target, target_b=args.target_b, k=args.k, view=args.view
-                )
+                target_b = scores.score_row(args.target_b or args.target, value_b)
+                return commands.compare(scores, scores, target_a=target_a, target_b=target_b, k=args.k, view=args.view)
             with Scores(args.run_b, **options) as other:
-                return commands.compare(
-                    scores, other, target_a=args.target, target_b=args.target_b, k=args.k, view=args.view
-                )
+                target_b = other.score_row(args.target_b or args.target, value_b)
+                return commands.compare(scores, other, target_a=target_a, target_b=target_b, k=args.k, view=args.view)
     raise AssertionError(args.command)
 
 

@@ -453,11 +453,11 @@ def compare(
     k: int = 100,
     view: str = DEFAULT_VIEW,
 ):
-    """Rank agreement of two runs' (or two targets') values in ``view``, on the samples both scored."""
+    """Rank agreement of two runs' (or two targets' or values') values in ``view``, on the samples both scored."""
     spec = check_view(view)
     ta, tb = a.values().target(target_a), b.values().target(target_b or target_a)
     if a.values().root == b.values().root and ta == tb:
-        raise DumpError("compare needs two runs, or two targets of one run (--target-b)")
+        raise DumpError("compare needs two runs, or two targets or values of one run (--target-b, --value-b)")
     va, vb = a.view(view, ta), b.view(view, tb)
     stride = sample_stride(max(va.samples[ta], vb.samples[tb]), CORRELATION_CAP)
     ids_a, val_a = va.arrays(ta, stride)

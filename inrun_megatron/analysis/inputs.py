@@ -22,6 +22,7 @@ from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.values import VALUES_FORMAT, MergedValues
 from inrun_megatron.analysis.views import DEFAULT_VIEW, ROW_FIELDS, check_view, write_view
+from inrun_megatron.optimizer_values import ADAM, ADAM_ROW_SUFFIX, SGD, split_row_name
 from inrun_megatron.records import MANIFEST, Manifest
 
 ROW_COLUMNS = ["sample_id", "step", "value", "raw", "skipped"]
@@ -146,6 +147,37 @@ class Scores:
         if dump.run_id != self.merged.run_id:
             raise DumpError(f"{source}: holds run {dump.run_id}, but {self.path} was merged from {self.merged.run_id}")
         return dump
+
+    def score_rows(self) -> list[str]:
+        """Names in the ``target`` column, in order: each target, then its Adam-aware rows if recorded."""
+        if self.merged is not None:
+            return self.merged.targets
+        names = self.dump.steps_table().column("target").to_pylist()
+        values = self.manifest.values
+        names += list(values.rows) if values is not None else [t["name"] for t in self.manifest.targets]
+        return sorted(set(names), key=names.index)
+
+    def score_row(self, target: str | None, value: str | None) -> str | None:
+        """The score row a command reads: ``target`` (default the first) with its ``value`` kind
+        (``"adam"`` or ``"sgd"``; default the Adam-aware value where the run recorded it,
+        docs/DESIGN.md §1.5). None when the run tells no targets and none was asked for."""
+        if target is not None and split_row_name(target)[1] == ADAM:  # a row named in full
+            if value == SGD:
+                raise DumpError(f"--target {target!r} names an Adam-aware row; drop --value sgd or the suffix")
+            return target
+        rows = self.score_rows()
+        base = target or next((r for r in rows if split_row_name(r)[1] == SGD), None)
+        if base is None:
+            return None
+        if value is None:
+            value = ADAM if f"{base}{ADAM_ROW_SUFFIX}" in rows else SGD
+        row = base if value == SGD else f"{base}{ADAM_ROW_SUFFIX}"
+        if rows and row not in rows:
+            raise DumpError(
+                f"{self.path}: no {value} value of target {base!r} was recorded (the run holds {', '.join(rows)});"
+                " Adam-aware values are recorded when the optimizer is Adam"
+            )
+        return row
 
     def index(self):
         """The run's sample index (``inrun_megatron.data``), or None with a note if it has no data section."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inrun_megatron.optimizer_values import SGD, values_manifest
 from inrun_megatron.records import Manifest, RunLayout, ScoreWriter, write_manifest
 from inrun_megatron.step_result import make_step_result
 
@@ -62,6 +63,7 @@ def write_synthetic_dump(run_dir: str | Path, run: SyntheticRun) -> Path:
             global_batch_size=run.global_batch,
         ),
         targets=[{"name": t} for t in run.targets],
+        values=values_manifest(list(run.targets), [SGD]),
     )
     write_manifest(run_dir, manifest)
     rng = np.random.default_rng(run.seed)

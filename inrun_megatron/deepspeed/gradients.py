@@ -43,8 +43,9 @@ class ValidationGradients(GradientStore):
         """Add this rank's gradient ``grad`` (full parameter shape) of target ``k``."""
         raise NotImplementedError
 
-    def finish(self) -> None:
-        """Complete ``G`` after the last :meth:`accumulate` of a pass."""
+    def finish(self, n_rows: int) -> None:
+        """Complete ``G`` after the last :meth:`accumulate` of a pass; only the first ``n_rows`` rows are
+        filled by the pass (rows after them hold ``P ⊙ G``, docs/DESIGN.md §1.5)."""
 
 
 class DenseGradientStore(ValidationGradients):
@@ -65,10 +66,10 @@ class DenseGradientStore(ValidationGradients):
     def accumulate(self, param: torch.nn.Parameter, k: int, grad: torch.Tensor) -> None:
         self._grads[param][k].add_(grad)
 
-    def finish(self) -> None:
+    def finish(self, n_rows: int) -> None:
         if self.sum_over_ranks and dist.get_world_size(self.dp_group) > 1:
             for g in self._grads.values():
-                dist.all_reduce(g, group=self.dp_group)
+                dist.all_reduce(g[:n_rows], group=self.dp_group)
 
 
 class PartitionedGradientStore(ValidationGradients):

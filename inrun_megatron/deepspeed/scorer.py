@@ -60,8 +60,10 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
+from inrun_megatron.deepspeed.optimizer_state import adam_preconditioners, is_adam_engine
 from inrun_megatron.deepspeed.validation_pass import DeepSpeedTargetBackward, TokenLosses
 from inrun_megatron.hf_rules import registered_builders
+from inrun_megatron.optimizer_values import ADAM
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
 from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of, masked_loss_sum
@@ -163,7 +165,9 @@ class DeepSpeedScorer(Scorer):
             :func:`inrun_megatron.deepspeed.model.lm_token_losses`,
             :func:`~inrun_megatron.deepspeed.model.hf_causal_lm_token_losses`); called with the
             engine in training and with ``engine.module`` in the validation pass.
-        config: scoring options (``path``: which scoring path; see the module docstring).
+        config: scoring options (``path``: which scoring path; see the module docstring). When the
+            engine's optimizer is Adam/AdamW, every step also records the Adam-aware value
+            (``docs/DESIGN.md`` §1.5) unless ``config.optimizer_values`` is False.
         vocab_size: the model's vocabulary size, when neither ``module.vocab_size`` nor
             ``module.config.vocab_size`` gives it (used to check the validation token ids).
         sink: where :meth:`end_step` writes each step's result (see :class:`~inrun_megatron.scorer.Scorer`).
@@ -195,6 +199,8 @@ class DeepSpeedScorer(Scorer):
         # megatron-core layers (tensor parallelism inside DeepSpeed): their counting, tied output
         # weight and site builders come from the megatron-core layer support.
         self.megatron_layers: MegatronCoreLayers | None = None
+        if self.config.optimizer_values and is_adam_engine(engine):
+            self.score_adam_values()
         try:
             if _is_megatron_model(engine.module):
                 from inrun_megatron.deepspeed.megatron_tp import megatron_core_layers
@@ -228,8 +234,8 @@ class DeepSpeedScorer(Scorer):
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> ValidationGradients:
         split = self.config.validation_split == "split"
         if self.zero_stage == 3:
-            return PartitionedGradientStore(params, len(self.targets), sum_over_ranks=split)
-        return DenseGradientStore(params, len(self.targets), dp_group=self.dp_group, sum_over_ranks=split)
+            return PartitionedGradientStore(params, self.n_score_rows, sum_over_ranks=split)
+        return DenseGradientStore(params, self.n_score_rows, dp_group=self.dp_group, sum_over_ranks=split)
 
     def counts(self, param: torch.nn.Parameter) -> bool:
         return self.megatron_layers is None or self.megatron_layers.counts(param)
@@ -327,6 +333,8 @@ class DeepSpeedScorer(Scorer):
         self._fp32_clip_norm = None
         stopwatch = Stopwatch(self.pass_clock)
         validation_losses = self.validation_pass()
+        if ADAM in self.value_kinds:
+            self.precondition(adam_preconditioners(engine, self.grads.params()))
         stopwatch.lap()
         lrs = set(engine.get_lr())
         self._lr = lrs.pop() if len(lrs) == 1 else None

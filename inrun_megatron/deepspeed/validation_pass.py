@@ -90,4 +90,5 @@ class DeepSpeedTargetBackward:
         return torch.stack(sums).sum()
 
     def complete_gradients(self) -> None:
-        self.store.finish()
+        # only the targets' rows of G; rows after them (docs/DESIGN.md §1.5) are filled from these
+        self.store.finish(len(self.batches))

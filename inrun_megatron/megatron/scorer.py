@@ -28,10 +28,12 @@ from megatron.core.utils import get_model_config
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron.gradient_dot import optimizer_gradient_dot
+from inrun_megatron.megatron.optimizer_state import adam_preconditioners, is_adam_optimizer
 from inrun_megatron.megatron.process_groups import SCORER_GROUPS, process_groups
 from inrun_megatron.megatron.validation_pass import SET_BY_VALIDATION_PASS, MegatronTargetBackward
 from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 from inrun_megatron.microbatch_gradients import gradient_scores
+from inrun_megatron.optimizer_values import ADAM
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
 from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
@@ -77,6 +79,10 @@ class MegatronScorer(Scorer):
         micro_batch_size: the training micro-batch size, if known: the scoring path is then
             resolved when attaching, so a model that path cannot score is refused here, naming
             the module, instead of at the first step.
+        optimizer: the optimizer that steps the model (megatron's, or a torch optimizer). When it
+            is Adam/AdamW, every step also records the Adam-aware value (``docs/DESIGN.md`` §1.5)
+            from its state before the step (``config.optimizer_values``); without it, or with
+            another optimizer, the SGD value only.
         sink: where :meth:`end_step` writes each step's result (see :class:`~inrun_megatron.scorer.Scorer`).
         pg_collection: megatron-core's ``ProcessGroupCollection`` of the groups the model runs
             with (``inrun_megatron.megatron.process_groups.SCORER_GROUPS`` are read); megatron's
@@ -91,11 +97,15 @@ class MegatronScorer(Scorer):
         validation: Sequence[Batch] | Mapping[str, Sequence[Batch]],
         config: ScoringConfig | None = None,
         micro_batch_size: int | None = None,
+        optimizer=None,
         sink: ResultSink | None = None,
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(validation, config, sink)
         self.process_groups = process_groups(pg_collection)
+        self.optimizer = optimizer
+        if optimizer is not None and self.config.optimizer_values and is_adam_optimizer(optimizer):
+            self.score_adam_values()
         # <main_grad, G> per target as last read, of weights whose gradient megatron's fused
         # accumulation writes into main_grad (see _local_scores); main_grad is zero when a step starts.
         self._main_grad_scores: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -289,6 +299,8 @@ class MegatronScorer(Scorer):
         self.path_for(kwargs["micro_batch_size"])  # a step no path can score is refused before any work
         stopwatch = Stopwatch(self.pass_clock)
         validation_losses = self.validation_pass(forward_backward_func, **kwargs)
+        if self.optimizer is not None and ADAM in self.value_kinds:
+            self.precondition(adam_preconditioners(self.optimizer, self.grads.params()))
         stopwatch.lap()
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
         captured: list[list] = []

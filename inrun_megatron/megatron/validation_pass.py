@@ -239,10 +239,11 @@ class MegatronTargetBackward:
         and output layer copies of a tied weight summed over the embedding group; and, for a
         split validation set, everything summed over DP."""
         params = self.store.params()
-        sequence_parallel = [self.store[p] for p in params if getattr(p, "sequence_parallel", False)]
+        k = len(self.batches)  # the rows of G; rows after them (docs/DESIGN.md §1.5) are filled from these
+        sequence_parallel = [self.store[p][:k] for p in params if getattr(p, "sequence_parallel", False)]
         _all_reduce_coalesced(sequence_parallel, self.tp_group)
-        shared = [self.store[p] for p in params if getattr(p, "shared_embedding", False)]
+        shared = [self.store[p][:k] for p in params if getattr(p, "shared_embedding", False)]
         if shared:
             _all_reduce_coalesced(shared, self.embedding_group)
         if self.split_group is not None:
-            _all_reduce_coalesced([self.store[p] for p in params], self.split_group)
+            _all_reduce_coalesced([self.store[p][:k] for p in params], self.split_group)

@@ -125,6 +125,8 @@ class ScoringSection:
     # at the end, rank 0 merges the rows into accumulated values (RUN/merged, as `inrun-scores merge`);
     # a run with billions of rows merges faster offline: `mpirun -n N inrun-scores merge RUN -o OUT --mpi`
     merge_values: bool = True
+    # with Adam, also record the Adam-aware value (docs/DESIGN.md §1.5); the analysis defaults to it
+    optimizer_values: bool = True
 
 
 @dataclass

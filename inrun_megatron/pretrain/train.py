@@ -305,8 +305,11 @@ class Pretraining:
                 projection_dtype=projection,
                 path=c.scoring.path,
                 accumulate_values=False,
+                optimizer_values=c.scoring.optimizer_values,
             )
-            self.scorer = MegatronScorer(self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size)
+            self.scorer = MegatronScorer(
+                self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size, optimizer=self.optimizer
+            )
             self.scorer.pass_clock = time.perf_counter  # each step's result times its training pass
         self.iteration = 0
         if resume is not None:
@@ -379,6 +382,7 @@ class Pretraining:
                 global_batch_size=c.training.global_batch_size,
             ),
             targets=describe_targets(c.validation.targets, targets),
+            values=None if self.scorer is None else self.scorer.values_manifest,
             scoring=None if self.scorer is None else self.scorer.config.to_dict(),
             scoring_path=None if self.scorer is None else self.scorer.path_for(c.training.micro_batch_size),
             data=self.data.manifest_section(tokenizer_spec, self.run_dir),
