@@ -36,6 +36,10 @@ class ScoringConfig:
         keep_records: also keep every step's records in memory (``scorer.records``).
         accumulate_values: also sum each sample's values in memory (``scorer.values()``, a
             :class:`~inrun_megatron.scores.ValueAccumulator`).
+        optimizer_values: when the optimizer is Adam/AdamW, also score every sample against the
+            preconditioned validation gradient ``P_t ⊙ G_t`` (the Adam-aware value,
+            ``docs/DESIGN.md`` §1.5), in the same backward as the SGD value; False records the
+            SGD value only.
 
     The last two are off by default because they grow with every sample seen (a 7B run sees
     ~10^8 sequences per replica, and an in-memory accumulator of them costs gigabytes per rank),
@@ -52,6 +56,7 @@ class ScoringConfig:
     allow_untested_megatron: bool = False
     keep_records: bool = False
     accumulate_values: bool = False
+    optimizer_values: bool = True
 
     def __post_init__(self) -> None:
         if self.validation_split not in VALIDATION_SPLITS:

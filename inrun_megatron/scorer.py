@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.microbatch_gradients import LocalScores, ParameterSite, attach_parameter_sites, gradient_scores
+from inrun_megatron.optimizer_values import ADAM, SGD, precondition_rows, row_names
 from inrun_megatron.scores import StepRecords, StepScores, ValueAccumulator, make_step_records
 from inrun_megatron.sites import Site, SiteBuilder
 from inrun_megatron.validation import Batch, GradientStore, as_targets
@@ -64,7 +65,10 @@ class Scorer:
         self.records: list[StepRecords] = []  # every step's, with config.keep_records
         self.accumulator = ValueAccumulator() if self.config.accumulate_values else None
         self.last_validation_losses: dict[str, float] = {}  # of the last step closed by end_step
-        self.last_batch_dots: dict[str, float] = {}  # <g_t, G_t> per target, of the last step closed
+        self.last_batch_dots: dict[str, float] = {}  # <g_t, G_t> per score row, of the last step closed
+        # Value kinds scored (docs/DESIGN.md §1.5): the store of G holds one row per target and kind.
+        self.value_kinds: list[str] = [SGD]
+        self._adam_rows_filled = False  # whether this step's store holds P ⊙ G (not at the first Adam step)
         self.sites: list[Site] = []
         self.grads: GradientStore | None = None
         self._pending: PendingStep | None = None
@@ -157,7 +161,53 @@ class Scorer:
 
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
         """The store of ``G`` for ``params``; adapters whose parameters are sharded override it."""
-        return GradientStore(params, len(self.targets))
+        return GradientStore(params, self.n_score_rows)
+
+    # ----------------------------------------------------------------------------------
+    # value kinds (docs/DESIGN.md §1.5)
+
+    def score_adam_values(self) -> None:
+        """Also score the Adam-aware value: adapters call it before :meth:`build_sites` when the
+        optimizer is Adam and ``config.optimizer_values`` is on. The store of ``G`` then holds
+        ``2K`` rows, ``G`` of every target followed by ``P_t ⊙ G`` of every target, so both scoring
+        paths produce both raw scores in the same backward."""
+        if self.grads is not None:
+            raise RuntimeError("value kinds are fixed before the store of G is built")
+        self.value_kinds = [SGD, ADAM]
+
+    @property
+    def score_rows(self) -> list[str]:
+        """Name of each row of the store and of the step's score tensor (the records' ``target``)."""
+        return row_names([t.name for t in self.targets], self.value_kinds)
+
+    @property
+    def n_score_rows(self) -> int:
+        return len(self.score_rows)
+
+    def precondition(self, preconditioners: Mapping[torch.nn.Parameter, torch.Tensor | None]) -> None:
+        """Fill the Adam rows of the store with ``P_t ⊙ G`` after the step's validation pass.
+
+        ``preconditioners`` maps every stored parameter to its ``P_t`` in the store's layout of
+        that parameter (its local shard or ZeRO-3 partition), or to None for all of them when the
+        optimizer has taken no step yet: that step has no Adam-aware value and records only the
+        SGD rows.
+        """
+        missing = [p for p in self.grads.params() if p not in preconditioners]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} scored parameters (first of shape {tuple(missing[0].shape)}) have no"
+                " optimizer state: is every trainable parameter in the optimizer?"
+            )
+        defined = {preconditioners[p] is not None for p in self.grads.params()}
+        if len(defined) > 1:
+            raise RuntimeError(
+                "the optimizer has a second moment for some scored parameters but not for others; the Adam-aware"
+                " value needs every parameter stepped by the same Adam optimizer"
+            )
+        self._adam_rows_filled = defined.pop()
+        if self._adam_rows_filled:
+            rows = [(self.grads.local_rows(p), preconditioners[p]) for p in self.grads.params()]
+            precondition_rows(rows, len(self.targets))
 
     def add_hook(self, handle) -> None:
         self._hooks.append(handle)
@@ -202,7 +252,7 @@ class Scorer:
             raise RuntimeError("call end_step() after each scored step before starting the next one")
         path = self.path_for(micro_batch_size)
         device = self.grads.params()[0].device
-        self.step_scores = StepScores(len(self.targets), n_microbatches, micro_batch_size, device)
+        self.step_scores = StepScores(self.n_score_rows, n_microbatches, micro_batch_size, device)
         self.scoring = path
 
     def end_scoring(self, completed: bool) -> torch.Tensor:
@@ -224,8 +274,14 @@ class Scorer:
         validation_losses: dict[str, float],
         batch_dots: torch.Tensor,
     ) -> None:
-        """Accept a reduced step after checking its sample ids over the whole global batch."""
+        """Accept a reduced step after checking its sample ids over the whole global batch.
+
+        ``raw`` and ``batch_dots`` have one row per score row (:attr:`score_rows`); a step whose
+        Adam rows were not filled (:meth:`precondition`) keeps only its SGD rows.
+        """
         self._check_sample_ids(sample_ids)
+        if ADAM in self.value_kinds and not self._adam_rows_filled:
+            raw, batch_dots = raw[: len(self.targets)], batch_dots[: len(self.targets)]
         self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses, batch_dots)
 
     def _check_sample_ids(self, ids: torch.Tensor) -> None:
@@ -259,7 +315,7 @@ class Scorer:
         pending, self._pending = self._pending, None
         records = make_step_records(
             step=self.step,
-            targets=[t.name for t in self.targets],
+            targets=self.score_rows[: pending.raw.shape[0]],
             raw=pending.raw,
             sample_ids=pending.sample_ids,
             n_tokens=pending.n_tokens,
@@ -273,13 +329,14 @@ class Scorer:
         if self.accumulator is not None:
             self.accumulator.add(records)
         self.last_validation_losses = pending.validation_losses
-        self.last_batch_dots = {t.name: float(d) for t, d in zip(self.targets, pending.batch_dots.tolist())}
+        self.last_batch_dots = dict(zip(self.score_rows, pending.batch_dots.tolist()))
         self.step += 1
         return records
 
     def values(self, target: str | None = None) -> dict[int, float]:
         """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples, summed
-        in memory over the steps this scorer ran (``ScoringConfig(accumulate_values=True)``)."""
+        in memory over the steps this scorer ran (``ScoringConfig(accumulate_values=True)``).
+        ``target`` is a score row name: ``"name:adam"`` for a target's Adam-aware value."""
         if self.accumulator is None:
             raise RuntimeError(
                 "accumulated values are not kept in memory: create the scorer with"

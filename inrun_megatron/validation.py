@@ -150,6 +150,9 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 class GradientStore:
     """``G`` for every scored parameter, stacked over targets: ``store[param] -> [K, *param.shape]``.
 
+    With Adam-aware values (``docs/DESIGN.md`` §1.5) it holds ``2K`` rows: ``G`` of each target,
+    then ``P_t ⊙ G`` of each; ``n_targets`` counts rows.
+
     Holds exactly the locally held shard of each parameter (tensor/pipeline parallel), in
     float32 (float64 for float64 parameters), so bf16 runs do not round the validation gradient.
     """
@@ -172,6 +175,10 @@ class GradientStore:
 
     def params(self) -> list[torch.nn.Parameter]:
         return list(self._grads)
+
+    def local_rows(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The rows of ``param`` as this rank stores them (whole, or a ZeRO-3 partition), to write into."""
+        return self._grads[param]
 
     def values(self) -> list[torch.Tensor]:
         """Every stored ``[K, *param.shape]`` gradient."""

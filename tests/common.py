@@ -315,6 +315,11 @@ def _megatron_training(
     return chunks, opt
 
 
+def torch_adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """torch's AdamW with GPT pretraining's betas and decoupled weight decay (the megatron CPU fallback)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
 def run_case(
     shape: GPTShape,
     *,
@@ -340,7 +345,8 @@ def run_case(
 
     Each DP rank trains ``n_micro`` microbatches of the step's ``n_micro * DP`` (so a DP=1 run
     with ``n_micro * DP`` microbatches is its single-process reference). ``ddp=None`` trains the
-    bare model with torch SGD; otherwise the chunks are wrapped in megatron DDP with these
+    bare model with torch SGD (``optimizer="adam"``: :func:`torch_adamw`); otherwise the chunks are
+    wrapped in megatron DDP with these
     ``DistributedDataParallelConfig`` options and trained by megatron's ``optimizer`` ("sgd" or
     "adam"), clipping at ``clip_grad`` (0: off); bf16/fp16 configs (``shape.extra_config``) add
     megatron's ``Float16Module`` and mixed-precision optimizer (``fp16_loss_scale``: its loss-scale
@@ -349,6 +355,8 @@ def run_case(
 
     Returns per step: ``raw`` ``{sample_id: raw}`` of this DP rank's samples, ``efficiency``
     ``(sum raw, <g, G>, sum |g_i G_i|)`` and ``sgd`` ``(sum v, <G, w_t - w_t+1>)`` over the global batch,
+    ``raw_adam`` ``{sample_id: raw}`` of the Adam-aware rows (None for a step without them: an SGD run, the
+    first Adam step) and ``efficiency_adam`` ``(sum raw_adam, <g, P G>, sum |g_i (P G)_i|)`` of the steps with them,
     ``clip_coef``, ``skipped``, ``losses``, ``dp_traffic`` (elements reduced over the DP group
     during the forward/backward call), ``fb_calls`` (calls of megatron's forward_backward_func) and
     ``paths`` (the scoring path of each call that was scored);
@@ -378,15 +386,17 @@ def run_case(
     for model in models:
         load_canonical_weights(model, seed, tp_rank, tp_size)
     if ddp is None:
-        chunks, opt = models, torch.optim.SGD([p for m in models for p in m.parameters()], lr=lr)
+        params = [p for m in models for p in m.parameters()]
+        chunks, opt = models, (torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch_adamw(params, lr))
     else:
         chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {})
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
     config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
-    scorer = MegatronScorer(chunks, validation, config, micro_batch_size=mbs) if scored else None
+    scorer = MegatronScorer(chunks, validation, config, micro_batch_size=mbs, optimizer=opt) if scored else None
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
+    keys += ("raw_adam", "efficiency_adam")
     out = {key: [] for key in keys}
 
     def fb(**kwargs):
@@ -427,6 +437,9 @@ def run_case(
             loss_scale = 1.0 if ddp is None else float(opt.get_loss_scale())
             gradient_dot = optimizer_gradient_dot(chunks, g_val, with_abs=True)
             batch_dot, batch_abs = float(gradient_dot.dot[0]) / loss_scale, float(gradient_dot.abs_sum[0]) / loss_scale
+            if scorer.n_score_rows > 1:  # the Adam rows: P_t ⊙ G (docs/DESIGN.md §1.5)
+                adam_dot = optimizer_gradient_dot(chunks, scorer.grads.target(1), with_abs=True)
+                adam_dot = (float(adam_dot.dot[0]) / loss_scale, float(adam_dot.abs_sum[0]) / loss_scale)
         if ddp is None:
             opt.step()
             result = (True, None, None)
@@ -438,9 +451,23 @@ def run_case(
         if scored:
             records = scorer.end_step(lr=lr) if ddp is None else scorer.end_optimizer_step(opt, result)
             c = records.columns
-            raw = dict(zip(c["sample_id"].tolist(), c["raw"].tolist()))
+            rows = {name: c["target"] == name for name in scorer.score_rows}
+            raw = dict(zip(c["sample_id"][rows["validation"]].tolist(), c["raw"][rows["validation"]].tolist()))
             out["raw"].append(raw)
-            sums = torch.tensor([sum(raw.values()), float(records.values.sum())], dtype=torch.float64)
+            adam = rows.get("validation:adam")
+            out["raw_adam"].append(
+                dict(zip(c["sample_id"][adam].tolist(), c["raw"][adam].tolist()))
+                if adam is not None and adam.any()
+                else None
+            )
+            if out["raw_adam"][-1] is not None:
+                adam_sum = torch.tensor(sum(out["raw_adam"][-1].values()), dtype=torch.float64)
+                dist.all_reduce(adam_sum, group=parallel_state.get_data_parallel_group())
+                assert scorer.last_batch_dots["validation:adam"] == adam_dot[0]  # what the scorer stores
+                out["efficiency_adam"].append((float(adam_sum), *adam_dot))
+            sums = torch.tensor(
+                [sum(raw.values()), float(records.values[rows["validation"]].sum())], dtype=torch.float64
+            )
             dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
             out["efficiency"].append((float(sums[0]), batch_dot, batch_abs))
             moved = {p: before[p] - p.detach() for p in before}

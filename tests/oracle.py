@@ -65,3 +65,19 @@ def per_sample_raw(
 
             out[int(sid)] = combine(gradients(model, loss_z), g_val)
     return out
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> torch.Tensor:
+    """``P_t`` of torch Adam/AdamW for ``param``, written out from Adam's update rule (docs/DESIGN.md §1.5).
+
+    Before step ``t`` the state holds ``m_{t-1}``, ``v_{t-1}`` and ``k = t - 1``. With ``v`` held at
+    ``v_{t-1}``, the update is ``-lr * (beta1 m_{t-1} + (1 - beta1) g) / (1 - beta1^t) / (sqrt(v_hat) + eps)``
+    with ``v_hat = v_{t-1} / (1 - beta2^k)``; its derivative by ``g``, over ``-lr``, is ``P_t``. In float64.
+    """
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    state = optimizer.state[param]
+    beta1, beta2 = group["betas"]
+    k = int(state["step"])
+    v_hat = state["exp_avg_sq"].double() / (1.0 - beta2**k)
+    m_t_per_g = (1.0 - beta1) / (1.0 - beta1 ** (k + 1))
+    return m_t_per_g / (torch.sqrt(v_hat) + group["eps"])

@@ -32,8 +32,10 @@ from megatron.core.utils import get_model_config
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron import layers
 from inrun_megatron.megatron.gradient_dot import optimizer_gradient_dot
+from inrun_megatron.megatron.optimizer_state import adam_preconditioners, is_adam_optimizer
 from inrun_megatron.megatron.validation_pass import run_validation_pass
 from inrun_megatron.microbatch_gradients import gradient_scores
+from inrun_megatron.optimizer_values import ADAM
 from inrun_megatron.scorer import Scorer, clip_coefficient
 from inrun_megatron.scores import StepRecords
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
@@ -120,6 +122,10 @@ class MegatronScorer(Scorer):
         micro_batch_size: the training micro-batch size, if known: the scoring path is then
             resolved when attaching, so a model that path cannot score is refused here, naming
             the module, instead of at the first step.
+        optimizer: the optimizer that steps the model (megatron's, or a torch optimizer). When it
+            is Adam/AdamW, every step also records the Adam-aware value (``docs/DESIGN.md`` §1.5)
+            from its state before the step (``config.optimizer_values``); without it, or with
+            another optimizer, the SGD value only.
 
     Set ``pass_clock`` to a clock (``time.perf_counter``, or ``time.process_time`` on a shared CPU) to
     have each :meth:`forward_backward` leave its :class:`PassTimings` in ``last_timings``
@@ -132,8 +138,12 @@ class MegatronScorer(Scorer):
         validation: Sequence[Batch] | Mapping[str, Sequence[Batch]],
         config: ScoringConfig | None = None,
         micro_batch_size: int | None = None,
+        optimizer=None,
     ):
         super().__init__(validation, config)
+        self.optimizer = optimizer
+        if optimizer is not None and self.config.optimizer_values and is_adam_optimizer(optimizer):
+            self.score_adam_values()
         # <main_grad, G> per target as last read, of weights whose gradient megatron's fused
         # accumulation writes into main_grad (see _local_scores); main_grad is zero when a step starts.
         self._main_grad_scores: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -336,6 +346,8 @@ class MegatronScorer(Scorer):
         validation_losses = run_validation_pass(
             self, forward_backward_func, kwargs["forward_step_func"], kwargs["model"]
         )
+        if self.optimizer is not None and ADAM in self.value_kinds:
+            self.precondition(adam_preconditioners(self.optimizer, self.grads.params()))
         stopwatch.lap()
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
         captured: list[list] = []

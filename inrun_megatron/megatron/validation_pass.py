@@ -159,14 +159,15 @@ def _complete_gradients(scorer: MegatronScorer) -> None:
     split validation set, everything summed over DP.
     """
     params = scorer.grads.params()
-    sequence_parallel = [scorer.grads[p] for p in params if getattr(p, "sequence_parallel", False)]
+    k = len(scorer.targets)  # the rows of G; rows after them (docs/DESIGN.md §1.5) are filled from these
+    sequence_parallel = [scorer.grads[p][:k] for p in params if getattr(p, "sequence_parallel", False)]
     _all_reduce_coalesced(sequence_parallel, parallel_state.get_tensor_model_parallel_group())
-    shared = [scorer.grads[p] for p in params if getattr(p, "shared_embedding", False)]
+    shared = [scorer.grads[p][:k] for p in params if getattr(p, "shared_embedding", False)]
     if shared:
         _all_reduce_coalesced(shared, parallel_state.get_embedding_group())
     if scorer.config.validation_split == "split":
         _all_reduce_coalesced(
-            [scorer.grads[p] for p in params], parallel_state.get_data_parallel_group(with_context_parallel=True)
+            [scorer.grads[p][:k] for p in params], parallel_state.get_data_parallel_group(with_context_parallel=True)
         )
 
 

@@ -1,0 +1,143 @@
+"""Optimizer-aware values: the preconditioner of an Adam step (framework independent).
+
+``docs/DESIGN.md`` §1.5. With the optimizer state held fixed for step ``t``, Adam moves the weights
+by ``-lr * m_hat / (sqrt(v_hat) + eps)`` with ``m_t = beta1 m_{t-1} + (1 - beta1) g_t``, so the part of
+the update that sample ``z``'s gradient causes is ``-lr * P_t ⊙ grad l_z`` with the diagonal
+
+    P_t = (1 - beta1) / (1 - beta1^t) / (sqrt(v_{t-1} / (1 - beta2^(t-1))) + eps)
+
+(``t`` the optimizer's step count after this step, ``v_{t-1}`` the second moment before it). Its
+first-order effect on the validation loss is ``lr * clip * <grad l_z, P_t ⊙ G_t>``: the raw score
+against the *preconditioned* validation gradient. The adapters store ``P_t ⊙ G_t`` as extra rows
+of the validation-gradient store (one per target), so both scoring paths produce both raw scores
+in the same backward, with no extra GEMM.
+
+A step with no second moment before it (the optimizer's first step) has no Adam-aware value:
+:func:`adam_preconditioner` returns None and the step records no Adam rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+#: Value kinds a run may record. ``sgd``: ``lr * clip * <grad l_z, G>``; ``adam``: the same
+#: against ``P_t ⊙ G_t`` (docs/DESIGN.md §1.5).
+SGD, ADAM = "sgd", "adam"
+
+#: Suffix of the record rows (the ``target`` column) that hold the Adam-aware value of a target.
+ADAM_ROW_SUFFIX = ":adam"
+
+#: Optimizer classes, by name, whose update is Adam's (torch, apex, Transformer Engine, DeepSpeed).
+ADAM_OPTIMIZERS = ("Adam", "AdamW", "FusedAdam", "DeepSpeedCPUAdam")
+
+
+def adam_preconditioner(
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    betas: tuple[float, float],
+    eps: float,
+    *,
+    bias_correction: bool = True,
+) -> torch.Tensor | None:
+    """The diagonal ``P_t`` of an Adam/AdamW step, from the state *before* the step; None at the first step.
+
+    Args:
+        exp_avg_sq: the optimizer's second moment ``v_{t-1}`` of one parameter (or shard), as it
+            is before this step's update.
+        step: how many updates the optimizer has already applied to this parameter (torch's
+            ``state["step"]`` before this step; this step is ``t = step + 1``).
+        betas: ``(beta1, beta2)`` of the parameter's group.
+        eps: the group's ``eps``, added to ``sqrt(v_hat)`` as Adam does.
+        bias_correction: False for optimizers built with ``bias_correction=False`` (apex,
+            DeepSpeed): then neither moment is bias-corrected.
+
+    Returns ``(1 - beta1) / (1 - beta1^t) / (sqrt(v_{t-1} / (1 - beta2^(t-1))) + eps)`` in float32
+    (float64 for a float64 state): the derivative of the update by the gradient, divided by
+    ``-lr``, with the state held fixed. Weight decay (decoupled or L2) adds a term that does not
+    depend on the batch, so it is not part of ``P``. Returns None when ``step`` is 0: there is no
+    second moment before the first step (``v_0 = 0`` and its bias correction is ``0/0``).
+    """
+    if step < 0:
+        raise ValueError(f"an optimizer step count is never negative, got {step}")
+    if step == 0:
+        return None
+    beta1, beta2 = betas
+    t = step + 1
+    dtype = torch.float64 if exp_avg_sq.dtype == torch.float64 else torch.float32
+    v = exp_avg_sq.to(dtype)
+    if bias_correction:
+        first = (1.0 - beta1) / (1.0 - beta1**t)
+        v = v / (1.0 - beta2**step)
+    else:
+        first = 1.0 - beta1
+    return first / (v.sqrt() + eps)
+
+
+def torch_adam_preconditioner(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
+    """``P_t`` of ``param`` (a key of ``optimizer.state``) for torch's Adam/AdamW, apex's, Transformer
+    Engine's and DeepSpeed's FusedAdam; None before the first step. Raises for variants whose update
+    is not Adam's (amsgrad, maximize)."""
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None:
+        raise KeyError(f"a parameter of shape {tuple(param.shape)} is in none of the optimizer's parameter groups")
+    for option in ("amsgrad", "maximize"):
+        if group.get(option):
+            raise NotImplementedError(f"Adam-aware values of Adam with {option}=True are not defined")
+    state = optimizer.state.get(param, {})
+    if "exp_avg_sq" not in state:
+        return None  # no step taken yet
+    step = state.get("step", group.get("step"))  # apex and Transformer Engine keep it per group
+    if step is None:
+        raise KeyError(f"{type(optimizer).__name__} keeps no step count where Adam keeps it (state or group 'step')")
+    exp_avg_sq = state["exp_avg_sq"]
+    unscaled = getattr(optimizer, "get_unscaled_state", None)  # Transformer Engine's low-precision states
+    if unscaled is not None:
+        exp_avg_sq = unscaled(param, "exp_avg_sq")
+    return adam_preconditioner(
+        exp_avg_sq,
+        int(step),
+        tuple(group["betas"]),
+        float(group["eps"]),
+        bias_correction=bool(group.get("bias_correction", True)),
+    )
+
+
+def is_adam(optimizer: object) -> bool:
+    """Whether ``optimizer`` (a torch optimizer, unwrapped) applies Adam's update."""
+    return any(cls.__name__ in ADAM_OPTIMIZERS for cls in type(optimizer).__mro__)
+
+
+def row_names(targets: Sequence[str], kinds: Sequence[str]) -> list[str]:
+    """Names of the score rows of a run: every target once per value kind, SGD rows first.
+
+    The ``target`` column of the records holds these names: ``name`` for the SGD value and
+    ``name + ADAM_ROW_SUFFIX`` for the Adam-aware value.
+    """
+    names = list(targets)
+    if ADAM in kinds:
+        names += [f"{t}{ADAM_ROW_SUFFIX}" for t in targets]
+    return names
+
+
+def split_row_name(row: str) -> tuple[str, str]:
+    """``(target, value kind)`` of a score row name (:func:`row_names`)."""
+    if row.endswith(ADAM_ROW_SUFFIX):
+        return row[: -len(ADAM_ROW_SUFFIX)], ADAM
+    return row, SGD
+
+
+def precondition_rows(store_rows: Sequence[tuple[torch.Tensor, torch.Tensor | None]], n_targets: int) -> None:
+    """Write ``P ⊙ G`` into rows ``[K, 2K)`` of each stored ``[2K, ...]`` gradient, from rows ``[0, K)``.
+
+    ``store_rows`` pairs each stored gradient with its ``P`` (the stored gradient's trailing shape,
+    or a flat tensor of as many elements). Called once per step, after the validation pass and
+    before the training microbatches.
+    """
+    for rows, p in store_rows:
+        g, adam = rows[:n_targets], rows[n_targets:]
+        adam.copy_(g * p.reshape(g.shape[1:]).to(g.dtype))
+
+
+PreconditionerOf = Callable[[torch.nn.Parameter], torch.Tensor | None]
