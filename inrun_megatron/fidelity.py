@@ -17,7 +17,8 @@ weights without data); Shapley values split ``U(B) − U(∅)``.
 
 **The values** come from the library's definitions: the first-order SGD value
 (:func:`inrun_megatron.scores.step_values` of ``⟨∇ℓ_z, G_t⟩``), the Adam-aware value (the same
-formula against the preconditioned validation gradient), the second-order value
+formula against the preconditioned validation gradient ``P_t ⊙ G_t``, ``P_t`` from
+:func:`inrun_megatron.optimizer_values.torch_adam_preconditioner`), the second-order value
 (:func:`inrun_megatron.second_order.second_order_step_values`). Per-sample gradients here are
 brute force, one backward per sample: the production paths are checked against brute force
 elsewhere; this command checks the *definitions*.
@@ -31,7 +32,6 @@ worst single step's Pearson is printed beside them.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inrun_megatron.optimizer_values import is_adam, torch_adam_preconditioner
 from inrun_megatron.scores import step_values
 from inrun_megatron.second_order import second_order_step_values, validation_hessian_vector_product
 
@@ -64,7 +65,7 @@ def exact_shapley(utilities: np.ndarray) -> np.ndarray:
     coalitions without ``i``.
     """
     utilities = np.asarray(utilities, dtype=np.float64)
-    n = int(round(math.log2(len(utilities)))) if len(utilities) else -1
+    n = len(utilities).bit_length() - 1
     if n < 1 or len(utilities) != 2**n:
         raise ValueError(f"need 2^n utilities (n >= 1), got {len(utilities)}")
     masks = np.arange(2**n)
@@ -123,7 +124,7 @@ class TinyCausalLM(nn.Module):
         return self.output_layer(self.final_norm(x))
 
 
-def token_losses(model: nn.Module, sequences: torch.Tensor) -> torch.Tensor:
+def token_losses(model: Callable[[torch.Tensor], torch.Tensor], sequences: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy ``[b, s−1]`` of ``sequences [b, s]``; twice differentiable
     (``F.cross_entropy``, not megatron's vocab-parallel one, ``docs/DESIGN.md`` §4)."""
     logits = model(sequences[:, :-1])
@@ -132,7 +133,7 @@ def token_losses(model: nn.Module, sequences: torch.Tensor) -> torch.Tensor:
     )
 
 
-def mean_token_loss(model: nn.Module, sequences: torch.Tensor) -> torch.Tensor:
+def mean_token_loss(model: Callable[[torch.Tensor], torch.Tensor], sequences: torch.Tensor) -> torch.Tensor:
     """Mean per-token cross-entropy over every token of ``sequences``: the training and the
     validation loss (``docs/DESIGN.md`` §1.1)."""
     return token_losses(model, sequences).mean()
@@ -174,7 +175,35 @@ def per_sample_gradients(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     batch), one backward per sample; the rows sum to the gradient of the batch's mean token loss."""
     params = list(model.parameters())
     batch_tokens = batch.shape[0] * (batch.shape[1] - 1)
-    return torch.stack([_flat_gradient(token_losses(model, batch[z : z + 1]).sum() / batch_tokens, params) for z in range(len(batch))])
+    return torch.stack(
+        [_flat_gradient(token_losses(model, batch[z : z + 1]).sum() / batch_tokens, params) for z in range(len(batch))]
+    )
+
+
+def _flat_optimizer_copy(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
+    """The same optimizer (class, hyperparameters, state before the step) over one flat parameter.
+
+    Adam and SGD update every element independently, so one step of the flat copy moves each
+    weight exactly as the optimizer would, with one tensor operation per step instead of one per
+    parameter tensor (the subset enumeration takes ``2^n`` steps).
+    """
+    if len(optimizer.param_groups) != 1:
+        raise ValueError("the one-step game is enumerated for an optimizer with one parameter group")
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    probe = type(optimizer)([flat], **optimizer.defaults)
+    states = [optimizer.state.get(p, {}) for p in params]
+    flat_state = {}
+    for key, first in states[0].items():
+        if not isinstance(first, torch.Tensor):
+            continue  # SGD without momentum keeps momentum_buffer = None
+        if first.shape == params[0].shape:
+            flat_state[key] = torch.cat([s[key].reshape(-1) for s in states]).clone()
+        elif all(torch.equal(s[key], first) for s in states):  # Adam's step count
+            flat_state[key] = first.clone()
+        else:
+            raise ValueError(f"optimizer state {key!r} differs between parameters: cannot flatten it")
+    probe.state[flat] = flat_state
+    return probe
 
 
 def subset_utilities(
@@ -184,52 +213,42 @@ def subset_utilities(
 
     ``w_{t+1}(S)`` is one ``optimizer.step()`` of a copy of ``optimizer`` (same class,
     hyperparameters and state as now, before the step) with gradient ``Σ_{z∈S} ∇ℓ_z``; ``model``
-    and ``optimizer`` are left untouched.
+    and ``optimizer`` are left untouched. The validation losses of all ``2^n`` weights are
+    evaluated in batches with ``torch.func.vmap``.
     """
     n = sample_gradients.shape[0]
-    probe = copy.deepcopy(model)
-    probe_params = list(probe.parameters())
-    probe_optimizer = type(optimizer)(probe_params, **optimizer.defaults)
-    probe_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    # Restored in place before every subset's step (a fresh load_state_dict each time is slow).
-    saved_state = {
-        p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)} for p, s in probe_optimizer.state.items()
-    }
-    start = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        base = float(mean_token_loss(model, validation))
-    utilities = np.empty(2**n)
+    named = dict(model.named_parameters())
+    params = list(named.values())
+    probe = _flat_optimizer_copy(optimizer, params)
+    (flat,) = probe.param_groups[0]["params"]
+    start = flat.detach().clone()
+    saved_state = {key: value.clone() for key, value in probe.state[flat].items()}
+    # Row 0 holds w_t, so that L_val(w_t) is computed exactly as every stepped loss is.
+    stepped = torch.empty(1 + 2**n, start.numel(), dtype=start.dtype)
+    stepped[0] = start
     for mask in range(2**n):
         members = [z for z in range(n) if (mask >> z) & 1]
-        subset_gradient = sample_gradients[members].sum(0) if members else torch.zeros_like(sample_gradients[0])
         with torch.no_grad():
-            for p, w, g in zip(probe_params, start, _unflatten(subset_gradient, probe_params)):
-                p.copy_(w)
-                p.grad = g.clone()
-            for p, saved in saved_state.items():
-                for key, value in saved.items():
-                    probe_optimizer.state[p][key].copy_(value)
-        probe_optimizer.step()
-        with torch.no_grad():
-            utilities[mask] = base - float(mean_token_loss(probe, validation))
-    return utilities
+            flat.copy_(start)
+            flat.grad = sample_gradients[members].sum(0) if members else torch.zeros_like(start)
+            for key, value in saved_state.items():
+                probe.state[flat][key].copy_(value)
+        probe.step()
+        stepped[1 + mask] = flat.detach()
+
+    def validation_loss(weights: torch.Tensor) -> torch.Tensor:
+        tensors = dict(zip(named, _unflatten(weights, params)))
+        return mean_token_loss(lambda tokens: torch.func.functional_call(model, tensors, (tokens,)), validation)
+
+    with torch.no_grad():
+        losses = torch.cat([torch.func.vmap(validation_loss)(chunk) for chunk in stepped.split(64)]).numpy()
+    return losses[0] - losses[1:]
 
 
-def _adam_preconditioner_from_design(optimizer: torch.optim.Adam) -> list[torch.Tensor]:
-    """``(1−β₁)/(1−β₁ᵗ) / (√v̂ + ε)`` per parameter, ``v̂`` the bias-corrected second moment
-    before step ``t`` (``docs/DESIGN.md`` §1.5), written here from the design's formula."""
-    beta1, beta2 = optimizer.defaults["betas"]
-    eps = optimizer.defaults["eps"]
-    preconditioner = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if not state:
-                raise ValueError("the Adam-aware value needs optimizer state: score after at least one step")
-            done = int(state["step"])
-            t = done + 1
-            v_hat = state["exp_avg_sq"] / (1 - beta2**done)
-            preconditioner.append((1 - beta1) / (1 - beta1**t) / (v_hat.sqrt() + eps))
+def _adam_preconditioner(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
+    preconditioner = torch_adam_preconditioner(optimizer, param)
+    if preconditioner is None:
+        raise ValueError("the Adam-aware value needs the optimizer state of a step before: score after warmup steps")
     return preconditioner
 
 
@@ -260,8 +279,8 @@ def score_step(
         "sgd": step_values(raw, lr, no_clip, no_skip),
         "second-order": second_order_step_values(raw, curvature, lr, no_clip, no_skip),
     }
-    if isinstance(optimizer, torch.optim.Adam):
-        preconditioner = torch.cat([p.reshape(-1) for p in _adam_preconditioner_from_design(optimizer)])
+    if is_adam(optimizer):
+        preconditioner = torch.cat([_adam_preconditioner(optimizer, p).reshape(-1) for p in params])
         adam_raw = (sample_gradients @ (preconditioner * validation_gradient)).numpy()
         values["adam"] = step_values(adam_raw, lr, no_clip, no_skip)
     utilities = subset_utilities(model, optimizer, sample_gradients, validation)
@@ -277,7 +296,10 @@ class FidelityConfig:
     optimizer: str = "adam"
     lrs: tuple[float, ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2)
-    warmup_steps: int = 3
+    #: ⌈1 / (1 − β₂)⌉: the Adam-aware value holds the second moment fixed, which is close to what
+    #: the step does once the moment averages many steps' gradients, not in the first few steps
+    #: (where the step's own gradient is a large share of it; README, "Fidelity").
+    warmup_steps: int = 20
     steps: int = 4
     batch_size: int = 8
     validation_size: int = 8
@@ -293,7 +315,9 @@ class FidelityConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         self.lrs = tuple(self.lrs) or DEFAULT_LRS[self.optimizer]
         if not 2 <= self.batch_size <= MAX_PLAYERS:
-            raise ValueError(f"batch_size must be 2..{MAX_PLAYERS} (2^batch_size subsets per step), got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be 2..{MAX_PLAYERS} (2^batch_size subsets per step), got {self.batch_size}"
+            )
         if self.optimizer == "adam" and self.warmup_steps < 1:
             raise ValueError("Adam needs warmup_steps >= 1: the Adam-aware value uses the state before the step")
         for name in ("steps", "validation_size", "vocab", "hidden", "layers", "heads"):
@@ -393,7 +417,7 @@ def format_table(rows: Sequence[FidelityRow]) -> str:
     ]
     for row in sorted(rows, key=lambda r: (r.lr, VALUE_ORDER.index(r.value))):
         lines.append(
-            f"| {row.lr:g} | {row.value} | {row.pearson:.4f} | {row.spearman:.4f} | {row.rel_rmse:.4f} |"
+            f"| {row.lr:g} | {row.value} | {row.pearson:.4f} | {row.spearman:.4f} | {row.rel_rmse:.3g} |"
             f" {row.worst_step_pearson:.4f} |"
         )
     return "\n".join(lines)
@@ -408,7 +432,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     parser.add_argument(
-        "--lrs", type=float, nargs="+", help="learning rates, one run per seed each (default: "
+        "--lrs",
+        type=float,
+        nargs="+",
+        help="learning rates, one run per seed each (default: "
         + "; ".join(f"{k}: {' '.join(f'{lr:g}' for lr in v)}" for k, v in DEFAULT_LRS.items())
         + ")",
     )

@@ -18,6 +18,7 @@ from inrun_megatron.fidelity import (
     MarkovCorpus,
     TinyCausalLM,
     exact_shapley,
+    main,
     make_optimizer,
     mean_token_loss,
     score_step,
@@ -166,16 +167,20 @@ def test_step_game_is_the_step_training_takes(kind, lr):
         assert set(game.values) == {"sgd", "adam", "second-order"}
 
 
-def test_cli_rejects_bad_input_before_running():
-    for args, message in [
+@pytest.mark.parametrize(
+    "args,message",
+    [
         (["--batch-size", "11"], "batch_size must be 2..10"),
         (["--optimizer", "adam", "--warmup-steps", "0"], "warmup_steps >= 1"),
         (["--lrs", "0"], "learning rates must be positive"),
-    ]:
-        out = subprocess.run(
-            [sys.executable, "-m", "inrun_megatron.fidelity", *args], capture_output=True, text=True, timeout=120
-        )
-        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+    ],
+)
+def test_cli_rejects_bad_input_before_running(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and message in out.err
+    assert "inrun-fidelity:" not in out.out  # nothing ran
 
 
 # ------------------------------------------------------------------------------------------
