@@ -1,8 +1,8 @@
 """``inrun-fidelity``: the library's values against exact Shapley values of one-step games.
 
-The paper's Figure-1 check (Wang et al., ICLR 2025), runnable anywhere in seconds: a tiny causal
+The paper's Figure-1 check (Wang et al., ICLR 2025), runnable on any CPU: a tiny causal
 LM in float64 trains a few steps with SGD or Adam; at each scored step the *one-step game* of
-``docs/DESIGN.md`` §1.5 is solved exactly by enumerating every subset of the batch, and each value
+``docs/DESIGN.md`` §4 is solved exactly by enumerating every subset of the batch, and each value
 the library offers is compared with the exact Shapley values.
 
 **The game.** Step ``t`` trains on a batch ``B`` of ``n`` sequences with the mean per-token
@@ -140,7 +140,7 @@ def mean_token_loss(model: Callable[[torch.Tensor], torch.Tensor], sequences: to
 
 
 class MarkovCorpus:
-    """Sequences from a random sparse Markov chain over the vocabulary, a share of them replaced by
+    """Sequences from a random, peaked Markov chain over the vocabulary, a share of them replaced by
     uniform noise: learnable structure, and training sequences that help and that hurt."""
 
     def __init__(self, generator: torch.Generator, vocab: int, seq_length: int, noise: float):
@@ -262,10 +262,11 @@ class StepGame:
 
 
 def score_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, validation: torch.Tensor, lr: float
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, validation: torch.Tensor
 ) -> StepGame:
     """Solve this step's game exactly and compute every value the library offers, before the step."""
     params = list(model.parameters())
+    lr = optimizer.param_groups[0]["lr"]
     sample_gradients = per_sample_gradients(model, batch)
     validation_gradient = _flat_gradient(mean_token_loss(model, validation), params)
     no_skip, no_clip = np.zeros(len(batch), dtype=bool), 1.0
@@ -356,7 +357,7 @@ def train_and_score(config: FidelityConfig, lr: float, seed: int) -> list[StepGa
     for step in range(config.warmup_steps + config.steps):
         batch = corpus.sample(config.batch_size)
         if step >= config.warmup_steps:
-            games.append(score_step(model, optimizer, batch, validation, lr))
+            games.append(score_step(model, optimizer, batch, validation))
         optimizer.zero_grad()
         mean_token_loss(model, batch).backward()
         optimizer.step()

@@ -1,6 +1,6 @@
 """Second-order In-Run values (the paper's Theorem 4), framework independent.
 
-The one-step game of ``docs/DESIGN.md`` §1.5: with plain SGD, step ``t`` moves the weights by
+The one-step game of ``docs/DESIGN.md`` §4: with plain SGD, step ``t`` moves the weights by
 ``-s·g_S`` for a subset ``S`` of the batch (``s = η_t·c_t``, ``g_S = Σ_{z∈S} ∇ℓ_z``), so the
 validation loss it removes is, to second order,
 
