@@ -208,7 +208,7 @@ def _parse_table(text: str) -> dict[tuple[float, str], dict[str, float]]:
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and re.fullmatch(r"[\d.e+-]+", cells[0]):
+        if len(cells) == 6 and re.fullmatch(r"\d[\d.e+-]*", cells[0]):
             pearson, spearman, rel_rmse, worst = map(float, cells[2:])
             rows[float(cells[0]), cells[1]] = dict(pearson=pearson, spearman=spearman, rel_rmse=rel_rmse, worst=worst)
     return rows
@@ -223,6 +223,7 @@ def _readme_runs() -> list[tuple[list[str], dict]]:
     return [(command.split()[1:], _parse_table(table)) for command, table in runs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["adam", "adam-first-steps", "sgd"])
 def test_readme_fidelity_table(index):
     args, readme_rows = _readme_runs()[index]
