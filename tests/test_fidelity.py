@@ -123,6 +123,17 @@ def test_validation_hvp_matches_finite_differences_of_gradients():
     assert torch.linalg.norm(exact) > 0
 
 
+def test_validation_hvp_of_unused_parameters_and_linear_losses_is_zero():
+    used, unused = torch.randn(3, dtype=torch.float64, requires_grad=True), torch.randn(2, requires_grad=True)
+    x = torch.randn(3, dtype=torch.float64)
+    vector = [torch.ones(3, dtype=torch.float64), torch.ones(2)]
+    quadratic = validation_hessian_vector_product([used, unused], lambda: (used * x).sum() ** 2, vector)
+    torch.testing.assert_close(quadratic[0], 2 * x * (x @ vector[0]), rtol=1e-14, atol=0)
+    assert torch.equal(quadratic[1], torch.zeros(2))
+    linear = validation_hessian_vector_product([used, unused], lambda: (used * x).sum(), vector)
+    assert torch.equal(linear[0], torch.zeros(3, dtype=torch.float64)) and torch.equal(linear[1], torch.zeros(2))
+
+
 def test_validation_hvp_rejects_a_mismatched_vector():
     model, corpus = _tiny()
     params = list(model.parameters())
