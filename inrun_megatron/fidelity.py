@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -297,9 +298,9 @@ class FidelityConfig:
     optimizer: str = "adam"
     lrs: tuple[float, ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2)
-    #: ⌈1 / (1 − β₂)⌉: the Adam-aware value holds the second moment fixed, which is close to what
-    #: the step does once the moment averages many steps' gradients, not in the first few steps
-    #: (where the step's own gradient is a large share of it; README, "Fidelity").
+    #: 1 / (1 − β₂), the second moment's time constant: the Adam-aware value holds the second
+    #: moment fixed, closer to what the step does once it averages many steps' gradients; in the
+    #: first steps of a run it tracks the game less well (README, "Fidelity", ``--warmup-steps 3``).
     warmup_steps: int = 20
     steps: int = 4
     batch_size: int = 8
@@ -465,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{config.steps} scored steps, {config.batch_size} players (2^{config.batch_size} subsets per step)",
         flush=True,
     )
-    print(format_table(run_fidelity(config)))
+    print(format_table(run_fidelity(config, progress=lambda message: print(message, file=sys.stderr, flush=True))))
 
 
 if __name__ == "__main__":
