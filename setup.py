@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "inrun-bench=inrun_megatron.bench:main",
+            "inrun-fidelity=inrun_megatron.fidelity:main",
             "inrun-preprocess=inrun_megatron.data.indexed:main",
             "inrun-scores=inrun_megatron.analysis.cli:main",
         ]
