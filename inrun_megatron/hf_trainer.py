@@ -218,6 +218,7 @@ class ScoringTrainer(Trainer):
                 targets=[t.describe() for t in scorer.targets],
                 scoring=self.scoring.to_dict(),
                 scoring_path=scorer.path,
+                values=scorer.values_manifest,
                 model={"class": type(engine.module).__name__, "vocab_size": engine.module.config.vocab_size},
                 versions=library_versions(deepspeed=deepspeed.__version__),
             )

@@ -141,5 +141,9 @@ def test_entry_point_scores_a_hugging_face_model(tmp_path, mbs, path):
     table = ds.dataset(run / "scores", format="parquet").to_table().to_pydict()
     per_step = 2 * mbs
     expected = [(step, step * per_step + i) for step in range(2) for i in range(per_step)]
-    assert sorted(zip(table["step"], table["sample_id"])) == expected
+    rows = {target: sorted((s, i) for s, i, t in zip(table["step"], table["sample_id"], table["target"]) if t == target)
+            for target in ("validation", "validation:adam")}  # fmt: skip
+    assert rows["validation"] == expected
+    # AdamW: the Adam-aware rows (docs/DESIGN.md §1.5) exist from the optimizer's second step on
+    assert manifest.values.default == "adam" and rows["validation:adam"] == expected[per_step:]
     assert all(r == r and r != 0.0 for r in table["raw"]), table["raw"]
