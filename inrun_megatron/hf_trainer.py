@@ -1,9 +1,9 @@
-"""In-Run Data Shapley for a Hugging Face ``Trainer`` run with its DeepSpeed integration.
+"""In-Run Data Shapley for a Hugging Face ``Trainer`` run, with or without its DeepSpeed integration.
 
 Usage::
 
     trainer = ScoringTrainer(
-        model=model, args=TrainingArguments(..., deepspeed="configs/deepspeed/zero2.json"),
+        model=model, args=TrainingArguments(...),  # optionally deepspeed="configs/deepspeed/zero2.json"
         train_dataset=train, data_collator=collator, processing_class=tokenizer,
         validation={"held_out": ["a text", "another text"]}, run_dir="RUN",
     )
@@ -11,13 +11,17 @@ Usage::
 
 Sample ids are the training dataset's indices: the dataset is wrapped so each example carries its
 index as ``sample_ids``, which the Trainer's sampler (shuffled or not) and collator carry to the
-training step, and which the model never sees. Each optimizer step runs through
-:class:`~inrun_megatron.deepspeed.DeepSpeedScorer`: the validation pass, then the step's micro-batches
-with the Trainer's own loss (``compute_loss`` with ``num_items_in_batch``, its scaling for gradient
-accumulation and across processes), so ``l_z`` is sample ``z``'s term of exactly the loss whose
-gradient the optimizer steps with (``docs/DESIGN.md`` §1.1).
+training step, and which the model never sees. The training loss is the Trainer's own
+(``compute_loss`` with ``num_items_in_batch``, its scaling for gradient accumulation and across
+processes), so ``l_z`` is sample ``z``'s term of exactly the loss whose gradient the optimizer steps
+with (``docs/DESIGN.md`` §1.1).
 
-The plain Trainer (without DeepSpeed) is not served: it is refused at construction.
+* Under DeepSpeed each optimizer step runs through :class:`~inrun_megatron.deepspeed.DeepSpeedScorer`:
+  the validation pass, then the step's micro-batches through the engine.
+* Without it (one process, or several under DDP) the Trainer's own training step runs unchanged,
+  scored by :class:`~inrun_megatron.torch_scorer.TorchScorer`: the validation pass before the step's
+  first micro-batch, the scores collected during the Trainer's backwards, the step closed after its
+  optimizer step with the clipping coefficient of the norm the Trainer clipped with.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from transformers import Trainer, TrainerCallback
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.records import Manifest, RunLayout, ScoreWriter, library_versions, write_manifest
+from inrun_megatron.scorer import clip_coefficient
 from inrun_megatron.step_result import StepResult
+from inrun_megatron.token_losses import hf_causal_lm_token_losses
 from inrun_megatron.validation import Batch, make_batch
 
 SAMPLE_ID_COLUMN = "sample_ids"
@@ -129,8 +135,9 @@ class ScoringTrainer(Trainer):
             read by ``inrun-scores``).
         scoring: scoring options.
 
-    Requires ``TrainingArguments(deepspeed=...)``. Every step's validation loss and ``<g, G>`` per
-    target are added to the Trainer's training logs.
+    Runs with the Trainer's DeepSpeed integration (``TrainingArguments(deepspeed=...)``) or without it,
+    in one process or several (DDP). Every step's validation loss and ``<g, G>`` per target are added
+    to the Trainer's training logs.
     """
 
     def __init__(
@@ -143,9 +150,10 @@ class ScoringTrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         refused = {
-            "the plain Trainer without DeepSpeed (pass TrainingArguments(deepspeed=<config>))": (
-                not self.is_deepspeed_enabled
+            "fp16 without DeepSpeed (its gradient scaler; use bf16, fp32 or DeepSpeed's fp16)": (
+                self.args.fp16 and not self.is_deepspeed_enabled
             ),
+            "FSDP (use DDP or DeepSpeed)": self.is_fsdp_enabled,
             "compute_loss_func (scores need the model's own per-sample loss terms; remove it)": (
                 self.compute_loss_func is not None
             ),
@@ -185,6 +193,9 @@ class ScoringTrainer(Trainer):
         self._window: list[dict] = []
         self._window_losses: list[float] = []
         self._num_items_in_batch = None
+        self._scored_micro_batches: list[Batch] = []  # the plain Trainer's step: its micro-batches
+        self._trained_micro_batches = 0  # and how many of them it has trained on
+        self._clip_coef = 1.0
         self.add_callback(_ScorerLifetime(self))
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -194,23 +205,46 @@ class ScoringTrainer(Trainer):
             self._signature_columns.append(SAMPLE_ID_COLUMN)
 
     def attach_scorer(self) -> None:
-        """Attach to the DeepSpeed engine the Trainer built; write the manifest (rank 0)."""
-        import deepspeed
+        """Attach to the model the Trainer prepared (the DeepSpeed engine, or the model DDP wraps);
+        write the manifest (rank 0)."""
+        if self.is_deepspeed_enabled:
+            import deepspeed
 
-        from inrun_megatron.deepspeed import DeepSpeedScorer
-        from inrun_megatron.deepspeed.model import hf_causal_lm_token_losses
+            from inrun_megatron.deepspeed import DeepSpeedScorer
 
-        engine = self.model_wrapped
-        scorer = DeepSpeedScorer(engine, self.validation, hf_causal_lm_token_losses, self.scoring)
-        mbs, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-        if dist.get_rank() == 0:
+            engine = self.model_wrapped
+            scorer = DeepSpeedScorer(engine, self.validation, hf_causal_lm_token_losses, self.scoring)
+            mbs, gas, zero_stage = (
+                engine.train_micro_batch_size_per_gpu(),
+                engine.gradient_accumulation_steps(),
+                scorer.zero_stage,
+            )
+            config = {"training_args": self.args.to_dict(), "deepspeed": engine.config}
+            versions = library_versions(deepspeed=deepspeed.__version__)
+        else:
+            from inrun_megatron.torch_scorer import TorchScorer
+
+            mbs, gas, zero_stage = self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps, None
+            scorer = TorchScorer(
+                self.model,
+                self.validation,
+                hf_causal_lm_token_losses,
+                self.scoring,
+                micro_batch_size=mbs,
+                optimizer=getattr(self.optimizer, "optimizer", self.optimizer),  # inside Accelerate's wrapper
+                vocab_size=self.model.config.vocab_size,
+            )
+            config = {"training_args": self.args.to_dict()}
+            versions = library_versions()
+        distributed = dist.is_initialized()
+        if not distributed or dist.get_rank() == 0:
             manifest = Manifest(
                 entry_point="inrun_megatron.hf_trainer.ScoringTrainer",
-                config={"training_args": self.args.to_dict(), "deepspeed": engine.config},
+                config=config,
                 layout=RunLayout(
-                    world_size=dist.get_world_size(),
+                    world_size=dist.get_world_size() if distributed else 1,
                     data_parallel=scorer.dp_size,
-                    zero_stage=scorer.zero_stage,
+                    zero_stage=zero_stage,
                     micro_batch_size=mbs,
                     num_microbatches=gas,
                     global_batch_size=mbs * gas * scorer.dp_size,
@@ -219,11 +253,12 @@ class ScoringTrainer(Trainer):
                 scoring=self.scoring.to_dict(),
                 scoring_path=scorer.path,
                 values=scorer.values_manifest,
-                model={"class": type(engine.module).__name__, "vocab_size": engine.module.config.vocab_size},
-                versions=library_versions(deepspeed=deepspeed.__version__),
+                model={"class": type(self.model).__name__, "vocab_size": self.model.config.vocab_size},
+                versions=versions,
             )
             write_manifest(self.run_dir, manifest)
-        dist.barrier()
+        if distributed:
+            dist.barrier()
         self.writer = ScoreWriter(self.run_dir, dp_rank=scorer.dp_rank)
         scorer.sink = self.writer
         self.scorer = scorer
@@ -254,25 +289,66 @@ class ScoringTrainer(Trainer):
         return loss if scaled else loss / self.current_gradient_accumulation_steps
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Score the step's micro-batches: through the DeepSpeed engine (:meth:`_deepspeed_training_step`)
+        or inside the plain Trainer's own training step (:meth:`_plain_training_step`)."""
+        if self.scorer is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.is_deepspeed_enabled:
+            return self._deepspeed_training_step(model, inputs)
+        return self._plain_training_step(model, inputs, num_items_in_batch)
+
+    def _step_batches(self, inputs) -> list[Batch]:
+        """The scorer's view of the step's micro-batches (checked to be the ones the Trainer trains on)."""
+        if inputs is not self._window[0]:
+            raise RuntimeError("training_step got a micro-batch get_batch_samples did not collect")
+        accepts_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+        return [_scoring_batch(self._prepare_inputs(b), accepts_position_ids) for b in self._window]
+
+    def _deepspeed_training_step(self, model, inputs) -> torch.Tensor:
         """At an optimizer step's first micro-batch, score all of its micro-batches (validation pass,
         then each micro-batch's forward and backward through the engine, without DeepSpeed dividing
         the Trainer's already normalised loss by the accumulation steps again); at its last, step the
         engine (what Accelerate's DeepSpeed backward does) and close the step's records."""
-        if self.scorer is None:
-            return super().training_step(model, inputs, num_items_in_batch)
         if not self._window_losses:
-            if inputs is not self._window[0]:
-                raise RuntimeError("training_step got a micro-batch get_batch_samples did not collect")
             model.train()
-            accepts_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
-            batches = [_scoring_batch(self._prepare_inputs(b), accepts_position_ids) for b in self._window]
-            losses = self.scorer.forward_backward(batches, self._trainer_loss, scale_wrt_gas=False)
+            losses = self.scorer.forward_backward(self._step_batches(inputs), self._trainer_loss, scale_wrt_gas=False)
             self._window_losses = list(reversed(losses))
         loss = self._window_losses.pop()
         if not self._window_losses:
             self.model_wrapped.step()
             self.last_result = self.scorer.end_step()
         return torch.tensor(loss, device=self.args.device)
+
+    def _plain_training_step(self, model, inputs, num_items_in_batch) -> torch.Tensor:
+        """The Trainer's own training step, scored: the validation pass before the step's first
+        micro-batch, the scores reduced after its last backward (DDP has averaged the gradients,
+        nothing is clipped yet); :meth:`_close_plain_step` closes the step after the optimizer's."""
+        if not self._scored_micro_batches:
+            self._scored_micro_batches = self._step_batches(inputs)
+            self._trained_micro_batches = 0
+            self.scorer.begin_step(len(self._window), self.args.per_device_train_batch_size)
+        batches = self._scored_micro_batches
+        loss = super().training_step(model, batches[self._trained_micro_batches]["trainer_inputs"], num_items_in_batch)
+        self._trained_micro_batches += 1
+        if self._trained_micro_batches == len(batches):
+            self._scored_micro_batches = []
+            sample_ids = torch.stack([torch.as_tensor(b["sample_ids"]).reshape(-1) for b in batches])
+            n_tokens = torch.stack([b["loss_mask"].sum(-1) for b in batches]).round()
+            self.scorer.finish_step(sample_ids, n_tokens)
+        return loss
+
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping (``max_grad_norm > 0``), keeping the factor it multiplied the gradient by:
+        torch's ``clip_grad_norm_`` scales by ``min(1, max_norm / (norm + 1e-6))`` of the norm it returns."""
+        norm = super()._clip_grad_norm(model)
+        self._clip_coef = clip_coefficient(float(norm), self.args.max_grad_norm)
+        return norm
+
+    def _close_plain_step(self) -> None:
+        """After the plain Trainer's optimizer step: the step's records, with its clipping coefficient."""
+        clip_coef, self._clip_coef = self._clip_coef, 1.0
+        skipped = self.accelerator.optimizer_step_was_skipped
+        self.last_result = self.scorer.end_step(clip_coef=clip_coef, skipped=skipped)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Training logs also carry the last scored step's validation loss and ``<g, G>`` per target."""
@@ -285,13 +361,18 @@ class ScoringTrainer(Trainer):
 
 
 class _ScorerLifetime(TrainerCallback):
-    """Attaches the scorer once the Trainer has built the DeepSpeed engine, closes it when training ends."""
+    """Attaches the scorer once the Trainer has prepared the model, closes the plain Trainer's steps
+    after its optimizer steps, and the scorer when training ends."""
 
     def __init__(self, trainer: ScoringTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.attach_scorer()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.scorer is not None and not self.trainer.is_deepspeed_enabled:
+            self.trainer._close_plain_step()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.detach_scorer()

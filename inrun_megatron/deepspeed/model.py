@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrun_megatron.model_shape import LLAMA_STYLE, ModelShape
+from inrun_megatron.token_losses import hf_causal_lm_token_losses as hf_causal_lm_token_losses
+from inrun_megatron.token_losses import token_cross_entropy
 
 
 def llama_shape(**overrides) -> ModelShape:
@@ -136,25 +138,7 @@ class TransformerLM(nn.Module):
         return self.output_layer(self.final_norm(x))
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy ``[b, s]`` of ``logits [b, s, vocab]`` against already shifted
-    ``labels [b, s]``, in float32 (float64 for float64 logits)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view_as(labels)
-
-
 def lm_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-token next-token cross-entropy ``[b, s]`` of :class:`TransformerLM` (float32, float64
     for a float64 model). ``model`` may be the bare module or the DeepSpeed engine wrapping it."""
     return token_cross_entropy(model(batch["tokens"], batch["position_ids"]), batch["labels"])
-
-
-def hf_causal_lm_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token cross-entropy ``[b, s]`` of a Hugging Face causal LM (``LlamaForCausalLM``,
-    ``GPT2LMHeadModel``, any ``AutoModelForCausalLM``), bare or wrapped in a DeepSpeed engine.
-
-    The model gets no ``labels``: it would shift them once more and return only their mean, while
-    the batch format's labels are already the next tokens and scoring needs every token's loss.
-    """
-    output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], use_cache=False)
-    return token_cross_entropy(output.logits, batch["labels"])

@@ -1,12 +1,16 @@
-"""A real ``transformers.Trainer`` run with ScoringTrainer under DeepSpeed (tests/test_hf_trainer.py).
+"""Real ``transformers.Trainer`` runs with ScoringTrainer (tests/test_hf_trainer.py), with and without DeepSpeed.
 
-argv: OUT_DIR RUN_DIR DEEPSPEED_CONFIG. A tiny GPT-2 (random weights, a character tokenizer built
-here, nothing downloaded) trains ``STEPS`` steps on texts of different lengths (so the Trainer's
-``num_items_in_batch`` differs from step to step) with the shuffling sampler. Each rank saves the
-dataset indices its dataset was asked for, in order (what the sampler chose), the model's weights at
-the start of every step, the Trainer's ``num_items_in_batch`` of every step, its log history and,
-on rank 0, what the brute-force check needs; then the plain Trainer repeats the run, and each rank
-saves which weights scoring changed (none may).
+argv: OUT_DIR CASES_JSON, a list of cases run one after the other in this launch, each
+``{"name", "run_dir", "deepspeed": config path or null, "mbs", "gas", "max_grad_norm", "optim"}``
+(under DeepSpeed the config's micro-batch size, accumulation and clipping). A tiny GPT-2 (random
+weights, a character tokenizer built here, nothing downloaded) trains ``STEPS`` steps on texts of
+different lengths (so the Trainer's ``num_items_in_batch`` differs from step to step) with the
+shuffling sampler. For each case each rank saves the dataset indices its dataset was asked for, in
+order (what the sampler chose), the model's weights (and an Adam optimizer's state) at the start of
+every step, the Trainer's ``num_items_in_batch`` of every step, its log history and, on rank 0, what
+the brute-force check needs; then the plain Trainer repeats the run, and each rank saves which
+weights scoring changed (none may). :func:`run_case` also runs in the test's own process (no
+torch.distributed).
 """
 
 from __future__ import annotations
@@ -58,10 +62,34 @@ class LoggedDataset(torch.utils.data.Dataset):
         return dict(self.examples[index])
 
 
-def main() -> None:
-    out_dir, run_dir, ds_config = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
-    cpu_shims.install_deepspeed()
-    ds_config.pop("scheduler", None)  # the Trainer's own (linear decay) schedule
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's weights, gathered from their ZeRO-3 partitions where partitioned."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _reset_accelerate() -> None:
+    """A later Trainer in this process gets its own Accelerate state (and DeepSpeed plugin)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def run_case(case: dict, out_dir: Path) -> dict:
+    """One case: the scored run, then the plain Trainer's; what this rank saves of them."""
+    ds_config = json.loads(Path(case["deepspeed"]).read_text()) if case.get("deepspeed") else None
+    if ds_config is not None:
+        cpu_shims.install_deepspeed()
+        ds_config.pop("scheduler", None)  # the Trainer's own (linear decay) schedule
+        mbs, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+        max_grad_norm = ds_config["gradient_clipping"]
+    else:
+        mbs, gas, max_grad_norm = case["mbs"], case["gas"], case["max_grad_norm"]
     tok = tokenizer()
     examples = [dict(tok(t, padding="max_length", max_length=SEQ_LENGTH)) for t in texts(24, seed=1)]
     dataset = LoggedDataset(examples)
@@ -72,13 +100,13 @@ def main() -> None:
     )  # fmt: skip
     model = transformers.GPT2LMHeadModel(config)
     args = transformers.TrainingArguments(
-        output_dir=str(out_dir / "trainer"),
-        per_device_train_batch_size=ds_config["train_micro_batch_size_per_gpu"],
-        gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
-        max_grad_norm=ds_config["gradient_clipping"],
+        output_dir=str(out_dir / "trainer" / case["name"]),
+        per_device_train_batch_size=mbs,
+        gradient_accumulation_steps=gas,
+        max_grad_norm=max_grad_norm,
         max_steps=STEPS,
-        optim="sgd",
-        learning_rate=0.5,
+        optim=case.get("optim", "sgd"),
+        learning_rate=0.5 if case.get("optim", "sgd") == "sgd" else 0.01,
         lr_scheduler_type="linear",
         logging_steps=1,
         save_strategy="no",
@@ -87,13 +115,22 @@ def main() -> None:
         seed=3,
         deepspeed=ds_config,
     )
-    weights = []
+    weights, optimizer_states, num_items = [], [], []
 
     class KeepWeights(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-
-    num_items = []
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            weights.append(full_state(model))
+            if ds_config is None:  # the plain Trainer's torch optimizer: what Adam's preconditioner reads
+                inner = getattr(optimizer, "optimizer", optimizer)
+                names = {id(p): n for n, p in model.named_parameters()}
+                optimizer_states.append(
+                    {
+                        names[id(p)]: {k: v.clone() if torch.is_tensor(v) else v for k, v in inner.state[p].items()}
+                        for group in inner.param_groups
+                        for p in group["params"]
+                        if p in inner.state
+                    }
+                )
 
     class RecordingTrainer(ScoringTrainer):
         """Records the Trainer's own ``num_items_in_batch`` of each step (the brute force divides by it)."""
@@ -111,15 +148,12 @@ def main() -> None:
         data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
         validation=validation,
-        run_dir=run_dir,
+        run_dir=case["run_dir"],
         callbacks=[KeepWeights()],
     )
     trainer.train()
-    scored_weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()  # a second Trainer in this process gets its own DeepSpeed plugin
-    GradientState._reset_state()
+    scored_weights = full_state(trainer.model)
+    _reset_accelerate()
     torch.manual_seed(0)
     plain = transformers.Trainer(
         model=transformers.GPT2LMHeadModel(config),
@@ -129,22 +163,35 @@ def main() -> None:
         processing_class=tok,
     )
     plain.train()
-    rank = torch.distributed.get_rank()
+    plain_weights = full_state(plain.model)
+    _reset_accelerate()
+    distributed = torch.distributed.is_initialized()
     saved = dict(
         requested=dataset.requested,
         weights=weights,
+        final_weights=scored_weights,
+        optimizer_states=optimizer_states,
         num_items=num_items,
         log_history=trainer.state.log_history,
         # the same run by the plain Trainer: scoring must not change training
-        changed_by_scoring=[k for k, v in plain.model.state_dict().items() if not torch.equal(v, scored_weights[k])],
+        changed_by_scoring=[k for k, v in plain_weights.items() if not torch.equal(v, scored_weights[k])],
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
         plain_losses=[e["loss"] for e in plain.state.log_history if "loss" in e],
+        mbs=mbs,
+        gas=gas,
+        max_grad_norm=max_grad_norm,
     )
-    if rank == 0:
+    if not distributed or torch.distributed.get_rank() == 0:
         saved.update(
             config=config.to_dict(), examples=examples, validation={k: v for k, v in trainer.validation.items()}
         )
-    torch.save(saved, out_dir / f"rank{rank}.pt")
+    return saved
+
+
+def main() -> None:
+    out_dir, cases = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    saved = {case["name"]: run_case(case, out_dir) for case in cases}
+    torch.save(saved, out_dir / f"rank{torch.distributed.get_rank()}.pt")
 
 
 if __name__ == "__main__":
