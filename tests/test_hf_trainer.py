@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 DP = 2
 STEPS = 2  # tests/workers/hf_trainer.py trains this many steps
 DEEPSPEED = {f"zero{stage}": REPO / "configs" / "deepspeed" / f"zero{stage}.json" for stage in (1, 2, 3)}
-PLAIN = {
-    "ddp": dict(mbs=2, gas=2, max_grad_norm=1.0),
-    "ddp-mbs1": dict(mbs=1, gas=3, max_grad_norm=1.0),
+PLAIN = {  # clipping thresholds between the gradient norms of the two steps: one step clips, the other does not
+    "ddp": dict(mbs=2, gas=2, max_grad_norm=0.65),
+    "ddp-mbs1": dict(mbs=1, gas=3, max_grad_norm=0.8),
 }
 IN_PROCESS = {
     "single": dict(mbs=2, gas=2, max_grad_norm=1.0, optim="sgd"),
@@ -93,6 +93,10 @@ def test_the_dump_passes_verify(case):
     manifest = read_manifest(case["run"])
     name, rank0 = case["name"], case["ranks"][0]
     assert manifest.layout.zero_stage == (int(name[-1]) if name in DEEPSPEED else None)
+    trained = (
+        "DeepSpeedEngine" if name in DEEPSPEED else "DistributedDataParallel" if name in PLAIN else "GPT2LMHeadModel"
+    )
+    assert {rank["wrapped"] for rank in case["ranks"]} == {trained}
     assert manifest.layout.data_parallel == len(case["ranks"])
     assert manifest.scoring_path == ("microbatch" if rank0["mbs"] == 1 else "rules")
     assert [t["name"] for t in manifest.targets] == ["held_out", "tokenized"]
@@ -185,8 +189,8 @@ def test_scores_match_brute_force_and_the_trainer_logs_them(case):
 @pytest.mark.parametrize("name", ["single", *PLAIN])
 def test_the_plain_trainers_records_carry_the_clip_coefficient_it_applied(name, request):
     """Plain SGD, so the SGD identity ``sum_z v_t(z) = <G_t, w_t - w_t+1>`` (brute-force ``G``, the weights the
-    Trainer left) holds only with the clipping coefficient the Trainer actually multiplied the gradient by; the
-    runs clip at max_grad_norm 1.0 in some step and not in another."""
+    Trainer left) holds only with the clipping coefficient the Trainer actually multiplied the gradient by; each
+    run clips in one step and not in the other."""
     from inrun_megatron.token_losses import hf_causal_lm_token_losses
 
     case = request.getfixturevalue("launched" if name in LAUNCHED else "in_process")[name]
@@ -209,3 +213,30 @@ def test_the_plain_trainers_records_carry_the_clip_coefficient_it_applied(name, 
             assert abs(total - expected) <= 1e-4 * scale, f"step {step} {target}: {total} vs {expected}"
         clips.append(clip)
     assert min(clips) < 1.0 == max(clips), f"clip coefficients {clips}: the test needs a clipped and an unclipped step"
+
+
+@pytest.mark.parametrize(
+    "refused, options",
+    [
+        ("fp16 without DeepSpeed", dict(fp16=True)),
+        ("FSDP", dict(fsdp=True)),
+    ],
+)
+def test_what_the_plain_trainer_cannot_score_is_refused_at_construction(tmp_path, refused, options):
+    """Before any work, naming what to change."""
+    sys.path.insert(0, str(REPO / "tests" / "workers"))
+    from hf_trainer import _reset_accelerate, tokenizer
+
+    from inrun_megatron.hf_trainer import ScoringTrainer
+
+    tok = tokenizer()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=4))
+    train = [dict(tok("abcd")) for _ in range(4)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, **options
+    )
+    try:
+        with pytest.raises(NotImplementedError, match=refused):
+            ScoringTrainer(model=model, args=args, train_dataset=train, validation=["ab", "cd"], run_dir=tmp_path)
+    finally:
+        _reset_accelerate(next_case=True)

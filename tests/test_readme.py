@@ -91,32 +91,38 @@ model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(toke
 HF_TRAINER_CHECK = """
 from inrun_megatron.analysis import cli
 from inrun_megatron.records import read_manifest
-assert read_manifest(args_run).layout.zero_stage == 2 and len(trainer.state.log_history) == 3
+assert read_manifest(args_run).layout.zero_stage == {zero_stage} and len(trainer.state.log_history) == 3
 assert "inrun/batch_dot/held_out" in trainer.state.log_history[0]
 assert cli.main(["verify", args_run, "--quiet"]) == 0
 print("README Trainer OK")
 """
 
 
-def test_readme_hugging_face_trainer_recipe_runs(tmp_path):
+@pytest.mark.parametrize("deepspeed", [True, False], ids=["deepspeed", "plain"])
+def test_readme_hugging_face_trainer_recipe_runs(tmp_path, deepspeed):
     """The README's ``ScoringTrainer`` recipe, as written but for where it writes, in one torchrun process:
-    its dump passes ``inrun-scores verify``."""
+    its dump passes ``inrun-scores verify``; and so does the plain Trainer's, the recipe without its
+    ``deepspeed=`` line (as the README says)."""
     from launcher import torchrun
 
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- hf-trainer")[1].split("```python\n", 1)[1].split("```", 1)[0]
+    if not deepspeed:
+        line = '    deepspeed="configs/deepspeed/zero2.json",\n'
+        assert block.count(line) == 1
+        block = block.replace(line, "")
     run = str(tmp_path / "run")
     block = block.replace('"runs/hf-trainer/checkpoints"', repr(str(tmp_path / "checkpoints")))
     block = block.replace('"runs/hf-trainer"', repr(run))
     block = block.replace('"configs/deepspeed/zero2.json"', repr(str(REPO / "configs" / "deepspeed" / "zero2.json")))
-    assert run in block and str(REPO) in block
+    assert run in block and (str(REPO) in block) == deepspeed
     script = tmp_path / "recipe.py"
     script.write_text(
         RULE_SETUP
         + HF_TRAINER_SETUP.format(workers=str(REPO / "tests" / "workers"))
         + block
         + f"args_run = {run!r}\n"
-        + HF_TRAINER_CHECK
+        + HF_TRAINER_CHECK.format(zero_stage=2 if deepspeed else None)
     )
     out = torchrun(script, 1)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

@@ -16,6 +16,7 @@ torch.distributed).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,12 +73,19 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _reset_accelerate() -> None:
-    """A later Trainer in this process gets its own Accelerate state (and DeepSpeed plugin)."""
+def _reset_accelerate(*, next_case: bool) -> None:
+    """A later Trainer in this process gets its own Accelerate state (and DeepSpeed plugin). Before the
+    next case also what marks the process as a DeepSpeed run (its distributed state, kept for this
+    case's TrainingArguments whose state it is, and the environment variable Accelerate sets) and the
+    ZeRO-3 config the Trainer registers globally (models are built for it while it is set)."""
     from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    AcceleratorState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=next_case)
     GradientState._reset_state()
+    if next_case:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        unset_hf_deepspeed_config()
 
 
 def run_case(case: dict, out_dir: Path) -> dict:
@@ -153,7 +161,7 @@ def run_case(case: dict, out_dir: Path) -> dict:
     )
     trainer.train()
     scored_weights = full_state(trainer.model)
-    _reset_accelerate()
+    _reset_accelerate(next_case=False)
     torch.manual_seed(0)
     plain = transformers.Trainer(
         model=transformers.GPT2LMHeadModel(config),
@@ -164,7 +172,7 @@ def run_case(case: dict, out_dir: Path) -> dict:
     )
     plain.train()
     plain_weights = full_state(plain.model)
-    _reset_accelerate()
+    _reset_accelerate(next_case=True)
     distributed = torch.distributed.is_initialized()
     saved = dict(
         requested=dataset.requested,
@@ -177,6 +185,7 @@ def run_case(case: dict, out_dir: Path) -> dict:
         changed_by_scoring=[k for k, v in plain_weights.items() if not torch.equal(v, scored_weights[k])],
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
         plain_losses=[e["loss"] for e in plain.state.log_history if "loss" in e],
+        wrapped=type(trainer.model_wrapped).__name__,  # what the Trainer trained: DDP, a DeepSpeed engine, the model
         mbs=mbs,
         gas=gas,
         max_grad_norm=max_grad_norm,
