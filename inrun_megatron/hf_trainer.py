@@ -154,6 +154,9 @@ class ScoringTrainer(Trainer):
                 self.args.fp16 and not self.is_deepspeed_enabled
             ),
             "FSDP (use DDP or DeepSpeed)": self.is_fsdp_enabled,
+            "ScoringConfig(validation_split='split') without DeepSpeed (every process runs the whole validation set)": (
+                scoring is not None and scoring.validation_split == "split" and not self.is_deepspeed_enabled
+            ),
             "compute_loss_func (scores need the model's own per-sample loss terms; remove it)": (
                 self.compute_loss_func is not None
             ),

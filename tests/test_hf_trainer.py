@@ -216,17 +216,19 @@ def test_the_plain_trainers_records_carry_the_clip_coefficient_it_applied(name, 
 
 
 @pytest.mark.parametrize(
-    "refused, options",
+    "refused, options, scoring",
     [
-        ("fp16 without DeepSpeed", dict(fp16=True)),
-        ("FSDP", dict(fsdp=True)),
+        (r"fp16 without DeepSpeed \(its gradient scaler", dict(fp16=True), {}),
+        (r"validation_split='split'\) without DeepSpeed", {}, dict(validation_split="split")),
     ],
+    ids=["fp16", "split"],
 )
-def test_what_the_plain_trainer_cannot_score_is_refused_at_construction(tmp_path, refused, options):
+def test_what_the_plain_trainer_does_not_follow_is_refused_at_construction(tmp_path, refused, options, scoring):
     """Before any work, naming what to change."""
     sys.path.insert(0, str(REPO / "tests" / "workers"))
     from hf_trainer import _reset_accelerate, tokenizer
 
+    from inrun_megatron import ScoringConfig
     from inrun_megatron.hf_trainer import ScoringTrainer
 
     tok = tokenizer()
@@ -237,6 +239,13 @@ def test_what_the_plain_trainer_cannot_score_is_refused_at_construction(tmp_path
     )
     try:
         with pytest.raises(NotImplementedError, match=refused):
-            ScoringTrainer(model=model, args=args, train_dataset=train, validation=["ab", "cd"], run_dir=tmp_path)
+            ScoringTrainer(
+                model=model,
+                args=args,
+                train_dataset=train,
+                validation=["ab", "cd"],
+                run_dir=tmp_path,
+                scoring=ScoringConfig(**scoring),
+            )
     finally:
         _reset_accelerate(next_case=True)
