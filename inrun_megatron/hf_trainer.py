@@ -344,7 +344,8 @@ class ScoringTrainer(Trainer):
         """The Trainer's clipping (``max_grad_norm > 0``), keeping the factor it multiplied the gradient by:
         torch's ``clip_grad_norm_`` scales by ``min(1, max_norm / (norm + 1e-6))`` of the norm it returns."""
         norm = super()._clip_grad_norm(model)
-        self._clip_coef = clip_coefficient(float(norm), self.args.max_grad_norm)
+        if self.scorer is not None and not self.is_deepspeed_enabled:  # DeepSpeed clips in its own step
+            self._clip_coef = clip_coefficient(float(norm), self.args.max_grad_norm)
         return norm
 
     def _close_plain_step(self) -> None:

@@ -120,9 +120,9 @@ class TorchScorer(Scorer):
             target.batches = [{k: v.to(device) for k, v in b.items()} for b in target.batches]
         if self.config.optimizer_values and is_adam(optimizer):
             self.score_adam_values()
-        self.build_sites([("", module)], registered_builders(), registry=True)
         try:
-            self.path = self.path_for(micro_batch_size)
+            self.build_sites([("", module)], registered_builders(), registry=True)
+            self.path = self.path_for(micro_batch_size)  # refuses what neither path can score
         except Exception:
             self.detach()
             raise
