@@ -48,6 +48,19 @@ SCORE_CONTRACT = {
 }
 
 
+#: How a training loss divides sequence z's masked token-loss sum ``s_z = sum mask * CE`` into its term
+#: ``l_z`` (docs/DESIGN.md §1.1); the manifest's ``loss_normalisation`` names one.
+MICROBATCH_TOKENS = "microbatch_tokens"
+GLOBAL_BATCH_TOKENS = "global_batch_tokens"
+LOSS_NORMALISATIONS = {
+    MICROBATCH_TOKENS: "l_z = s_z / (loss tokens of z's microbatch * microbatches * data-parallel replicas):"
+    " megatron-core's default loss (calculate_per_token_loss=False)",
+    GLOBAL_BATCH_TOKENS: "l_z = s_z / (loss tokens of the whole global batch, over every microbatch and data-parallel"
+    " replica): megatron-core's calculate_per_token_loss=True; the divisor is the sum of the step's n_tokens over"
+    " every replica's rows",
+}
+
+
 def step_values(raw: np.ndarray, lr: np.ndarray, clip_coef: np.ndarray, skipped: np.ndarray) -> np.ndarray:
     """The value ``lr * clip_coef * raw`` of each row; exactly 0 in a step whose update was skipped.
 
