@@ -236,7 +236,8 @@ class Manifest:
     """How the training loss divides each sequence's masked token-loss sum into its term ``l_z``
     (``docs/DESIGN.md`` §1.1): a key of ``LOSS_NORMALISATIONS`` (``microbatch_tokens``: megatron's
     default loss, ``global_batch_tokens``: its ``calculate_per_token_loss``), so a reader can
-    renormalise raw scores offline; None where the writer does not know it (a loss of the user's own)."""
+    renormalise raw scores offline; the Megatron scorer's ``loss_normalisation``. None where the
+    writer does not know it (a loss of the user's own) or scoring was off."""
     versions: dict[str, str] = field(default_factory=library_versions)
     """Library versions of the run (:func:`library_versions`)."""
     run_id: str = field(default_factory=_new_run_id)

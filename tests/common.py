@@ -8,6 +8,7 @@ TP=4 run and the single-process reference train identical weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import zlib
 from pathlib import Path
@@ -526,8 +527,11 @@ def brute_force_scores(shape: GPTShape, reference: dict, *, n_micro: int, mbs: i
 
     import oracle
 
-    model = build_gpt(shape)
     per_token_loss = bool(shape.extra_config.get("calculate_per_token_loss"))
+    # plain autograd into .grad: no megatron DDP buffers for gradient accumulation fusion to write into
+    model = build_gpt(
+        dataclasses.replace(shape, extra_config={**shape.extra_config, "gradient_accumulation_fusion": False})
+    )
     validation = make_data(shape, options.get("n_val_batches", 2), 2, seed + 1, first_id=10**6)
     epoch_steps = options.get("epoch_steps")
     out = []

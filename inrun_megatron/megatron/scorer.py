@@ -296,9 +296,11 @@ class MegatronScorer(Scorer):
         finally:
             config.finalize_model_grads_func = finalize
         if len(captured) != 1 or captured[0] is None:
+            without = " without a token count" if captured and captured[0] is None else ""
             raise RuntimeError(
-                f"calculate_per_token_loss=True: the schedule called finalize_model_grads_func {len(captured)} times"
-                " with a token count; the scores need the one count of the step it divides the gradients by"
+                f"calculate_per_token_loss=True: the training pass called finalize_model_grads_func"
+                f" {len(captured)} time(s){without}; the scores need the one token count of the step that it"
+                " divides the gradients by"
             )
         self._token_scaling = float(1.0 / torch.clamp(captured[0], min=1))
 
