@@ -181,6 +181,8 @@ def test_manifest_round_trips_and_malformed_ones_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"missing fields \['config'\]"):
         read_manifest(tmp_path)
     assert written.layout == RunLayout(world_size=2, data_parallel=2)
+    for normalisation in ("microbatch_tokens", "global_batch_tokens"):  # the dump defines what its field names
+        assert f"{normalisation}: l_z = s_z / (loss tokens of" in written.contract["loss_normalisations"]
 
 
 def test_a_scorer_refuses_a_sink_without_the_sink_methods():
