@@ -42,11 +42,11 @@ import torch
 
 from inrun_megatron import __version__
 from inrun_megatron.optimizer_values import RunValues, split_row_name
-from inrun_megatron.scores import SCORE_CONTRACT, StepRecords
+from inrun_megatron.scores import LOSS_NORMALISATIONS, SCORE_CONTRACT, StepRecords
 from inrun_megatron.step_result import StepResult
 
 #: Version of the run directory's layout (manifest fields and part columns); bumped when either changes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 _PART = re.compile(r"^part-s(\d{8,})-s(\d{8,})\.parquet$")
 
@@ -232,6 +232,12 @@ class Manifest:
     dataset indices); None for synthetic data. ``inrun_megatron.data.open_sample_index`` reads it."""
     model: dict[str, Any] | None = None
     """What the model is, where the writer knows it (e.g. ``vocab_size``, ``parameters``)."""
+    loss_normalisation: str | None = None
+    """How the training loss divides each sequence's masked token-loss sum into its term ``l_z``
+    (``docs/DESIGN.md`` §1.1): a key of ``LOSS_NORMALISATIONS`` (``microbatch_tokens``: megatron's
+    default loss, ``global_batch_tokens``: its ``calculate_per_token_loss``), so a reader can
+    renormalise raw scores offline; the Megatron scorer's ``loss_normalisation``. None where the
+    writer does not know it (a loss of the user's own) or scoring was off."""
     versions: dict[str, str] = field(default_factory=library_versions)
     """Library versions of the run (:func:`library_versions`)."""
     run_id: str = field(default_factory=_new_run_id)
@@ -252,6 +258,12 @@ class Manifest:
         default_factory=lambda: {"scores": describe_columns(SCORE_FIELDS), "steps": describe_columns(STEP_FIELDS)}
     )
     """Per file kind (``scores``, ``steps``), each column's type and the value it holds."""
+
+    def __post_init__(self) -> None:
+        if self.loss_normalisation is not None and self.loss_normalisation not in LOSS_NORMALISATIONS:
+            raise ValueError(
+                f"unknown loss_normalisation {self.loss_normalisation!r} (one of {sorted(LOSS_NORMALISATIONS)})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,7 +292,12 @@ class Manifest:
             values = None if data["values"] is None else RunValues.from_dict(data["values"])
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{where}: bad values {data['values']!r} ({e!r})") from e
-        return cls(**{**data, "layout": layout, "values": values, "resumed_from": tuple(data.get("resumed_from", ()))})
+        try:
+            return cls(
+                **{**data, "layout": layout, "values": values, "resumed_from": tuple(data.get("resumed_from", ()))}
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
 
 
 def check_format(data: Any, where: str, expected_format: str, expected_version: int) -> None:

@@ -25,6 +25,19 @@ class CountedSite(Protocol):
     calls: int
 
 
+#: How a training loss divides sequence z's masked token-loss sum ``s_z = sum mask * CE`` into its term
+#: ``l_z`` (docs/DESIGN.md §1.1); the manifest's ``loss_normalisation`` names one.
+MICROBATCH_TOKENS = "microbatch_tokens"
+GLOBAL_BATCH_TOKENS = "global_batch_tokens"
+LOSS_NORMALISATIONS = {
+    MICROBATCH_TOKENS: "l_z = s_z / (loss tokens of z's microbatch * microbatches * data-parallel replicas):"
+    " megatron-core's default loss (calculate_per_token_loss=False)",
+    GLOBAL_BATCH_TOKENS: "l_z = s_z / (loss tokens of the whole global batch, over every microbatch and data-parallel"
+    " replica), as the factor 1/N megatron multiplies the gradients by (computed in float32):"
+    " megatron-core's calculate_per_token_loss=True; the divisor is the sum of the step's n_tokens over"
+    " every replica's rows of one target where the loss function counts the loss mask (megatron's does)",
+}
+
 #: Bumped whenever the meaning of a stored number changes.
 SCORE_DEFINITION_VERSION = 1
 
@@ -45,6 +58,8 @@ SCORE_CONTRACT = {
     " value = lr * clip_coef * raw. The first step (no second moment before it) records no T:adam rows; momentum"
     " carried into later steps and weight decay add no per-sample term. Under plain SGD the SGD value is the"
     " optimizer-aware value. The manifest's 'values' section maps rows to targets and kinds",
+    "loss_normalisations": "the sample's loss term l_z under each training loss normalisation the manifest's"
+    " loss_normalisation may name: " + "; ".join(f"{name}: {formula}" for name, formula in LOSS_NORMALISATIONS.items()),
 }
 
 

@@ -8,6 +8,7 @@ TP=4 run and the single-process reference train identical weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import zlib
 from pathlib import Path
@@ -353,6 +354,7 @@ def run_case(
     validation: list[dict] | None = None,
     epoch_steps: int | None = None,
     writer=None,
+    record_weights: bool = False,
 ) -> dict:
     """Train ``steps`` steps of a canonical GPT at the initialised parallel layout; return
     per-step scores and the docs/DESIGN.md §1.3 identities.
@@ -377,7 +379,9 @@ def run_case(
     and the final ``weights`` by canonical name.
     With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
     ``ScoreWriter`` (on one rank per DP replica) as the scorer's sink, every step's result is
-    dumped too (its ``<g, G>`` as the step's batch_dot).
+    dumped too (its ``<g, G>`` as the step's batch_dot). ``n_tokens`` holds each step's
+    ``{sample_id: n_tokens}`` of the records; with ``record_weights``, ``step_weights`` the weights by
+    canonical name before each step (for :func:`brute_force_scores`).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -415,7 +419,7 @@ def run_case(
     )
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
-    keys += ("raw_adam", "efficiency_adam")
+    keys += ("raw_adam", "efficiency_adam", "n_tokens", "step_weights")
     out = {key: [] for key in keys}
 
     def fb(**kwargs):
@@ -432,6 +436,8 @@ def run_case(
             get_attr_wrapped_model(c, "pre_process") or get_attr_wrapped_model(c, "post_process") for c in chunks
         ]
         iterators = [iter(local) if needed else None for needed in has_data]
+        if record_weights:
+            out["step_weights"].append(canonical_weights(models))
         if ddp is not None:
             for chunk in chunks:
                 chunk.zero_grad_buffer()
@@ -475,6 +481,8 @@ def run_case(
             rows = {name: c["target"] == name for name in scorer.score_rows}
             raw = dict(zip(c["sample_id"][rows["validation"]].tolist(), c["raw"][rows["validation"]].tolist()))
             out["raw"].append(raw)
+            n_tokens = c["n_tokens"][rows["validation"]].tolist()
+            out["n_tokens"].append(dict(zip(c["sample_id"][rows["validation"]].tolist(), n_tokens)))
             adam = rows.get("validation:adam")
             out["raw_adam"].append(
                 dict(zip(c["sample_id"][adam].tolist(), c["raw"][adam].tolist()))
@@ -495,11 +503,46 @@ def run_case(
             out["sgd"].append((float(sums[1]), float(model_dot(chunks, moved, g_val).dot[0])))
             recorded = step_result.batch_dots[scorer.targets[0].name]  # what the scorer stores for the step
             assert recorded == batch_dot or not math.isfinite(batch_dot), (recorded, batch_dot)
-    out["weights"] = {name: p.detach().clone() for m in models for p, name in canonical_names(m).items()}
+    out["weights"] = canonical_weights(models)
     out["n_params"] = sum(p.numel() for c in chunks for p in c.parameters())
     if scored:
         out["values"] = scorer.values()
         scorer.detach()
+    return out
+
+
+def canonical_weights(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """This rank's weights by canonical name (copies)."""
+    return {name: p.detach().clone() for m in models for p, name in canonical_names(m).items()}
+
+
+def brute_force_scores(shape: GPTShape, reference: dict, *, n_micro: int, mbs: int, seed: int, **options) -> list:
+    """Per step, ``{sample_id: raw}`` by brute force (tests/oracle.py) for the global batch of a
+    single-process :func:`run_case` run with ``record_weights`` (``reference``, its ``n_micro``,
+    ``mbs``, ``seed`` and further options): a separate plain model loaded with the run's weights
+    before each step, the run's data and validation batches, and the loss normalisation of
+    ``shape``'s config (``calculate_per_token_loss``: the global batch's token count, counted by the
+    oracle from the data)."""
+    from inrun_megatron.megatron.model import build_gpt
+
+    import oracle
+
+    per_token_loss = bool(shape.extra_config.get("calculate_per_token_loss"))
+    # plain autograd into .grad: no megatron DDP buffers for gradient accumulation fusion to write into
+    model = build_gpt(
+        dataclasses.replace(shape, extra_config={**shape.extra_config, "gradient_accumulation_fusion": False})
+    )
+    validation = make_data(shape, options.get("n_val_batches", 2), 2, seed + 1, first_id=10**6)
+    epoch_steps = options.get("epoch_steps")
+    out = []
+    for step, weights in enumerate(reference["step_weights"]):
+        with torch.no_grad():
+            for p, name in canonical_names(model).items():
+                p.copy_(weights[name])
+        batch_index = step % epoch_steps if epoch_steps else step
+        data = make_data(shape, n_micro, mbs, seed + 100 + batch_index, first_id=1000 * batch_index)
+        g_val = oracle.validation_gradient(model, validation, token_losses)
+        out.append(oracle.per_sample_raw(model, data, token_losses, g_val, per_token_loss=per_token_loss))
     return out
 
 

@@ -55,18 +55,27 @@ def per_sample_raw(
     g_val: dict[str, torch.Tensor],
     dp_size: int = 1,
     combine: Callable[[dict, dict], Any] = dot,
+    per_token_loss: bool = False,
 ) -> dict[int, Any]:
     """``combine(grad l_z, G)`` (default ``<grad l_z, G>``) for every sample, with megatron's
     default normalisation of l_z: masked token-loss sum / (tokens in the microbatch *
-    microbatches * DP size)."""
+    microbatches * DP size); with ``per_token_loss`` (megatron's ``calculate_per_token_loss``),
+    masked token-loss sum / the loss tokens of all of ``microbatches``, which must then be the
+    whole global batch (every DP rank's microbatches). megatron multiplies the gradients by the
+    reciprocal of that count computed in float32 (``1.0 / count`` of its integer count tensor), so
+    the per-token term is multiplied by exactly that factor here too: in float64 runs its rounding
+    (up to 6e-8) is far above the tolerance."""
     out = {}
     n_micro = len(microbatches)
+    global_tokens = sum(float(b["loss_mask"].sum()) for b in microbatches)
+    reciprocal = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(max(global_tokens, 1.0)))
     for batch in microbatches:
-        denom = max(float(batch["loss_mask"].sum()), 1.0) * n_micro * dp_size
+        per_microbatch = 1.0 / (max(float(batch["loss_mask"].sum()), 1.0) * n_micro * dp_size)
+        factor = reciprocal if per_token_loss else per_microbatch
         for j, sid in enumerate(batch["sample_ids"].tolist()):
 
             def loss_z(batch=batch, j=j):
-                return (token_losses(model, batch)[j] * batch["loss_mask"][j]).sum() / denom
+                return (token_losses(model, batch)[j] * batch["loss_mask"][j]).sum() * factor
 
             out[int(sid)] = combine(gradients(model, loss_z), g_val)
     return out

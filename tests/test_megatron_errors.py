@@ -147,7 +147,6 @@ def test_uncovered_module_is_scored_at_micro_batch_size_1(megatron_world):
     [
         ({"num_moe_experts": 4}, "mixture-of-experts"),
         ({"mtp_num_layers": 1}, "multi-token prediction"),
-        ({"calculate_per_token_loss": True}, "calculate_per_token_loss"),
         ({"fp8": "hybrid"}, "fp8"),
     ],
 )
@@ -185,6 +184,28 @@ def test_deferred_weight_gradients_are_refused_on_the_microbatch_path(gpt, setti
         MegatronScorer(model, validation, ScoringConfig(path="rules"), micro_batch_size=1).detach()
     finally:
         setattr(model.config, setting, False)
+    assert _no_hooks_left(model)
+
+
+def test_per_token_loss_without_gradient_finalisation_is_refused_before_any_work(gpt):
+    """Under calculate_per_token_loss only megatron's finalize_model_grads divides the gradients by
+    the global batch's token count (docs/DESIGN.md §2.4); without it they are unnormalised sums."""
+    from inrun_megatron.megatron import MegatronScorer
+
+    shape, model = gpt
+    model.config.calculate_per_token_loss = True
+    scorer = MegatronScorer(model, make_data(shape, 1, 2, seed=3, first_id=10**6))
+    try:
+        weights_before, grads_before = _state(model)
+        with pytest.raises(ValueError, match="no finalize_model_grads_func"):
+            _counted_forward_steps(scorer, model, shape, calls := [])
+        assert calls == []  # not even the validation pass ran
+        weights_after, grads_after = _state(model)
+        assert all(torch.equal(weights_before[n], weights_after[n]) for n in weights_before)
+        assert grads_after == grads_before
+    finally:
+        model.config.calculate_per_token_loss = False
+        scorer.detach()
     assert _no_hooks_left(model)
 
 

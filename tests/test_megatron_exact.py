@@ -10,7 +10,16 @@ import pytest
 import torch
 
 import oracle
-from common import CASES, forward_step, load_canonical_weights, make_data, run_case, score_one_step, token_losses
+from common import (
+    CASES,
+    brute_force_scores,
+    forward_step,
+    load_canonical_weights,
+    make_data,
+    run_case,
+    score_one_step,
+    token_losses,
+)
 
 pytestmark = pytest.mark.megatron
 
@@ -81,6 +90,47 @@ def test_efficiency_and_sgd_identities(megatron_world, case, mbs):
     for step_raw in result["raw"]:
         for sid, raw in step_raw.items():
             assert values[sid] == pytest.approx(0.5 * raw, rel=1e-12)
+
+
+def _max_relative_error(ours: dict[int, float], reference: dict[int, float]) -> float:
+    assert sorted(ours) == sorted(reference)
+    scale = max(abs(v) for v in reference.values())
+    return max(abs(ours[sid] - reference[sid]) for sid in reference) / scale
+
+
+@pytest.mark.parametrize("mbs", [3, 1], ids=["mbs3-rules", "mbs1-microbatch"])
+def test_per_token_loss_scores_match_brute_force(megatron_world, mbs):
+    """megatron's ``calculate_per_token_loss=True`` (docs/DESIGN.md §1.1): a sample's loss term is its
+    masked token-loss sum over the token count of the whole global batch, which megatron's
+    finalize_model_grads divides the gradients by at the end of the step. Every step's scores
+    match brute force per sample, on both paths, with SGD through megatron DDP and optimizer; the
+    efficiency and SGD identities hold; the records' token counts sum to the divisor; and the
+    default normalisation's brute force (a divisor per microbatch) is far off, so a wrong divisor fails."""
+    from inrun_megatron.megatron.model import GPTShape
+
+    shape = GPTShape(
+        num_layers=2,
+        params_dtype=torch.float64,
+        extra_config={"calculate_per_token_loss": True},
+        **CASES["layernorm-swiglu-bias-tied-rope"],
+    )
+    options = dict(n_micro=6 // mbs, mbs=mbs, seed=13)
+    result = run_case(shape, steps=2, lr=0.5, ddp={}, record_weights=True, **options)
+    assert result["paths"] == ["rules" if mbs > 1 else "microbatch"] * 2
+    reference = brute_force_scores(shape, result, **options)
+    default_shape = GPTShape(num_layers=2, params_dtype=torch.float64, **CASES["layernorm-swiglu-bias-tied-rope"])
+    per_microbatch = brute_force_scores(default_shape, result, **options)  # the wrong divisor
+    for step, (ours, ref, wrong) in enumerate(zip(result["raw"], reference, per_microbatch)):
+        error = _max_relative_error(ours, ref)
+        print(f"per-token loss, {mbs=}, step {step}: max relative error vs brute force {error:.2e}")
+        assert error <= TOLERANCE[torch.float64]
+        assert _max_relative_error(ours, wrong) > 1e3 * TOLERANCE[torch.float64]
+        data = make_data(shape, options["n_micro"], mbs, options["seed"] + 100 + step, first_id=1000 * step)
+        assert sum(result["n_tokens"][step].values()) == sum(float(b["loss_mask"].sum()) for b in data)
+    for total, batch_dot, _ in result["efficiency"]:
+        assert total == pytest.approx(batch_dot, rel=1e-9, abs=1e-12)
+    for total_value, weight_change in result["sgd"]:
+        assert total_value == pytest.approx(weight_change, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("mbs", [2, 1], ids=["rules", "microbatch"])

@@ -17,6 +17,15 @@ on the rules path (in this process) and checks, on every layout:
   gradient traffic when the validation set is replicated (exactly one all-reduce of ``G``
   when it is split).
 
+Layouts marked ``pertoken`` train with megatron's ``calculate_per_token_loss=True`` (docs/DESIGN.md
+§1.1: each sample's loss term is divided by the token count of the whole global batch, known only
+when ``finalize_model_grads`` has reduced it at the end of the step): tensor, pipeline with
+accumulation, interleaved, sequence and data parallelism, the distributed optimizer and gradient
+accumulation fusion, each on both paths. Their scores are also checked per sample against brute
+force (tests/oracle.py, with the global token count the oracle counts itself) at every step, a
+brute force with megatron's default per-microbatch normalisation must be far off (a wrong divisor
+fails), and the replicas' recorded token counts must sum to the divisor.
+
 The microbatch-gradient path in bf16 scores the weight gradient training computed, rounded to
 bf16 by megatron's weight-gradient GEMM, where the rules multiply the same bf16 activations
 without rounding: there it is compared with the single-process run of its own path to the fp32
@@ -36,7 +45,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from common import CASES, UNIT_ROUNDOFF, efficiency_error, run_case, shape_to_json
+from common import CASES, UNIT_ROUNDOFF, brute_force_scores, efficiency_error, make_data, run_case, shape_to_json
 from launcher import launch
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
@@ -65,6 +74,10 @@ class Layout:
     @property
     def precision(self) -> str | None:
         return "bf16" if self.config.get("bf16") else "fp16" if self.config.get("fp16") else None
+
+    @property
+    def per_token_loss(self) -> bool:
+        return bool(self.config.get("calculate_per_token_loss"))
 
     @property
     def dp(self) -> int:
@@ -111,6 +124,8 @@ DISTRIBUTED_ADAM_OVERLAPPED = dict(
 )
 # megatron's linear backward adds weight gradients to main_grad itself (a CPU stand-in for its CUDA kernel).
 FUSION = {"gradient_accumulation_fusion": True}
+# megatron's per-token loss: sum of mask * CE per microbatch, gradients divided by the global batch's token count
+PER_TOKEN = {"calculate_per_token_loss": True}
 
 LAYOUTS = [
     # Tensor parallelism alone, plain module and torch SGD (fp32 and float64 to 1e-9).
@@ -125,20 +140,21 @@ LAYOUTS = [
     # Megatron DDP and optimizer from here on.
     Layout("1x2x1-accum4-clip", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2,
            options={"ddp": MEGATRON_DDP, "n_micro": 4, "clip_grad": 0.05}),
-    Layout("1x2x1-vpp2-overlap", 2, "layernorm-swiglu-bias-tied-rope", pp=2, vpp=2,
+    Layout("1x2x1-vpp2-overlap-pertoken", 2, "layernorm-swiglu-bias-tied-rope", pp=2, vpp=2, config=PER_TOKEN,
            options={"ddp": OVERLAPPED_DDP, "n_micro": 4}),
-    Layout("2x1x1-sp-rope", 2, "layernorm-swiglu-bias-tied-rope", tp=2, sequence_parallel=True,
-           options={"ddp": MEGATRON_DDP}),
-    Layout("1x1x2-distopt", 2, "layernorm-gelu-bias-untied", options=DISTRIBUTED_ADAM),
+    Layout("2x1x1-sp-rope-pertoken", 2, "layernorm-swiglu-bias-tied-rope", tp=2, sequence_parallel=True,
+           config=PER_TOKEN, options={"ddp": MEGATRON_DDP}),
+    Layout("1x1x2-distopt-pertoken", 2, "layernorm-gelu-bias-untied", config=PER_TOKEN, options=DISTRIBUTED_ADAM),
     # Adam with bf16 weights: megatron's mixed-precision optimizer keeps the state on fp32 main copies.
     Layout("1x1x2-bf16-adam", 2, "rmsnorm-swiglu-nobias-tied-recompute", config={"bf16": True},
            options={"ddp": {"grad_reduce_in_fp32": True}, "optimizer": "adam", "lr": 1e-3, "adam_eps": ADAM_EPS}),
     Layout("1x2x1-bf16", 2, "layernorm-gelu-bias-untied", pp=2, config={"bf16": True},
            options={"ddp": {"grad_reduce_in_fp32": True}}),
-    Layout("2x2x1", 4, "layernorm-swiglu-bias-tied-rope", tp=2, pp=2, options={"ddp": MEGATRON_DDP, "n_micro": 3}),
+    Layout("2x2x1-pertoken", 4, "layernorm-swiglu-bias-tied-rope", tp=2, pp=2, config=PER_TOKEN,
+           options={"ddp": MEGATRON_DDP, "n_micro": 3}),
     Layout("1x2x2-overlap-split", 4, "rmsnorm-swiglu-nobias-tied-recompute", pp=2,
            options={"ddp": OVERLAPPED_DDP, "validation_split": "split"}),
-    Layout("2x1x2-sp-clip", 4, "layernorm-gelu-bias-untied", tp=2, sequence_parallel=True,
+    Layout("2x1x2-sp-clip-pertoken", 4, "layernorm-gelu-bias-untied", tp=2, sequence_parallel=True, config=PER_TOKEN,
            options={"ddp": MEGATRON_DDP, "clip_grad": 0.05}),
     Layout("1x1x4-overlap-split", 4, "rmsnorm-gelu-bias-untied-recompute",
            options={"ddp": OVERLAPPED_DDP, "n_micro": 1, "validation_split": "split", "n_val_batches": 4}),
@@ -146,8 +162,8 @@ LAYOUTS = [
            options={"ddp": MEGATRON_DDP, "n_micro": 4}),
     Layout("2x1x2-distopt-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, options=DISTRIBUTED_ADAM_OVERLAPPED),
     # Gradient accumulation fusion: tied weights across stages, and on one stage (zero_out_wgrad) under SP.
-    Layout("1x2x1-fusion-tied", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2, config=FUSION,
-           options={"ddp": MEGATRON_DDP, "n_micro": 3}),
+    Layout("1x2x1-fusion-tied-pertoken", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2,
+           config=FUSION | PER_TOKEN, options={"ddp": MEGATRON_DDP, "n_micro": 3}),
     Layout("2x1x2-sp-fusion-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, sequence_parallel=True,
            config=FUSION, options={"ddp": OVERLAPPED_DDP}),
     # The interleaved schedule cannot run one validation batch on two stages: refused at attach, on every rank.
@@ -187,7 +203,30 @@ def launched(tmp_path_factory):
 @functools.cache
 def _reference(name: str, path: str = "rules") -> dict:
     layout = next(x for x in LAYOUTS if x.name == name)
-    return run_case(layout.shape(parallel=False), **layout.run_options(parallel=False, reference_path=path))
+    options = layout.run_options(parallel=False, reference_path=path)
+    return run_case(layout.shape(parallel=False), record_weights=layout.per_token_loss, **options)
+
+
+def _per_token_brute_force(layout: Layout, ranks: list[dict], report: dict) -> None:
+    """A per-token-loss layout's scores against brute force at every step (docs/DESIGN.md §1.3,
+    identity 3), with the global batch's token count as the divisor: the recorded token counts of
+    every replica sum to it, and the default per-microbatch normalisation would be far off."""
+    reference, options = _reference(layout.name), layout.run_options(parallel=False)
+    shape = layout.shape(parallel=False)
+    data = dict(n_micro=options["n_micro"], mbs=options["mbs"], seed=options["seed"])
+    brute_force = brute_force_scores(shape, reference, n_val_batches=options.get("n_val_batches", 2), **data)
+    default_shape = dataclasses.replace(shape, extra_config={**shape.extra_config, "calculate_per_token_loss": False})
+    wrong_divisor = brute_force_scores(default_shape, reference, n_val_batches=options.get("n_val_batches", 2), **data)
+    tol = TOLERANCE[layout.dtype]
+    report["max rel error vs brute force"] = _max_error(ranks, {"raw": brute_force})
+    assert report["max rel error vs brute force"] <= tol, "scores differ from brute force"
+    report["rel error of a per-microbatch divisor"] = _max_error(ranks, {"raw": wrong_divisor})
+    assert report["rel error of a per-microbatch divisor"] > 100 * tol, "the test cannot tell the divisors apart"
+    for step in range(options["steps"]):
+        batch = make_data(shape, data["n_micro"], data["mbs"], data["seed"] + 100 + step, first_id=1000 * step)
+        divisor = sum(float(b["loss_mask"].sum()) for b in batch)
+        recorded = {sid: n for got in ranks for sid, n in got["n_tokens"][step].items()}
+        assert sum(recorded.values()) == divisor, f"step {step}: the replicas' token counts do not sum to the divisor"
 
 
 def _max_error(ranks: list[dict], reference: dict, key: str = "raw") -> float:
@@ -274,6 +313,8 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
                 assert extra == [got["n_params"] + n_targets + shards] * steps
             else:
                 assert extra == [shards] * steps, "a replicated validation set costs no other data-parallel traffic"
+    if layout.per_token_loss:
+        _per_token_brute_force(layout, ranks, report)
     if options.get("clip_grad"):
         assert max(reference["clip_coef"]) < 1.0, "the clipping layout must actually clip"
     print(f"{layout.name}: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))

@@ -82,6 +82,7 @@ def test_scored_run_end_to_end(data_dir, tmp_path):
     assert manifest["versions"]["megatron_core"] and manifest["config"]["training"]["train_iters"] == 6
     assert [t["name"] for t in manifest["targets"]] == ["heldout-a", "mine"]
     assert manifest["targets"][1]["sequences"] == 2 and manifest["scoring_path"] == "microbatch"
+    assert manifest["loss_normalisation"] == "microbatch_tokens"  # megatron's default loss
     # trained with Adam: both values are recorded and the analysis reads the Adam-aware one by default
     assert manifest["values"]["default"] == "adam"
     assert manifest["values"]["rows"]["mine:adam"] == {"target": "mine", "value": "adam"}
@@ -124,11 +125,14 @@ def _kill_plan(rng: random.Random, steps: int, save_every: int) -> list[str]:
 
 
 def test_killed_runs_resume_to_the_same_values(data_dir, tmp_path):
+    """TP=2 x DP=2 with the distributed optimizer and megatron's per-token loss
+    (``training.calculate_per_token_loss``, docs/DESIGN.md §1.1): the run and its resumes record a
+    dump ``inrun-scores verify`` accepts, whose manifest names the loss normalisation."""
     seed = int(os.environ.get("INRUN_FAULT_SEED", "2026"))
     steps, save_every = 24, 8
     sections = dict(
         parallel={"use_distributed_optimizer": True},  # its state is sharded over DP in the checkpoint
-        training={"train_iters": steps},
+        training={"train_iters": steps, "calculate_per_token_loss": True},
         scoring={"flush_every": 2},
         checkpoint={"save_interval": save_every},
     )
@@ -165,8 +169,9 @@ def test_killed_runs_resume_to_the_same_values(data_dir, tmp_path):
         for a, b in zip(ours, reference):
             same = {k: a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k])) for k in a}
             assert all(same.values()), f"{where}: {stream} row {a} != {b}"
-    resumed = json.loads((run / "manifest.json").read_text())["resumed_from"]
-    assert len(resumed) == 3, resumed
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(manifest["resumed_from"]) == 3, manifest["resumed_from"]
+    assert manifest["loss_normalisation"] == "global_batch_tokens"
 
 
 def test_bad_inputs_stop_every_rank_before_training(data_dir, tmp_path):

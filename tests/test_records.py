@@ -160,6 +160,7 @@ def test_manifest_round_trips_and_malformed_ones_are_named(tmp_path):
         scoring_path="rules",
         launcher="torchrun",
         values=values_manifest(["validation"], [SGD, ADAM]),  # typed again as RunValues
+        loss_normalisation="global_batch_tokens",
     )
     write_manifest(tmp_path, written)
     assert read_manifest(tmp_path) == written  # every field, the layout typed again
@@ -171,6 +172,7 @@ def test_manifest_round_trips_and_malformed_ones_are_named(tmp_path):
         ({"targets": [{"sequences": 3}]}, "every entry of targets needs a name"),
         ({"layout": {"world_size": 2, "dp": 2}}, "bad layout"),
         ({"values": {"kinds": ["sgd"]}}, "bad values"),
+        ({"loss_normalisation": "per_sequence"}, r"manifest.json: unknown loss_normalisation 'per_sequence'"),
     ):
         path.write_text(json.dumps(written.to_dict() | change))
         with pytest.raises(ValueError, match=message):
@@ -179,6 +181,8 @@ def test_manifest_round_trips_and_malformed_ones_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"missing fields \['config'\]"):
         read_manifest(tmp_path)
     assert written.layout == RunLayout(world_size=2, data_parallel=2)
+    for normalisation in ("microbatch_tokens", "global_batch_tokens"):  # the dump defines what its field names
+        assert f"{normalisation}: l_z = s_z / (loss tokens of" in written.contract["loss_normalisations"]
 
 
 def test_a_scorer_refuses_a_sink_without_the_sink_methods():

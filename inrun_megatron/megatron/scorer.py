@@ -17,6 +17,7 @@ wherever the forward step pulls a batch from its data iterator.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -35,6 +36,7 @@ from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 from inrun_megatron.microbatch_gradients import gradient_scores
 from inrun_megatron.optimizer_values import ADAM
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
+from inrun_megatron.scores import GLOBAL_BATCH_TOKENS, MICROBATCH_TOKENS
 from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 from inrun_megatron.validation_pass import run_validation_pass
@@ -115,6 +117,10 @@ class MegatronScorer(Scorer):
             self.models, tp_group=self.process_groups.tp, allow_untested_megatron=self.config.allow_untested_megatron
         )
         self._refuse_unsupported()
+        # megatron's per-token loss (docs/DESIGN.md §1.1): the divisor of every sample's loss term is
+        # the global batch's token count, known only when finalize_model_grads has reduced it
+        self.per_token_loss = bool(get_model_config(self.chunks[0]).calculate_per_token_loss)
+        self._token_scaling: float | None = None  # the factor finalize_model_grads multiplied this step's gradients by
         check_targets(self.targets, vocab_size=self.models[0].vocab_size)
         self._check_validation_batches()
         builders = self.megatron_layers.attach(self)
@@ -137,7 +143,6 @@ class MegatronScorer(Scorer):
             "context parallelism": dist.get_world_size(self.process_groups.cp) > 1,
             "mixture-of-experts models (num_moe_experts)": bool(getattr(config, "num_moe_experts", None)),
             "multi-token prediction (mtp_num_layers)": bool(getattr(config, "mtp_num_layers", None)),
-            "calculate_per_token_loss=True": bool(getattr(config, "calculate_per_token_loss", False)),
             "fp8/fp4 training": bool(getattr(config, "fp8", None) or getattr(config, "fp4", None)),
             "Megatron-FSDP (use_megatron_fsdp)": any(
                 getattr(getattr(c, "ddp_config", None), "use_megatron_fsdp", False) for c in self.chunks
@@ -242,15 +247,72 @@ class MegatronScorer(Scorer):
         # A 0-dim tensor mixes with the optimizer's scale tensor on any device.
         return float(config.grad_scale_func(torch.ones((), device=self.grads.params()[0].device)))
 
+    @property
+    def loss_normalisation(self) -> str:
+        """How the training loss divides each sequence's masked token-loss sum (the manifest's
+        ``loss_normalisation``, ``docs/DESIGN.md`` §1.1)."""
+        return GLOBAL_BATCH_TOKENS if self.per_token_loss else MICROBATCH_TOKENS
+
     def _gradient_scale(self) -> float:
         """Factor between the summed per-microbatch output gradients and the optimizer's gradient.
 
-        Megatron DDP averages gradients over the data-parallel ranks; loss scaling multiplies them.
+        Loss scaling multiplies them. With megatron's default loss megatron DDP averages them over
+        the data-parallel ranks; with ``calculate_per_token_loss`` it sums them and
+        ``finalize_model_grads`` divides them by the global batch's token count
+        (``docs/DESIGN.md`` §2.4), which the training pass captured.
         """
         scale = 1.0 / self.loss_scale()
+        if self.per_token_loss:
+            return scale * self._token_scaling
         if any(isinstance(c, DistributedDataParallel) for c in self.chunks):
             scale /= dist.get_world_size(self.process_groups.dp_cp)
         return scale
+
+    @contextlib.contextmanager
+    def _capturing_global_tokens(self):
+        """Read the token count megatron's ``finalize_model_grads`` divides the gradients by.
+
+        Under ``calculate_per_token_loss`` the schedule hands ``finalize_model_grads_func`` the
+        tokens its loss functions counted on this rank; megatron's ``finalize_model_grads``
+        broadcasts that tensor from the last pipeline stage and all-reduces it over the
+        data-parallel group in place, then multiplies every gradient by ``1 / count`` (a zero count
+        clamped to 1 in megatron-core 0.19, left unscaled in 0.16: the same factor), computed as a
+        tensor op on the integer count, i.e. rounded to float32. Read after the call, the count is
+        the step's on every rank, and the same op gives exactly megatron's factor.
+        """
+        config = get_model_config(self.chunks[0])
+        finalize = config.finalize_model_grads_func
+        captured: list[torch.Tensor | None] = []
+
+        def capturing(model, num_tokens=None, *args, **kwargs):
+            result = finalize(model, num_tokens, *args, **kwargs)
+            captured.append(num_tokens)
+            return result
+
+        self._token_scaling = None
+        config.finalize_model_grads_func = capturing
+        try:
+            yield
+        finally:
+            config.finalize_model_grads_func = finalize
+        if len(captured) != 1 or captured[0] is None:
+            without = " without a token count" if captured and captured[0] is None else ""
+            raise RuntimeError(
+                f"calculate_per_token_loss=True: the training pass called finalize_model_grads_func"
+                f" {len(captured)} time(s){without}; the scores need the one token count of the step that it"
+                " divides the gradients by"
+            )
+        self._token_scaling = float(1.0 / torch.clamp(captured[0], min=1))
+
+    def _refuse_unnormalised_per_token_loss(self) -> None:
+        """Under per-token loss only ``finalize_model_grads`` divides the gradients by the token count."""
+        if self.per_token_loss and get_model_config(self.chunks[0]).finalize_model_grads_func is None:
+            raise ValueError(
+                "calculate_per_token_loss=True: the model config has no finalize_model_grads_func, so nothing divides"
+                " the gradients by the global batch's token count; set it to"
+                " megatron.core.distributed.finalize_model_grads (with the chunks wrapped in megatron DDP), as"
+                " megatron's training loop does"
+            )
 
     def gradient_dots(self) -> torch.Tensor:
         """``<g, G>`` per target, ``g`` as megatron's optimizer will step with it (reduced over data
@@ -297,6 +359,7 @@ class MegatronScorer(Scorer):
         if self._pending is not None:
             raise RuntimeError("call end_step() after each forward_backward() before starting the next step")
         self.path_for(kwargs["micro_batch_size"])  # a step no path can score is refused before any work
+        self._refuse_unnormalised_per_token_loss()
         stopwatch = Stopwatch(self.pass_clock)
         validation_losses = self.validation_pass(forward_backward_func, **kwargs)
         if self.optimizer is not None and ADAM in self.value_kinds:
@@ -308,7 +371,8 @@ class MegatronScorer(Scorer):
         self.begin_scoring(n_micro, mbs)
         completed = False
         try:
-            result = forward_backward_func(**kwargs)
+            with self._capturing_global_tokens() if self.per_token_loss else contextlib.nullcontext():
+                result = forward_backward_func(**kwargs)
             completed = True
         finally:
             raw = self.end_scoring(completed)

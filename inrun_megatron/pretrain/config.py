@@ -70,6 +70,9 @@ class TrainingSection:
     global_batch_size: int
     train_iters: int
     seed: int = 1234
+    # megatron's per-token loss: each microbatch's masked token-loss sum, the gradients divided by the
+    # token count of the whole global batch (docs/DESIGN.md §1.1); false: megatron's default loss
+    calculate_per_token_loss: bool = False
 
 
 @dataclass

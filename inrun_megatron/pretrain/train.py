@@ -227,6 +227,7 @@ class Pretraining:
                 "sequence_parallel": c.parallel.sequence_parallel,
                 "bf16": half == "bf16",
                 "fp16": half == "fp16",
+                "calculate_per_token_loss": c.training.calculate_per_token_loss,
             },
         )
         self.models = build_gpt_chunks(shape)
@@ -387,6 +388,7 @@ class Pretraining:
             scoring_path=None if self.scorer is None else self.scorer.path_for(c.training.micro_batch_size),
             data=self.data.manifest_section(tokenizer_spec, self.run_dir),
             model={"vocab_size": vocab, "parameters": parameter_count(c, vocab)},
+            loss_normalisation=None if self.scorer is None else self.scorer.loss_normalisation,
             versions=library_versions(megatron_core=megatron.core.__version__),
             launcher=self.env.launcher,
         )
