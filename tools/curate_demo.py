@@ -206,9 +206,9 @@ def pretrain(
     wait: bool = True,
 ):
     """One run of launch/pretrain_gpt.py on the sample ids of ``ids`` (of the ``num_samples``-sequence
-        training dataset), from scratch; its run directory, or its process when not ``wait``. ``seed``
-        (default the config's) seeds the initialisation and megatron's dataset order alike, so the ids
-        of one seed name other sequences under another: only a run on every id may change it. A run that
+    training dataset), from scratch; its run directory, or its process when not ``wait``. ``seed``
+    (default the config's) seeds the initialisation and megatron's dataset order alike, so the ids
+    of one seed name other sequences under another: only a run on every id may change it. A run that
     only measures its targets' loss records no ``adam_values`` (half the score rows)."""
     run_dir = out / name
     target_list = [{"name": t, "jsonl": str(out / "data" / f"{t}.jsonl")} for t in targets]
