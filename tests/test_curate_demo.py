@@ -1,12 +1,16 @@
 """The pieces of the curation loop (tools/curate_demo.py, ``make curate-demo``) on a tiny setting:
-a scored run, ``inrun-scores curate``, and a retraining through ``data.train_ids`` that trains on
-exactly the kept sequences; the random drop keeps as many; held-out pieces fit a sequence;
-steps to reach a loss. Not the 30-minute demo itself."""
+a scored run on the demo corpus over two epochs, ``inrun-scores curate`` on the Adam-aware value,
+the corruption report of both values, and a retraining through ``data.train_ids`` that trains on
+exactly the kept sequences; the random drops keep as many; the runs go side by side; held-out
+pieces fit a sequence; steps to reach a loss and the spread of the random arm. Not the 30-minute
+demo itself."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ import pytest
 
 from inrun_megatron.data.datasets import WithSampleIds, read_train_ids
 
-from pretrain_common import prepare_data, read_rows, run_pretrain, tiny_config
+from pretrain_common import read_rows, run_pretrain, tiny_config
 
 spec = importlib.util.spec_from_file_location("curate_demo", Path(__file__).parents[1] / "tools" / "curate_demo.py")
 curate_demo = importlib.util.module_from_spec(spec)
@@ -27,50 +31,92 @@ def _ok(proc) -> str:
     return proc.stdout
 
 
+def _demo_data(root: Path) -> Path:
+    """A small demo corpus (a third of its documents corrupted), tokenized by bytes, under ``root/data``."""
+    from inrun_megatron.data import Tokenizer
+    from inrun_megatron.data.demo_corpus import build_corpus
+    from inrun_megatron.data.indexed import preprocess
+
+    build_corpus(root / "corpus.jsonl", documents=30, corrupted=0.3)
+    preprocess([root / "corpus.jsonl"], root / "data", Tokenizer({"type": "bytes"}))
+    return root / "data"
+
+
 @pytest.mark.megatron
-def test_retraining_trains_exactly_the_ids_curate_kept(tmp_path):
+def test_curating_on_the_adam_value_and_retraining_on_exactly_the_kept_ids(tmp_path):
     from inrun_megatron.analysis.commands import curate
     from inrun_megatron.analysis.inputs import Scores
 
-    data_dir = prepare_data(tmp_path)
+    data_dir = _demo_data(tmp_path)
+    steps, batch, n = 4, 8, 16  # two epochs of 16 sequences, as the demo's full run (data.train_ids = all)
+    curate_demo.write_ids(tmp_path / "all.txt", np.arange(n))
+    data = {
+        "tokenizer": {"type": "bytes"},
+        "sources": [{"name": s, "prefix": str(data_dir / s)} for s in curate_demo.SOURCES],
+        "split": "90,10,0",
+        "train_samples": n,
+    }
     single = {"tensor_model_parallel_size": 1}
-    steps, batch = 4, 8
+    training = {"train_iters": steps, "global_batch_size": batch}
     scored = tiny_config(
-        data_dir, tmp_path / "scored", parallel=single, training={"train_iters": steps, "global_batch_size": batch}
+        data_dir,
+        tmp_path / "scored",
+        parallel=single,
+        training=training,
+        data={**data, "train_ids": str(tmp_path / "all.txt")},
+        validation={"targets": [{"name": "heldout-a", "source": "prose", "sequences": 4}]},
     )
     _ok(run_pretrain(scored, 1))
     with Scores(tmp_path / "scored" / "merged") as scores:
+        row = curate_demo.curate_row(scores, "heldout-a")
         report = curate(
             scores,
             tmp_path / "keep.txt",
-            target="heldout-a",
+            target=row,
             drop_fraction=0.25,
             view=curate_demo.VIEW,
             dropped_out=tmp_path / "drop.txt",
         )
+    assert row == "heldout-a:adam"  # Adam runs: the Adam-aware value (docs/DESIGN.md §1.5)
     kept, dropped = curate_demo.read_ids(tmp_path / "keep.txt"), curate_demo.read_ids(tmp_path / "drop.txt")
-    n = steps * batch
-    assert (report.data["kept"], report.data["dropped"]) == (len(kept), len(dropped)) == (24, 8)
+    # the first step has no Adam-aware value, but the second epoch gives its sequences one: curate
+    # sees every sequence (the demo checks this before it retrains)
+    assert (report.data["kept"], report.data["dropped"]) == (len(kept), len(dropped)) == (12, 4)
     np.testing.assert_array_equal(np.union1d(kept, dropped), np.arange(n))
+
+    # the corruption report: both values' AUROC, and the dropped sequences by kind
+    found = curate_demo.corruption_report(tmp_path / "scored" / "merged", dropped, "heldout-a")
+    assert list(found["auroc"]) == ["heldout-a:adam", "heldout-a"]
+    cells_adam, cells_sgd = found["auroc"].values()
+    assert list(cells_adam) == list(cells_sgd) and not math.isnan(cells_adam["all kinds"])  # corrupted and clean
+    for cells in found["auroc"].values():
+        assert all(0.0 <= auroc <= 1.0 for auroc in cells.values() if not math.isnan(auroc))
+    assert sum(d for d, _ in found["dropped_of"].values()) <= len(dropped)
+    assert sum(m for _, m in found["dropped_of"].values()) <= n
 
     # retrain from scratch on the kept ids: the run sees them in increasing order, repeated to fill its steps
     retrain = tiny_config(
         data_dir,
         tmp_path / "retrain",
         parallel=single,
-        training={"train_iters": steps, "global_batch_size": batch},
-        data={**scored["data"], "train_ids": str(tmp_path / "keep.txt"), "train_samples": n},
+        training=training,
+        data={**data, "train_ids": str(tmp_path / "keep.txt")},
+        validation={"targets": [{"name": "heldout-a", "source": "prose", "sequences": 4}]},
     )
     _ok(run_pretrain(retrain, 1))
     rows = read_rows(tmp_path / "retrain").filter(ds.field("target") == "heldout-a")
     trained = rows.sort_by([("step", "ascending"), ("sample_id", "ascending")])["sample_id"].to_numpy()
-    np.testing.assert_array_equal(trained, np.resize(kept, n))
+    in_order = np.resize(kept, steps * batch).reshape(steps, batch)
+    np.testing.assert_array_equal(trained, np.sort(in_order, axis=1).ravel())  # rows sorted by id within a step
     assert not np.isin(trained, dropped).any()
+    assert len(curate_demo.loss_curve(tmp_path / "retrain", "heldout-a")) == steps
 
-    # the random drop keeps as many ids, all different, of the same training data
-    random_kept = curate_demo.random_drop(n, len(kept), seed=3)
-    assert len(np.unique(random_kept)) == len(kept) and random_kept.min() >= 0 and random_kept.max() < n
-    np.testing.assert_array_equal(random_kept, curate_demo.random_drop(n, len(kept), seed=3))
+    # the random drops keep as many ids, all different, of the same training data; one draw per seed
+    draws = [curate_demo.random_drop(n, len(kept), seed=seed) for seed in (3, 4)]
+    for draw in draws:
+        assert len(np.unique(draw)) == len(kept) and draw.min() >= 0 and draw.max() < n
+    np.testing.assert_array_equal(draws[0], curate_demo.random_drop(n, len(kept), seed=3))
+    assert not np.array_equal(draws[0], draws[1])
 
 
 def test_train_ids_select_sequences_of_the_dataset():
@@ -110,3 +156,25 @@ def test_steps_to_reach_and_steps_saved():
     assert curate_demo.steps_to_reach(curve, 2.0) is None
     assert curate_demo.steps_saved(4, 5) == pytest.approx(0.2)
     assert math.isnan(curate_demo.steps_saved(None, 5))
+
+
+def test_spread_of_the_random_arm_leaves_out_runs_that_never_reached():
+    cells = curate_demo.spread([10, None, 14])
+    assert (cells["n"], cells["missing"], cells["min"], cells["max"]) == (3, 1, 10.0, 14.0)
+    assert cells["mean"] == 12.0 and cells["std"] == pytest.approx(math.sqrt(8.0))
+    assert math.isnan(curate_demo.spread([None, None])["mean"]) and math.isnan(curate_demo.spread([5])["std"])
+
+
+def test_runs_go_side_by_side_in_order_and_a_failure_stops_them(tmp_path):
+    started = []
+
+    def start(name: str, code: int) -> subprocess.Popen:
+        started.append(name)
+        return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+
+    curate_demo.run_side_by_side({"a": {"code": 0}, "b": {"code": 0}, "c": {"code": 0}}, 2, start)
+    assert started == ["a", "b", "c"]
+    started.clear()
+    with pytest.raises(SystemExit, match="the b run failed"):
+        curate_demo.run_side_by_side({"a": {"code": 0}, "b": {"code": 3}, "c": {"code": 0}}, 2, start)
+    assert started == ["a", "b"]  # c is not started after b failed

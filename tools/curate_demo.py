@@ -6,16 +6,22 @@
    half the target ``eval`` that only measures the runs (cut into pieces that fit one sequence);
 2. ``full``: pretrain from scratch on every training sequence (``data.train_ids`` = all ids of one
    epoch, repeated for ``--epochs`` epochs) with scoring on, as ``launch/pretrain_gpt.py`` does;
-3. ``inrun-scores curate`` on its values for ``select`` in the recommended view: the kept ids;
+   beside it ``full-seed2``: the same data under another seed (another initialisation, packing and
+   order), which shows how far a second seed alone moves the full run's curve;
+3. ``inrun-scores curate`` on the Adam-aware value (the runs train with Adam, docs/DESIGN.md §1.5)
+   for ``select`` in the recommended view (§1.6), ``--drop-negative``: the kept ids;
 4. ``curated``: retrain from scratch on the kept ids, same steps, same schedule;
-   ``random``: retrain on as many ids drawn at random (the random drop of the same size);
+   ``random-1`` .. ``random-R``: retrain on as many ids drawn at random, one draw per seed (the
+   random drop of the same size; its spread says how much one draw's luck is worth);
 5. report, on ``eval``: the steps each run needs to reach the full run's final validation loss,
-   the final losses, and how well the view's low values find the planted corruption (AUROC).
+   the final losses (per run, and mean and spread of the random draws), and how well the view's low
+   values find the planted corruption (AUROC), for the Adam-aware and for the SGD value.
 
-The last line is ``steps_saved=<fraction>``: 1 - (steps of ``curated``) / (steps of ``full``) to
-reach the full run's final ``eval`` loss (``nan`` when the curated run never reaches it).
+The runs go ``--parallel`` at a time (one process each). The last line is ``steps_saved=<fraction>``:
+1 - (steps of ``curated``) / (steps of ``full``) to reach the full run's final ``eval`` loss
+(``nan`` when the curated run never reaches it).
 
-    python tools/curate_demo.py [--out runs/curate-demo] [--epochs 3]
+    python tools/curate_demo.py [--out runs/curate-demo] [--epochs 2] [--random-seeds 3]
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from inrun_megatron.analysis.commands import curate
 from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.data.demo_corpus import build_corpus
 from inrun_megatron.data.tokenizer import Tokenizer
+from inrun_megatron.optimizer_values import ADAM_ROW_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "curate-demo.yaml"
@@ -49,7 +56,14 @@ _spec.loader.exec_module(demo_report)
 
 #: The view the values are curated in: the one the demo report recommends (docs/DESIGN.md §1.6).
 VIEW = demo_report.RECOMMENDED_VIEW
+#: The value curated on: the Adam-aware one, since the runs train with Adam (docs/DESIGN.md §1.5);
+#: the report shows the SGD value's AUROC beside it.
+VALUE = "adam"
 SOURCES = ("prose", "code", "docstrings")
+#: The target the values are computed against, and the one that only measures the runs.
+SELECT, EVAL = "select", "eval"
+#: The seed of the second full run (the first uses the config's training.seed).
+SECOND_SEED = 4321
 
 
 # --------------------------------------------------------------------------------------
@@ -179,9 +193,23 @@ def random_drop(num_samples: int, keep: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(num_samples, size=keep, replace=False))
 
 
-def pretrain(out: Path, name: str, ids: Path, *, num_samples: int, steps: int, targets: list[str], wait: bool = True):
+def pretrain(
+    out: Path,
+    name: str,
+    ids: Path,
+    *,
+    num_samples: int,
+    steps: int,
+    targets: list[str],
+    seed: int | None = None,
+    adam_values: bool = True,
+    wait: bool = True,
+):
     """One run of launch/pretrain_gpt.py on the sample ids of ``ids`` (of the ``num_samples``-sequence
-    training dataset), from scratch; its run directory, or its process when not ``wait``."""
+    training dataset), from scratch; its run directory, or its process when not ``wait``. ``seed``
+    (default the config's) seeds the initialisation and megatron's dataset order alike, so the ids
+    of one seed name other sequences under another: only a run on every id may change it. A run that
+    only measures its targets' loss records no ``adam_values`` (half the score rows)."""
     run_dir = out / name
     target_list = [{"name": t, "jsonl": str(out / "data" / f"{t}.jsonl")} for t in targets]
     overrides = [
@@ -194,6 +222,8 @@ def pretrain(out: Path, name: str, ids: Path, *, num_samples: int, steps: int, t
         f"training.train_iters={steps}",
         f"optimizer.lr_warmup_iters={max(1, steps // 10)}",  # warm up over the first 10% of the steps
         f"validation.targets={json.dumps(target_list)}",
+        *([f"training.seed={seed}"] if seed is not None else []),
+        *([] if adam_values else ["scoring.optimizer_values=false"]),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     process = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
@@ -219,16 +249,52 @@ def steps_saved(curated: int | None, full: int) -> float:
     return math.nan if curated is None else 1.0 - curated / full
 
 
+def spread(numbers: list[float | None]) -> dict:
+    """Mean, sample standard deviation, min and max of the numbers that are not None, and how many
+    are None (runs that never reached the loss): the random arm over its seeds."""
+    known = np.array([x for x in numbers if x is not None], dtype=float)
+    return {
+        "n": len(numbers),
+        "missing": len(numbers) - known.size,
+        "mean": float(known.mean()) if known.size else math.nan,
+        "std": float(known.std(ddof=1)) if known.size > 1 else math.nan,
+        "min": float(known.min()) if known.size else math.nan,
+        "max": float(known.max()) if known.size else math.nan,
+    }
+
+
+def curate_row(scores: Scores, target: str = SELECT) -> str:
+    """The score row the demo curates on: ``target``'s Adam-aware value (docs/DESIGN.md §1.5)."""
+    return scores.score_row(target, VALUE)
+
+
+def run_side_by_side(jobs: dict[str, dict], parallel: int, start) -> None:
+    """``start(name, **job)`` (a :func:`pretrain` without waiting) for every job, ``parallel`` at a
+    time, in order; stop at the first that fails."""
+    names = list(jobs)
+    for first in range(0, len(names), parallel):
+        started = {name: start(name, **jobs[name]) for name in names[first : first + parallel]}
+        for name, process in started.items():
+            if process.wait():
+                raise SystemExit(f"the {name} run failed (exit status {process.returncode}); see its output above")
+
+
 # --------------------------------------------------------------------------------------
 
 
-def corruption_report(run_dir: Path, target: str, dropped: np.ndarray) -> dict:
-    """AUROC of the curation view's low values for the planted corruption, and what was dropped."""
+def corruption_report(run_dir: Path, dropped: np.ndarray, target: str = SELECT) -> dict:
+    """AUROC of the curation view's low values for the planted corruption, of the Adam-aware value
+    (the one curated on) and of the SGD value, and what was dropped."""
+    aurocs = {}
     with Scores(run_dir) as scores:
-        ids, values = demo_report.view_values(scores, VIEW, [target])
         index = scores.index()
-    fractions = demo_report.corrupted_fractions(index, ids)
-    aurocs = demo_report.corruption_aurocs(values[target], fractions)
+        for value in (VALUE, "sgd"):
+            row = scores.score_row(target, value)
+            row_ids, values = demo_report.view_values(scores, VIEW, [row])
+            row_fractions = demo_report.corrupted_fractions(index, row_ids)
+            aurocs[row] = demo_report.corruption_aurocs(values[row], row_fractions)
+            if value == VALUE:  # the row curate read: what it dropped
+                ids, fractions = row_ids, row_fractions
     mostly = {kind: ids[f > 0.5] for kind, f in fractions.items()}
     clean = ids[sum(fractions.values()) == 0]
     counts = {kind: (int(np.isin(members, dropped).sum()), len(members)) for kind, members in mostly.items()}
@@ -241,12 +307,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/curate-demo"))
     parser.add_argument("--documents", type=int, default=400, help="training documents per source")
     parser.add_argument("--heldout", type=int, default=8, help="clean held-out documents per source")
-    parser.add_argument("--epochs", type=int, default=3, help="passes over the training sequences")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the training sequences (at least 2)")
+    parser.add_argument("--random-seeds", type=int, default=3, help="random drops of the curated size, one run each")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one process, one core each)")
     parser.add_argument("--global-batch-size", type=int, default=16, help="as configs/curate-demo.yaml")
     parser.add_argument("--seed", type=int, default=1234, help="as configs/curate-demo.yaml")
     parser.add_argument("--seq-length", type=int, default=128, help="as configs/curate-demo.yaml")
     parser.add_argument("--report-only", action="store_true", help="only the report, from the runs under --out")
     args = parser.parse_args()
+    # the Adam-aware value is not defined at the optimizer's first step (docs/DESIGN.md §1.5): a
+    # second epoch gives the sequences of that step a value
+    if args.epochs < 2:
+        parser.error(f"--epochs {args.epochs}: at least 2, so that every sequence has an Adam-aware value")
+    if args.random_seeds < 2:
+        parser.error(f"--random-seeds {args.random_seeds}: at least 2, so that the random arm has a spread")
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: at least 1")
     out = args.out.resolve()
     if not args.report_only:
         start = time.perf_counter()
@@ -255,8 +331,13 @@ def main() -> None:
     report(out)
 
 
+def random_name(seed: int) -> str:
+    return f"random-{seed}"
+
+
 def loop(out: Path, args: argparse.Namespace) -> None:
-    """Data, the full run with scoring, curate, and the two retrainings (see the module docstring)."""
+    """Data, the full runs (one with scoring on ``select``), curate, and the retrainings (see the
+    module docstring)."""
     if out.exists():
         shutil.rmtree(out)
     data = build_data(out / "data", documents=args.documents, heldout=args.heldout, seq_length=args.seq_length,
@@ -267,54 +348,76 @@ def loop(out: Path, args: argparse.Namespace) -> None:
           f" held out {data['heldout_documents']} documents; {num_samples} training sequences of {args.seq_length}"
           f" tokens; every run {steps} steps ({args.epochs} epochs of the full data)", flush=True)  # fmt: skip
     write_ids(out / "all_ids.txt", np.arange(num_samples))
-    full = pretrain(out, "full", out / "all_ids.txt", num_samples=num_samples, steps=steps, targets=["select", "eval"])
-    with Scores(full / "merged") as scores:
-        curated = curate(scores, out / "keep_ids.txt", target="select", drop_negative=True, view=VIEW,
+
+    def start(name: str, **job) -> subprocess.Popen:
+        return pretrain(out, name, num_samples=num_samples, steps=steps, wait=False, **job)
+
+    # the second full run needs no values on select: it only measures eval, beside the scored one
+    full = {"ids": out / "all_ids.txt", "targets": [SELECT, EVAL]}
+    second = {"ids": out / "all_ids.txt", "targets": [EVAL], "seed": SECOND_SEED, "adam_values": False}
+    run_side_by_side({"full": full, "full-seed2": second}, args.parallel, start)
+    with Scores(out / "full" / "merged") as scores:
+        row = curate_row(scores)
+        curated = curate(scores, out / "keep_ids.txt", target=row, drop_negative=True, view=VIEW,
                          dropped_out=out / "dropped_ids.txt")  # fmt: skip
-    kept = curated.data["kept"]
-    write_ids(out / "random_ids.txt", random_drop(num_samples, kept, args.seed))
-    print(f"curate (view {VIEW}, target select, --drop-negative): kept {kept}, dropped {curated.data['dropped']}"
+    kept, dropped = curated.data["kept"], curated.data["dropped"]
+    if kept + dropped != num_samples:
+        raise SystemExit(f"curate saw {kept + dropped} of the {num_samples} training sequences in row {row}")
+    print(f"curate (value {row}, view {VIEW}, --drop-negative): kept {kept}, dropped {dropped}"
           f" of {num_samples} sequences", flush=True)  # fmt: skip
-    # the two retrainings are independent: one process each, side by side on two cores
-    retrain = {"curated": out / "keep_ids.txt", "random": out / "random_ids.txt"}
-    started = {name: pretrain(out, name, ids, num_samples=num_samples, steps=steps, targets=["eval"], wait=False)
-               for name, ids in retrain.items()}  # fmt: skip
-    for name, process in started.items():
-        if process.wait():
-            raise SystemExit(f"the {name} run failed (exit status {process.returncode}); see its output above")
+    retrain = {"curated": {"ids": out / "keep_ids.txt", "targets": [EVAL], "adam_values": False}}
+    for seed in range(1, args.random_seeds + 1):
+        ids = out / f"{random_name(seed)}_ids.txt"
+        write_ids(ids, random_drop(num_samples, kept, args.seed + seed))
+        retrain[random_name(seed)] = {"ids": ids, "targets": [EVAL], "adam_values": False}
+    run_side_by_side(retrain, args.parallel, start)
 
 
 def report(out: Path) -> None:
-    """Losses, steps to reach the full run's final loss, the corruption found; the last line is
-    ``steps_saved=<fraction>``."""
+    """Losses, steps to reach the full run's final loss (per run; mean and spread of the random
+    draws), the corruption found; the last line is ``steps_saved=<fraction>``."""
     num_samples = len(read_ids(out / "all_ids.txt"))
     kept, dropped = read_ids(out / "keep_ids.txt"), read_ids(out / "dropped_ids.txt")
-    runs = {"full": out / "full", "curated": out / "curated", "random": out / "random"}
-    curves = {name: loss_curve(run_dir, "eval") for name, run_dir in runs.items()}
+    randoms = sorted(path.name for path in out.glob("random-*") if path.is_dir())
+    runs = ["full", "full-seed2", "curated", *randoms]
+    curves = {name: loss_curve(out / name, EVAL) for name in runs}
     level = curves["full"][-1]
     reach = {name: steps_to_reach(curve, level) for name, curve in curves.items()}
-    found = corruption_report(out / "full" / "merged", "select", dropped)
+    final = {name: float(curve[-1]) for name, curve in curves.items()}
+    found = corruption_report(out / "full" / "merged", dropped)
     tokenizer = Tokenizer({"type": "json", "path": str(out / "data" / "tokenizer.json")})
     texts = [json.loads(line)["text"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     eval_texts = [json.loads(line)["text"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
     unigram = unigram_loss(texts, eval_texts, tokenizer)
 
-    print(f"\nplanted corruption found by the view {VIEW!r} (target select), AUROC of 'lower value = corrupted':")
-    for kind, value in found["auroc"].items():
-        print(f"  {kind:<20} {value:.3f}")
+    print(f"\nplanted corruption found by low values in the view {VIEW!r} (a sequence's value as a multiple of its")
+    print("step's mean |value|, averaged over its visits), AUROC of 'lower value = corrupted';")
+    print(f"curate uses the Adam-aware value ({SELECT}{ADAM_ROW_SUFFIX}), the SGD value ({SELECT}) is shown beside it:")
+    demo_report.print_table("", found["auroc"])
     print("dropped by curate: " + ", ".join(f"{d} of {n} {k}" for k, (d, n) in found["dropped_of"].items()))
-    print(f"\nvalidation loss on 'eval' (nats/token; token frequencies alone: {unigram:.3f}):")
-    print(f"  {'run':<10}{'sequences':>10}{'steps':>8}{'final loss':>12}{'steps to reach full final':>28}")
-    sizes = {"full": num_samples, "curated": len(kept), "random": len(kept)}
+    print(f"\nvalidation loss on '{EVAL}' (nats/token; token frequencies alone: {unigram:.3f}):")
+    print(f"  {'run':<12}{'sequences':>10}{'steps':>8}{'final loss':>12}{'steps to reach full final':>28}")
+    sizes = {"full": num_samples, "full-seed2": num_samples}
     for name, curve in curves.items():
         where = "never" if reach[name] is None else str(reach[name])
-        print(f"  {name:<10}{sizes[name]:>10}{len(curve):>8}{curve[-1]:>12.4f}{where:>28}")
+        print(f"  {name:<12}{sizes.get(name, len(kept)):>10}{len(curve):>8}{final[name]:>12.4f}{where:>28}")
+    random_arm = {
+        "steps_to_reach": spread([reach[n] for n in randoms]),
+        "final_loss": spread([final[n] for n in randoms]),
+    }
+    steps_arm, loss_arm = random_arm["steps_to_reach"], random_arm["final_loss"]
+    print(f"  random, {len(randoms)} draws: steps to reach {steps_arm['mean']:.1f} ± {steps_arm['std']:.1f}"
+          f" (min {steps_arm['min']:.0f}, max {steps_arm['max']:.0f}, never {steps_arm['missing']}),"
+          f" final loss {loss_arm['mean']:.4f} ± {loss_arm['std']:.4f} (min {loss_arm['min']:.4f})")  # fmt: skip
     summary = {
         "num_samples": num_samples,
         "kept": len(kept),
-        "final_loss": {n: float(c[-1]) for n, c in curves.items()},
+        "curated_on": f"{SELECT}{ADAM_ROW_SUFFIX}",
+        "view": VIEW,
+        "final_loss": final,
         "steps": {n: len(c) for n, c in curves.items()},
         "steps_to_reach": reach,
+        "random_arm": random_arm,
         "unigram_loss": unigram,
         **found,
     }
