@@ -162,19 +162,52 @@ def load_canonical_weights(model: torch.nn.Module, seed: int, tp_rank: int = 0, 
         p.copy_(full.to(p.dtype))
 
 
-def make_data(shape: GPTShape, n_micro: int, mbs: int, seed: int, *, first_id: int = 0, masked: bool = True):
-    """Microbatches with distinct sample ids, random tokens and (optionally) ragged loss masks."""
+def make_data(
+    shape: GPTShape,
+    n_micro: int,
+    mbs: int,
+    seed: int,
+    *,
+    first_id: int = 0,
+    masked: bool = True,
+    eod: int | None = None,
+    reset_documents: bool = False,
+):
+    """Microbatches with distinct sample ids, random tokens and (optionally) ragged loss masks.
+
+    With ``eod``, every row also holds end-of-document tokens at random positions (packed documents,
+    docs/DESIGN.md §2.9); ``reset_documents`` adds megatron's attention mask and position ids with
+    ``reset_attention_mask`` and ``reset_position_ids`` (no token attends across a document boundary)."""
     g = torch.Generator().manual_seed(seed)
     batches = []
     for m in range(n_micro):
         tokens = torch.randint(0, shape.vocab_size, (mbs, shape.seq_length + 1), generator=g)
+        if eod is not None:
+            for row in tokens:
+                row[torch.randperm(shape.seq_length + 1, generator=g)[:3]] = eod
         mask = None
         if masked:
             mask = (torch.rand(mbs, shape.seq_length, generator=g) > 0.25).float()
             mask[:, -3:] = 0.0  # padding at the end of every row
         ids = torch.arange(first_id + m * mbs, first_id + (m + 1) * mbs)
-        batches.append({k: v.to(DEVICE) for k, v in make_batch(tokens, ids, mask).items()})
+        batch = make_batch(tokens, ids, mask)
+        if reset_documents:
+            batch.update(_reset_masks_and_positions(batch["tokens"], eod))
+        batches.append({k: v.to(DEVICE) for k, v in batch.items()})
     return batches
+
+
+def _reset_masks_and_positions(tokens: torch.Tensor, eod: int) -> dict[str, torch.Tensor]:
+    """Attention mask ``[b, 1, s, s]`` (True: masked) and position ids as megatron's GPTDataset builds
+    them with ``reset_attention_mask`` and ``reset_position_ids``, by megatron's own function."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    masks, positions = [], []
+    for row in tokens:
+        mask, _, position_ids = _get_ltor_masks_and_position_ids(row, eod, True, True, False, True)
+        masks.append(mask)
+        positions.append(position_ids)
+    return {"attention_mask": torch.stack(masks), "position_ids": torch.stack(positions)}
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -205,12 +238,13 @@ def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     models compute their cross-entropy in float64."""
     from megatron.core.utils import get_attr_wrapped_model
 
+    attention_mask = batch.get("attention_mask")  # None: causal over the whole sequence
     if not get_attr_wrapped_model(model, "post_process"):
-        return model(batch["tokens"], batch["position_ids"], None)
+        return model(batch["tokens"], batch["position_ids"], attention_mask)
     if next(model.parameters()).dtype == torch.float64:
-        logits = model(batch["tokens"], batch["position_ids"], None)
+        logits = model(batch["tokens"], batch["position_ids"], attention_mask)
         return vocab_parallel_cross_entropy(logits, batch["labels"])
-    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
 
 
 def forward_step(data_iterator, model):
