@@ -142,7 +142,8 @@ def by_document(
     which_end = "lowest" if bottom else "highest"
     tables = [
         Table(
-            f"{len(documents)} {which_end} document values of {len(keys)}, view {view} ({spec.unit}), target {target!r}",
+            f"{len(documents)} {which_end} document values of {len(keys)}, view {view} ({spec.unit}),"
+            f" target {target!r}",
             columns,
             [[d[c] for c in columns] for d in documents],
         ),
