@@ -387,6 +387,7 @@ def run_case(
     validation: list[dict] | None = None,
     epoch_steps: int | None = None,
     writer=None,
+    document_eod: int | None = None,
 ) -> dict:
     """Train ``steps`` steps of a canonical GPT at the initialised parallel layout; return
     per-step scores and the docs/DESIGN.md §1.3 identities.
@@ -411,7 +412,10 @@ def run_case(
     and the final ``weights`` by canonical name.
     With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
     ``ScoreWriter`` (on one rank per DP replica) as the scorer's sink, every step's result is
-    dumped too (its ``<g, G>`` as the step's batch_dot).
+    dumped too (its ``<g, G>`` as the step's batch_dot). With ``document_eod`` the data packs documents
+    (:func:`make_data`) and the scorer records document values (docs/DESIGN.md §2.9): ``documents`` per step
+    ``{(sample_id, span): raw}`` and ``document_sums`` per step the largest ``|sum of a sample's spans - raw|``
+    relative to the step's largest ``|raw|``.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -443,13 +447,15 @@ def run_case(
         chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {}, adam_eps)
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
-    config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
+    config = ScoringConfig(  # accumulate_values: out['values']
+        validation_split=validation_split, path=path, accumulate_values=True, document_eod=document_eod
+    )
     scorer = (
         MegatronScorer(chunks, validation, config, micro_batch_size=mbs, optimizer=opt, sink=writer) if scored else None
     )
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
-    keys += ("raw_adam", "efficiency_adam")
+    keys += ("raw_adam", "efficiency_adam", "documents", "document_sums")
     out = {key: [] for key in keys}
 
     def fb(**kwargs):
@@ -460,7 +466,9 @@ def run_case(
 
     for step in range(steps):
         batch_index = step % epoch_steps if epoch_steps else step
-        data = make_data(shape, n_micro * dp_size, mbs, seed + 100 + batch_index, first_id=1000 * batch_index)
+        data = make_data(
+            shape, n_micro * dp_size, mbs, seed + 100 + batch_index, first_id=1000 * batch_index, eod=document_eod
+        )
         local = data[dp_rank * n_micro : (dp_rank + 1) * n_micro]
         has_data = [
             get_attr_wrapped_model(c, "pre_process") or get_attr_wrapped_model(c, "post_process") for c in chunks
@@ -509,6 +517,14 @@ def run_case(
             rows = {name: c["target"] == name for name in scorer.score_rows}
             raw = dict(zip(c["sample_id"][rows["validation"]].tolist(), c["raw"][rows["validation"]].tolist()))
             out["raw"].append(raw)
+            if document_eod is not None:
+                d = step_result.documents.columns
+                mine = d["target"] == "validation"
+                spans = dict(zip(zip(d["sample_id"][mine].tolist(), d["span"][mine].tolist()), d["raw"][mine].tolist()))
+                out["documents"].append(spans)
+                sums = {sid: math.fsum(v for (s, _), v in spans.items() if s == sid) for sid in raw}
+                scale = max(abs(v) for v in raw.values())
+                out["document_sums"].append(max(abs(sums[sid] - raw[sid]) for sid in raw) / scale)
             adam = rows.get("validation:adam")
             out["raw_adam"].append(
                 dict(zip(c["sample_id"][adam].tolist(), c["raw"][adam].tolist()))

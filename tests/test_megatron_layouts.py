@@ -88,8 +88,9 @@ class Layout:
 
     @property
     def path(self) -> str:
-        """The scoring path ``path="auto"`` must choose."""
-        return "microbatch" if self.run_options(parallel=True)["mbs"] == 1 else "rules"
+        """The scoring path ``path="auto"`` must choose: document values take the rules at any micro-batch size."""
+        options = self.run_options(parallel=True)
+        return "microbatch" if options["mbs"] == 1 and options.get("document_eod") is None else "rules"
 
 
 def at_micro_batch_size_1(layout: Layout) -> Layout:
@@ -138,12 +139,13 @@ LAYOUTS = [
     Layout("2x2x1", 4, "layernorm-swiglu-bias-tied-rope", tp=2, pp=2, options={"ddp": MEGATRON_DDP, "n_micro": 3}),
     Layout("1x2x2-overlap-split", 4, "rmsnorm-swiglu-nobias-tied-recompute", pp=2,
            options={"ddp": OVERLAPPED_DDP, "validation_split": "split"}),
-    Layout("2x1x2-sp-clip", 4, "layernorm-gelu-bias-untied", tp=2, sequence_parallel=True,
-           options={"ddp": MEGATRON_DDP, "clip_grad": 0.05}),
+    # ... with document values (docs/DESIGN.md §2.9): per-token partials of sequence-parallel norms.
+    Layout("2x1x2-sp-clip-documents", 4, "layernorm-gelu-bias-untied", tp=2, sequence_parallel=True,
+           options={"ddp": MEGATRON_DDP, "clip_grad": 0.05, "document_eod": 0}),
     Layout("1x1x4-overlap-split", 4, "rmsnorm-gelu-bias-untied-recompute",
            options={"ddp": OVERLAPPED_DDP, "n_micro": 1, "validation_split": "split", "n_val_batches": 4}),
-    Layout("2x2x1-vpp2-sp", 4, "rmsnorm-swiglu-nobias-tied-recompute", tp=2, pp=2, vpp=2, sequence_parallel=True,
-           options={"ddp": MEGATRON_DDP, "n_micro": 4}),
+    Layout("2x2x1-vpp2-sp-documents", 4, "rmsnorm-swiglu-nobias-tied-recompute", tp=2, pp=2, vpp=2,
+           sequence_parallel=True, options={"ddp": MEGATRON_DDP, "n_micro": 4, "document_eod": 0}),
     Layout("2x1x2-distopt-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, options=DISTRIBUTED_ADAM_OVERLAPPED),
     # Gradient accumulation fusion: tied weights across stages, and on one stage (zero_out_wgrad) under SP.
     Layout("1x2x1-fusion-tied", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2, config=FUSION,
@@ -274,6 +276,12 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
                 assert extra == [got["n_params"] + n_targets + shards] * steps
             else:
                 assert extra == [shards] * steps, "a replicated validation set costs no other data-parallel traffic"
+    if options.get("document_eod") is not None:  # document values, docs/DESIGN.md §2.9
+        report["documents max rel error"] = _max_error(ranks, reference, "documents")
+        assert report["documents max rel error"] <= tol, "document partials differ from the single-process run"
+        report["document sums"] = max(max(got["document_sums"]) for got in [*ranks, reference])
+        assert report["document sums"] <= 1e-12, "a sample's document partials do not sum to its score"
+        assert max(span for step in reference["documents"] for _, span in step) >= 2
     if options.get("clip_grad"):
         assert max(reference["clip_coef"]) < 1.0, "the clipping layout must actually clip"
     print(f"{layout.name}: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
