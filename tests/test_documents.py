@@ -121,3 +121,39 @@ def test_document_values_refuse_the_microbatch_path_and_other_adapters():
     batch = {"tokens": torch.zeros(1, 4, dtype=torch.int64), "labels": torch.zeros(1, 4, dtype=torch.int64)}
     with pytest.raises(NotImplementedError, match="does not record document values"):
         Scorer([batch], ScoringConfig(document_eod=0))
+
+
+def test_spans_start_where_megatron_resets_position_ids():
+    """A span starts after each end-of-document input token, exactly where megatron's GPTDataset
+    (``reset_position_ids``) restarts the positions; an EOD at the last position opens no span."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    from inrun_megatron.scores import document_spans
+
+    tokens = torch.randint(0, 4, (6, 40), generator=torch.Generator().manual_seed(0))
+    tokens[0, -1] = 0
+    spans = document_spans(tokens, 0)
+    for row, span in zip(tokens, spans):
+        _, _, positions = _get_ltor_masks_and_position_ids(row, 0, True, True, False, False)
+        starts = torch.cat([torch.tensor([True]), span[1:] != span[:-1]])
+        assert torch.equal(starts, positions == 0)
+        assert span[0] == 0 and (span.diff() >= 0).all() and span.diff().max() <= 1
+
+
+def test_token_positions_of_sites():
+    """Per-token partials land at their positions: a whole-sequence site at 0..S-1, a sequence-parallel
+    norm at its shard's; anything else, or a per-sample partial, is refused naming the layer."""
+    from inrun_megatron.scores import StepScores, TokenLayout
+
+    class Site:
+        name, calls = "decoder_norm", 0
+
+    step = StepScores(1, 1, 2, torch.device("cpu"), TokenLayout(8, shard_index=1, shard_count=2))
+    step.add(0, torch.ones(1, 4, 2, dtype=torch.float64), Site())
+    step.add(0, torch.arange(8, dtype=torch.float64).reshape(1, 8, 1).expand(1, 8, 2), Site())
+    expected = torch.arange(8, dtype=torch.float64) + (torch.arange(8) >= 4)
+    assert torch.equal(step.totals[0, 0, :, 0], expected) and torch.equal(step.totals[0, 0, :, 1], expected)
+    with pytest.raises(RuntimeError, match="decoder_norm computed per-token partials for 3 positions"):
+        step.add(0, torch.ones(1, 3, 2, dtype=torch.float64), Site())
+    with pytest.raises(RuntimeError, match="decoder_norm gave per-sample scores"):
+        step.add(0, torch.ones(1, 2, dtype=torch.float64), Site())

@@ -10,6 +10,7 @@ import os
 import random
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -264,6 +265,20 @@ def test_document_values_end_to_end(data_dir, tmp_path, capsys):
     ranked = scores_cli("by-document", run, "-k", 3, "--view", "step-rank", "--value", "sgd", capsys=capsys)
     assert ranked["target"] == "heldout-a" and len(ranked["documents"]) == 3
     assert all(0 < d["value"] < 1 for d in ranked["documents"])
+
+    # A span whose length is not its document's (an EOD the map does not know) stops by-document.
+    from inrun_megatron.analysis import cli
+
+    part = sorted((run / "documents" / "dp00000").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    first = (table.column("sample_id").to_numpy() == table.column("sample_id")[0].as_py()) & (
+        table.column("span").to_numpy() == 0
+    )
+    tokens = table.column("span_tokens").to_numpy() + first
+    pq.write_table(table.set_column(table.schema.get_field_index("span_tokens"), "span_tokens", pa.array(tokens)), part)
+    capsys.readouterr()
+    assert cli.main(["by-document", str(run), "--json", "--quiet"]) == 2
+    assert "the sample map gives" in capsys.readouterr().err
 
 
 def scores_cli(*args, capsys) -> dict:
