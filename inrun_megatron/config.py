@@ -39,8 +39,16 @@ class ScoringConfig:
             preconditioned validation gradient ``P_t ⊙ G_t`` (the Adam-aware value,
             ``docs/DESIGN.md`` §1.5), in the same backward as the SGD value; False records the
             SGD value only.
+        document_eod: the end-of-document token id of packed training sequences, to also record each
+            document's part of every sequence's raw score (``docs/DESIGN.md`` §2.9): the same
+            backward's per-token partials summed over each document's span (the positions whose
+            input token belongs to it, its end-of-document token included), which add up to the
+            sequence's raw score. Exactly the document's own value when attention and position ids
+            reset at document boundaries. Needs the per-layer rules (``path="auto"`` then always
+            takes them; ``"microbatch"``, whose gradient is the whole sequence's, is refused) and a
+            Megatron-Core model. None (default): off.
 
-    The last is off by default because it grows with every sample seen (a 7B run sees ~10^8
+    ``accumulate_values`` is off by default because it grows with every sample seen (a 7B run sees ~10^8
     sequences per replica, and an in-memory accumulator of them costs gigabytes per rank), while
     the scorer itself holds only one step: ``end_step`` returns the step's result, a
     :class:`~inrun_megatron.records.ScoreWriter` sink makes it durable, and ``inrun-scores merge``
@@ -55,12 +63,18 @@ class ScoringConfig:
     allow_untested_megatron: bool = False
     accumulate_values: bool = False
     optimizer_values: bool = True
+    document_eod: int | None = None
 
     def __post_init__(self) -> None:
         if self.validation_split not in VALIDATION_SPLITS:
             raise ValueError(f"validation_split must be one of {VALIDATION_SPLITS}, got {self.validation_split!r}")
         if self.path not in SCORING_PATHS:
             raise ValueError(f"path must be one of {SCORING_PATHS}, got {self.path!r}")
+        if self.document_eod is not None and self.path == "microbatch":
+            raise ValueError(
+                "document values (document_eod) need per-token partials, which only the per-layer rules give: the"
+                " microbatch-gradient path sees one gradient per sequence. Use path='auto' or 'rules'"
+            )
         allowed = [getattr(torch, name) for name in PROJECTION_DTYPES]
         if self.projection_dtype is not None and self.projection_dtype not in allowed:
             raise ValueError(f"projection_dtype must be None or one of {allowed}, got {self.projection_dtype!r}")

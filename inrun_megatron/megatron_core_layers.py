@@ -127,7 +127,7 @@ class LinearSite(Site):
             batch_dim=1,
             projection_dtype=self.scorer.config.projection_dtype,
         )
-        step.add(microbatch, partial)
+        step.add(microbatch, partial, self)
 
 
 @builds_sites(ColumnParallelLinear, RowParallelLinear)

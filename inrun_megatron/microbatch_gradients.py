@@ -51,7 +51,7 @@ class ParameterSite(Site):
         (param,) = self.params
         g_val = self.scorer.grads[param]
         partial = self.local_scores(param, grad, g_val.reshape(g_val.shape[0], -1))
-        step.add(microbatch, partial.to(torch.float64).unsqueeze(1))
+        step.add(microbatch, partial.to(torch.float64).unsqueeze(1), self)
 
 
 def attach_parameter_sites(

@@ -5,6 +5,8 @@ Layout of a run directory (the manifest is the contract; ``SCHEMA_VERSION`` vers
     RUN/manifest.json                      a :class:`Manifest`: units, sign, columns, config, layout, targets
     RUN/scores/dp00003/part-s00000010-s00000019.parquet   SCORE_FIELDS: one row per (step, sample, target)
     RUN/steps/part-s00000010-s00000019.parquet            STEP_FIELDS: one row per (step, target), replica 0
+    RUN/documents/dp00003/part-...parquet   DOCUMENT_FIELDS (document values on): one row per (step, sample,
+                                           document span, target)
 
 :class:`ScoreWriter` writes one replica's streams; it is the Parquet sink of a scorer
 (:mod:`inrun_megatron.step_result`).
@@ -109,6 +111,32 @@ STEP_FIELDS = (
     ),
 )
 STEP_SCHEMA = arrow_schema(STEP_FIELDS)
+
+#: ``documents/dpNNNNN/*.parquet`` (``ScoringConfig.document_eod`` set, docs/DESIGN.md §2.9): one row per
+#: (step, sample, document span, target); the spans of a sample's row sum to its ``scores`` row.
+DOCUMENT_FIELDS = (
+    *pick_columns(SCORE_FIELDS, "step", "sample_id"),
+    Column(
+        "span",
+        pa.int32(),
+        "document span within the sequence, 0 = first: the positions whose input token belongs to the document,"
+        " its end-of-document token included (inrun_megatron.data.open_sample_index maps (sample_id, span) to the"
+        " document)",
+    ),
+    *pick_columns(SCORE_FIELDS, "target"),
+    Column(
+        "raw",
+        pa.float64(),
+        "the span's part of the sample's raw score: its positions' per-token partials of <grad of the sample's loss"
+        " term, G_target>; exactly the document's own raw score when attention and position ids reset at"
+        " document boundaries; NaN if skipped",
+    ),
+    Column("value", pa.float64(), "lr * clip_coef * raw, nats; positive = lowered the validation loss; 0 if skipped"),
+    *pick_columns(SCORE_FIELDS, "lr", "clip_coef"),
+    Column("span_tokens", pa.int64(), "positions (input tokens) of the span"),
+    *pick_columns(SCORE_FIELDS, "skipped", "dp_rank"),
+)
+DOCUMENT_SCHEMA = arrow_schema(DOCUMENT_FIELDS)
 
 
 def part_name(first_step: int, last_step: int) -> str:
@@ -255,9 +283,18 @@ class Manifest:
     contract: dict[str, Any] = field(default_factory=lambda: dict(SCORE_CONTRACT))
     """What a score means: units, sign convention, the value formula, skipped steps (``SCORE_CONTRACT``)."""
     columns: dict[str, dict[str, str]] = field(
-        default_factory=lambda: {"scores": describe_columns(SCORE_FIELDS), "steps": describe_columns(STEP_FIELDS)}
+        default_factory=lambda: {
+            "scores": describe_columns(SCORE_FIELDS),
+            "steps": describe_columns(STEP_FIELDS),
+            "documents": describe_columns(DOCUMENT_FIELDS),
+        }
     )
-    """Per file kind (``scores``, ``steps``), each column's type and the value it holds."""
+    """Per file kind (``scores``, ``steps``, ``documents``), each column's type and the value it holds."""
+
+    @property
+    def document_values(self) -> bool:
+        """Whether the run recorded document values (``documents/``, ``ScoringConfig.document_eod``)."""
+        return (self.scoring or {}).get("document_eod") is not None
 
     def __post_init__(self) -> None:
         if self.loss_normalisation is not None and self.loss_normalisation not in LOSS_NORMALISATIONS:
@@ -337,12 +374,13 @@ def read_manifest(run_dir: str | Path) -> Manifest:
     return Manifest.from_dict(data, str(path))
 
 
-def scores_table(records: StepRecords) -> pa.Table:
+def scores_table(records: StepRecords, schema: pa.Schema = SCORE_SCHEMA) -> pa.Table:
+    """The rows of a step as a table of ``schema`` (``SCORE_SCHEMA``, or ``DOCUMENT_SCHEMA`` for document rows)."""
     c = records.columns
-    arrays = {name: c[name] for name in SCORE_SCHEMA.names if name != "value"}
+    arrays = {name: c[name] for name in schema.names if name != "value"}
     arrays["value"] = records.values
     arrays["target"] = c["target"].astype(str)
-    return pa.Table.from_pydict({name: arrays[name] for name in SCORE_SCHEMA.names}, schema=SCORE_SCHEMA)
+    return pa.Table.from_pydict({name: arrays[name] for name in schema.names}, schema=schema)
 
 
 class _PartStream:
@@ -416,9 +454,15 @@ class ScoreWriter:
         write_steps: bool | None = None,
     ):
         run_dir = Path(run_dir)
-        self.run_id = read_manifest(run_dir).run_id
+        manifest = read_manifest(run_dir)
+        self.run_id = manifest.run_id
         self.flush_every = flush_every
         self.scores = _PartStream(run_dir / "scores" / f"dp{dp_rank:05d}", SCORE_SCHEMA, self.run_id, resume_step)
+        self.documents = (
+            _PartStream(run_dir / "documents" / f"dp{dp_rank:05d}", DOCUMENT_SCHEMA, self.run_id, resume_step)
+            if manifest.document_values
+            else None
+        )
         write_steps = dp_rank == 0 if write_steps is None else write_steps
         self.steps = _PartStream(run_dir / "steps", STEP_SCHEMA, self.run_id, resume_step) if write_steps else None
         self._since_flush = 0
@@ -426,6 +470,12 @@ class ScoreWriter:
     def write(self, result: StepResult) -> None:
         """Buffer the step's rows (and its per-step row per target on replica 0)."""
         self.scores.append(result.step, scores_table(result.records))
+        if self.documents is not None:
+            if result.documents is None:
+                raise ValueError(
+                    f"step {result.step} has no document rows; the manifest says the run records document values"
+                )
+            self.documents.append(result.step, scores_table(result.documents, DOCUMENT_SCHEMA))
         if self.steps is not None:
             self.steps.append(result.step, step_table(result))
         self._since_flush += 1
@@ -434,6 +484,8 @@ class ScoreWriter:
 
     def flush(self) -> None:
         self.scores.flush()
+        if self.documents is not None:
+            self.documents.flush()
         if self.steps is not None:
             self.steps.flush()
         self._since_flush = 0

@@ -2,11 +2,14 @@
 
 Every rule takes what one layer sees in its backward pass (its input ``a`` or token ids, the
 gradient ``b`` of its output) and the validation gradient ``G`` of the layer's parameters,
-stacked over K validation targets, and returns a ``[K, B]`` tensor: for each target k and each
-sample j of the microbatch, ``sum over tokens of sample j`` of that token's contribution to
-``<dL_j/dW, G_k>``. Because other samples' losses do not depend on sample j's activations,
-``b`` restricted to sample j *is* the per-sample output gradient, so one ordinary backward
-gives every sample's score (``docs/DESIGN.md`` §2.2).
+stacked over K validation targets, and returns a ``[K, T, B]`` tensor of *per-token partials*: for
+each target k, token position t and sample j of the microbatch, token t's contribution to
+``<dL_j/dW, G_k>`` (every weight is shared over positions, so a sample's score is the sum of its
+tokens' partials). Because other samples' losses do not depend on sample j's activations, ``b``
+restricted to sample j *is* the per-sample output gradient, so one ordinary backward gives every
+sample's score (``docs/DESIGN.md`` §2.2). The step's score tensor sums the partials over ``T``, or
+over the token spans of each document (``docs/DESIGN.md`` §2.9): the one reduction point of every
+rule.
 
 Rules are pure tensor math: no framework objects, no communication. Adapters (Megatron,
 DeepSpeed, plain PyTorch) decide where ``a``/``b`` come from, which shard of ``G`` applies,
@@ -14,7 +17,7 @@ and on which tensor-parallel ranks a rule counts.
 
 ``batch_dim`` names the sample dimension of ``a``/``b``/``ids`` (1 for Megatron's
 ``[s, b, h]`` layout, 0 for ``[b, s, h]``); every other dimension except the last is a token
-dimension and is summed.
+dimension, flattened into ``T`` (for the layers here, the sequence positions the layer sees).
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ def linear_scores(
         g_weight: validation gradient of ``W``, ``[K, d_out, d_in]``.
         g_bias: validation gradient of the bias ``[K, d_out]``, or None.
 
-    Per token, ``b . (G a)`` is that token's contribution to ``<b a^T, G>``; this costs one GEMM
-    the size of the forward GEMM. The projection goes through whichever side of ``G`` has the
+    Per token, ``b . (G a)`` is that token's contribution to ``<b a^T, G>`` (``[K, T, B]``); this
+    costs one GEMM the size of the forward GEMM. The projection goes through whichever side of ``G`` has the
     smaller output (``K*d_out`` vs ``K*d_in``) to keep the temporary small.
     """
     k, d_out, d_in = g_weight.shape
@@ -102,7 +105,7 @@ def linear_scores(
     else:
         g = g_weight.to(dtype).permute(1, 0, 2).reshape(d_out, k * d_in)  # b @ g -> [.., K*d_in]
         width = k * d_in
-    out = torch.zeros(n_samples, k, dtype=torch.float64, device=a.device)
+    out = torch.zeros(n_tokens, n_samples, k, dtype=torch.float64, device=a.device)
     tf32 = a.is_cuda and projection_dtype is None and a.dtype == b.dtype == torch.bfloat16
     # Per token: the projection and its product with the other side, plus copies of a and b
     # where they change dtype (a bf16 output-layer gradient in float32 is vocabulary-sized).
@@ -113,23 +116,27 @@ def linear_scores(
             b_c = b3[chunk].to(dtype)
             if project_input:
                 proj = (a_c @ g).view(-1, n_samples, k, d_out)
-                out += (proj * b_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
+                out[chunk] = (proj * b_c.unsqueeze(2)).sum(dim=3, dtype=torch.float64)
             else:
                 proj = (b_c @ g).view(-1, n_samples, k, d_in)
-                out += (proj * a_c.unsqueeze(2)).sum(dim=(0, 3), dtype=torch.float64)
+                out[chunk] = (proj * a_c.unsqueeze(2)).sum(dim=3, dtype=torch.float64)
+    out = out.permute(2, 0, 1)
     if g_bias is not None:
-        out += bias_scores(b, g_bias, batch_dim=batch_dim, projection_dtype=projection_dtype).t()
-    return out.t()
+        out = out + bias_scores(b, g_bias, batch_dim=batch_dim, projection_dtype=projection_dtype)
+    return out
 
 
 def bias_scores(
     b: torch.Tensor, g_bias: torch.Tensor, *, batch_dim: int, projection_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Scores of an additive bias: per sample ``(sum over tokens of b) . G_bias``; ``[K, B]``."""
+    """Scores of an additive bias: per token ``b . G_bias``; ``[K, T, B]``."""
     dtype = _compute_dtype(b, projection_dtype)
-    b3 = _as_tokens_first(b, batch_dim)
-    per_sample = b3.to(dtype).sum(dim=0)  # [B, d]
-    return (g_bias.to(dtype) @ per_sample.t()).to(torch.float64)
+    return _feature_products(_as_tokens_first(b.to(dtype), batch_dim), g_bias.to(dtype))
+
+
+def _feature_products(per_token: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[K, T, B]`` float64 products of per-token feature vectors ``[T, B, d]`` with ``g`` ``[K, d]``."""
+    return (per_token @ g.t()).to(torch.float64).permute(2, 0, 1)
 
 
 def embedding_scores(
@@ -160,15 +167,15 @@ def embedding_scores(
     local = ids2 - row_offset
     in_range = (local >= 0) & (local < rows)
     local = torch.where(in_range, local, torch.zeros_like(local))
-    out = torch.zeros(n_samples, k, dtype=torch.float64, device=b.device)
+    out = torch.zeros(k, n_tokens, n_samples, dtype=torch.float64, device=b.device)
     table = g_table.to(dtype)
     # Per token: the gathered rows and their product with b, plus b's copy where it changes dtype.
     floats = 2 * k * h + (h if b.dtype != dtype else 0)
     for chunk in _token_chunks(n_tokens, n_samples * floats * torch.finfo(dtype).bits // 8):
         rows_c = table[:, local[chunk]]  # [K, c, B, h]
         b_c = b3[chunk].to(dtype) * in_range[chunk].unsqueeze(-1)
-        out += (rows_c * b_c.unsqueeze(0)).sum(dim=(1, 3), dtype=torch.float64).t()
-    return out.t()
+        out[:, chunk] = (rows_c * b_c.unsqueeze(0)).sum(dim=3, dtype=torch.float64)
+    return out
 
 
 def layer_norm_scores(
@@ -183,7 +190,7 @@ def layer_norm_scores(
 ) -> torch.Tensor:
     """Scores of ``y = x_hat * gamma + beta`` with ``x_hat = (x - mean) / sqrt(var + eps)``.
 
-    Per sample ``(sum_t b_t * x_hat_t) . G_gamma + (sum_t b_t) . G_beta``; ``x_hat`` is
+    Per token ``(b_t * x_hat_t) . G_gamma + b_t . G_beta``; ``x_hat`` is
     recomputed from the saved input (cheap, elementwise) rather than stored.
     """
     dtype = _compute_dtype(x, projection_dtype)
@@ -234,8 +241,7 @@ def _norm_scores(
     b_c = b.to(dtype)
     out = None
     if g_weight is not None:
-        per_sample = _as_tokens_first(b_c * x_hat, batch_dim).sum(dim=0)  # [B, h]
-        out = (g_weight.to(dtype) @ per_sample.t()).to(torch.float64)
+        out = _feature_products(_as_tokens_first(b_c * x_hat, batch_dim), g_weight.to(dtype))
     if g_bias is not None:
         bias = bias_scores(b_c, g_bias, batch_dim=batch_dim, projection_dtype=dtype)
         out = bias if out is None else out + bias

@@ -34,7 +34,7 @@ from inrun_megatron.optimizer_values import (
     split_row_name,
     values_manifest,
 )
-from inrun_megatron.scores import StepScores, ValueAccumulator
+from inrun_megatron.scores import DocumentPartials, StepScores, TokenLayout, ValueAccumulator, document_partials
 from inrun_megatron.sites import Site, SiteBuilder
 from inrun_megatron.step_result import PassTimings, ResultSink, StepResult, make_step_result
 from inrun_megatron.validation import Batch, GradientStore, as_targets
@@ -82,6 +82,7 @@ class PendingStep:
     validation_losses: dict[str, float]
     batch_dots: torch.Tensor  # [K] <g_t, G_t> of the whole global batch, loss scale removed
     timings: PassTimings | None
+    documents: DocumentPartials | None  # with document values on (docs/DESIGN.md §2.9)
 
 
 class Scorer:
@@ -96,6 +97,10 @@ class Scorer:
     CUDA between the passes, so it is off by default).
     """
 
+    #: Whether the adapter records document values (``ScoringConfig.document_eod``, docs/DESIGN.md §2.9):
+    #: it must know every site's token positions and each microbatch's input tokens.
+    supports_document_values = False
+
     def __init__(
         self,
         validation: Sequence[Batch] | Mapping[str, Sequence[Batch]],
@@ -103,6 +108,11 @@ class Scorer:
         sink: ResultSink | None = None,
     ):
         self.config = config or ScoringConfig()
+        if self.config.document_eod is not None and not self.supports_document_values:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not record document values (ScoringConfig.document_eod) yet; the"
+                " Megatron-Core adapter does (docs/DESIGN.md §2.9)"
+            )
         self._sink: ResultSink | None = None
         self.sink = sink
         self.pass_clock: Callable[[], float] | None = None
@@ -312,8 +322,8 @@ class Scorer:
         validation pass, so a refusal always comes before any work.
         """
         path = self.config.path
-        if path == "auto":
-            path = "microbatch" if micro_batch_size == 1 else "rules"
+        if path == "auto":  # document values need the rules' per-token partials (docs/DESIGN.md §2.9)
+            path = "microbatch" if micro_batch_size == 1 and self.config.document_eod is None else "rules"
         if path == "microbatch" and micro_batch_size != 1:
             raise ValueError(
                 f"the microbatch-gradient path (ScoringConfig(path='microbatch')) scores the gradient of a whole"
@@ -326,16 +336,21 @@ class Scorer:
             )
         return path
 
-    def begin_scoring(self, n_microbatches: int, micro_batch_size: int) -> None:
+    def begin_scoring(
+        self, n_microbatches: int, micro_batch_size: int, token_layout: TokenLayout | None = None
+    ) -> None:
+        """Start scoring a training pass; ``token_layout`` (document values on) keeps the partials per
+        sequence position."""
         if self._pending is not None:
             raise RuntimeError("call end_step() after each scored step before starting the next one")
         path = self.path_for(micro_batch_size)
         device = self.grads.params()[0].device
-        self.step_scores = StepScores(self.n_score_rows, n_microbatches, micro_batch_size, device)
+        self.step_scores = StepScores(self.n_score_rows, n_microbatches, micro_batch_size, device, token_layout)
         self.scoring = path
 
     def end_scoring(self, completed: bool) -> torch.Tensor:
-        """Stop scoring; return the local ``[K, M, B]`` partials (checked complete if ``completed``)."""
+        """Stop scoring; return the local ``[K, M, B]`` partials, ``[K, M, S, B]`` per position with a
+        token layout (checked complete if ``completed``)."""
         self.scoring = None
         step, self.step_scores = self.step_scores, None
         try:
@@ -353,18 +368,30 @@ class Scorer:
         validation_losses: dict[str, float],
         batch_dots: torch.Tensor,
         stopwatch: Stopwatch,
+        token_spans: torch.Tensor | None = None,
     ) -> None:
         """Accept a reduced step after checking its sample ids over the whole global batch; the
         stopwatch's last lap (validation and training passes done) closes the bookkeeping.
 
         ``raw`` and ``batch_dots`` have one row per score row (:attr:`score_rows`); a step whose
-        Adam rows were not filled (:meth:`precondition`) keeps only its SGD rows.
+        Adam rows were not filled (:meth:`precondition`) keeps only its SGD rows. With document
+        values on, ``raw`` is per position ``[K, M, S, B]`` and ``token_spans`` ``[M, B, S]`` names each
+        position's document span (:func:`~inrun_megatron.scores.document_spans`): the sequences' raw
+        scores are the sums of their spans' partials (docs/DESIGN.md §2.9).
         """
         self._check_sample_ids(sample_ids)
+        documents = None
+        if token_spans is not None:
+            documents = document_partials(raw, token_spans)
+            raw = documents.raw.sum(-1)
         if ADAM in self.value_kinds and not self._adam_rows_filled:
             raw, batch_dots = raw[: len(self.targets)], batch_dots[: len(self.targets)]
+            if documents is not None:
+                documents.raw = documents.raw[: len(self.targets)]
         stopwatch.lap()
-        self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch.timings())
+        self._pending = PendingStep(
+            raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch.timings(), documents
+        )
 
     def _check_sample_ids(self, ids: torch.Tensor) -> None:
         group = self.dp_group
@@ -409,6 +436,7 @@ class Scorer:
             # one dot per score row of the step: the SGD rows only where the Adam rows were not filled
             batch_dots=dict(zip(self.score_rows, pending.batch_dots.tolist())),
             timings=pending.timings,
+            documents=pending.documents,
         )
         if self.accumulator is not None:
             self.accumulator.add(result.records)

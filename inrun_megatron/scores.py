@@ -1,10 +1,11 @@
 """Score bookkeeping: per-step score tensors, per-sample records and the value formula.
 
 Framework independent. An adapter calls :meth:`StepScores.add` from layer backward hooks
-with ``[K, B]`` partials (rules.py), reduces the step tensor over its model-parallel groups,
-then turns it into records with :func:`make_step_records`. :func:`step_values` is the one
-place the value of a row is computed (records, dumps, the optional in-memory
-:class:`ValueAccumulator` and the offline merge all call it). The meaning of every number is
+with ``[K, T, B]`` per-token partials (rules.py) or ``[K, B]`` per-sample ones, reduces the step
+tensor over its model-parallel groups, then turns it into records with :func:`make_step_records`
+(and, with document values on, :func:`document_partials` and :func:`make_document_records`).
+:func:`step_values` is the one place the value of a row is computed (records, dumps, the optional
+in-memory :class:`ValueAccumulator` and the offline merge all call it). The meaning of every number is
 ``docs/DESIGN.md`` §1; :data:`SCORE_CONTRACT` is what dumps and docs repeat.
 """
 
@@ -73,11 +74,45 @@ def step_values(raw: np.ndarray, lr: np.ndarray, clip_coef: np.ndarray, skipped:
     return np.where(skipped, 0.0, lr * clip_coef * raw)
 
 
-class StepScores:
-    """Partial scores of one optimizer step on one rank: ``[K targets, M microbatches, B]``."""
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which sequence positions a site's per-token partials cover (``docs/DESIGN.md`` §2.9).
 
-    def __init__(self, n_targets: int, n_microbatches: int, micro_batch_size: int, device: torch.device):
-        self.totals = torch.zeros(n_targets, n_microbatches, micro_batch_size, dtype=torch.float64, device=device)
+    Every site sees the whole sequence of ``seq_length`` positions, except norms under sequence
+    parallelism, which see shard ``shard_index`` of ``shard_count`` contiguous equal shards (the
+    tensor-parallel rank's tokens)."""
+
+    seq_length: int
+    shard_index: int = 0
+    shard_count: int = 1
+
+    def positions(self, n_tokens: int, site: str) -> slice:
+        if n_tokens == self.seq_length:
+            return slice(0, n_tokens)
+        if self.shard_count > 1 and n_tokens * self.shard_count == self.seq_length:
+            return slice(self.shard_index * n_tokens, (self.shard_index + 1) * n_tokens)
+        raise RuntimeError(
+            f"layer {site} computed per-token partials for {n_tokens} positions of a sequence of {self.seq_length}"
+            f" ({self.shard_count} sequence shards): document values need each token's position"
+        )
+
+
+class StepScores:
+    """Partial scores of one optimizer step on one rank: ``[K targets, M microbatches, B]``, or with a
+    :class:`TokenLayout` (document values on) per position, ``[K, M, S positions, B]``."""
+
+    def __init__(
+        self,
+        n_targets: int,
+        n_microbatches: int,
+        micro_batch_size: int,
+        device: torch.device,
+        token_layout: TokenLayout | None = None,
+    ):
+        self.token_layout = token_layout
+        per_token = () if token_layout is None else (token_layout.seq_length,)
+        shape = (n_targets, n_microbatches, *per_token, micro_batch_size)
+        self.totals = torch.zeros(shape, dtype=torch.float64, device=device)
         self.sites: list[CountedSite] = []
 
     @property
@@ -97,9 +132,19 @@ class StepScores:
             )
         return mb
 
-    def add(self, microbatch: int, partial: torch.Tensor) -> None:
-        """Add a site's ``[K, B]`` partial for one microbatch."""
-        self.totals[:, microbatch, : partial.shape[1]] += partial
+    def add(self, microbatch: int, partial: torch.Tensor, site: CountedSite) -> None:
+        """Add a site's partial for one microbatch: per token ``[K, T, B]`` (summed over ``T`` here, or
+        kept per position for document values) or per sample ``[K, B]``."""
+        b = partial.shape[-1]
+        if self.token_layout is None:
+            self.totals[:, microbatch, :b] += partial.sum(1) if partial.dim() == 3 else partial
+        elif partial.dim() == 3:
+            self.totals[:, microbatch, self.token_layout.positions(partial.shape[1], site.name), :b] += partial
+        else:
+            raise RuntimeError(
+                f"layer {site.name} gave per-sample scores; document values (docs/DESIGN.md §2.9) need per-token"
+                " partials [K, T, B] from every score rule"
+            )
 
     def check_complete(self) -> None:
         """Every site that ran must have run once per microbatch (else the indexing is off)."""
@@ -111,6 +156,38 @@ class StepScores:
         for site in self.sites:
             site.calls = 0
         self.sites.clear()
+
+
+def document_spans(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Span index of every position of ``[B, S]`` input tokens: a document's span is the positions
+    whose input token belongs to it, its end-of-document token included (the first span is 0).
+    This is where megatron's ``reset_attention_mask``/``reset_position_ids`` cut (after each EOD)."""
+    is_eod = (tokens == eod).to(torch.int64)
+    return is_eod.cumsum(-1) - is_eod
+
+
+@dataclass
+class DocumentPartials:
+    """A step's raw scores per document span: ``raw [K, M, B, D]`` (0 past a sequence's last span),
+    ``span_tokens [M, B, D]`` (positions of each span) and ``n_spans [M, B]``."""
+
+    raw: torch.Tensor
+    span_tokens: torch.Tensor
+    n_spans: torch.Tensor
+
+
+def document_partials(per_token: torch.Tensor, spans: torch.Tensor) -> DocumentPartials:
+    """Segment sums of reduced per-token partials ``[K, M, S, B]`` over the spans ``[M, B, S]`` of
+    :func:`document_spans` (``docs/DESIGN.md`` §2.9); the sequence's raw score is their sum."""
+    k = per_token.shape[0]
+    n_spans = spans.amax(-1) + 1
+    width = int(n_spans.max())
+    index = spans.to(per_token.device)
+    raw = torch.zeros(*index.shape[:2], width, k, dtype=torch.float64, device=per_token.device)
+    raw.scatter_add_(2, index.unsqueeze(-1).expand(*index.shape, k), per_token.permute(1, 3, 2, 0))
+    span_tokens = torch.zeros(*index.shape[:2], width, dtype=torch.int64, device=per_token.device)
+    span_tokens.scatter_add_(2, index, torch.ones_like(index))
+    return DocumentPartials(raw.permute(3, 0, 1, 2), span_tokens, n_spans)
 
 
 @dataclass
@@ -163,6 +240,44 @@ def make_step_records(
         "skipped": np.full(k * n, skipped, dtype=np.bool_),
         "microbatch": np.tile(mb, k),
         "position": np.tile(pos, k),
+        "dp_rank": np.full(k * n, dp_rank, dtype=np.int32),
+    }
+    return StepRecords(columns)
+
+
+def make_document_records(
+    *,
+    step: int,
+    targets: list[str],
+    documents: DocumentPartials,
+    sample_ids: torch.Tensor,
+    lr: float,
+    clip_coef: float,
+    skipped: bool,
+    dp_rank: int,
+) -> StepRecords:
+    """One row per (score row, sample, document span) of a step; skipped steps store NaN raw."""
+    k = documents.raw.shape[0]
+    n_spans = documents.n_spans.cpu().numpy().reshape(-1)
+    width = documents.raw.shape[-1]
+    keep = (np.arange(width)[None, :] < n_spans[:, None]).reshape(-1)  # spans that exist, [M*B*D]
+    raw = documents.raw.detach().cpu().numpy().reshape(k, -1)[:, keep]
+    if skipped:
+        raw = np.full_like(raw, np.nan)
+    n = int(keep.sum())
+    ids = np.repeat(sample_ids.cpu().numpy().reshape(-1).astype(np.int64), width)[keep]
+    spans = np.tile(np.arange(width, dtype=np.int32), len(n_spans))[keep]
+    toks = documents.span_tokens.cpu().numpy().reshape(-1)[keep]
+    columns = {
+        "step": np.full(k * n, step, dtype=np.int64),
+        "sample_id": np.tile(ids, k),
+        "span": np.tile(spans, k),
+        "target": np.repeat(np.array(targets, dtype=object), n),
+        "raw": raw.reshape(-1).astype(np.float64),
+        "lr": np.full(k * n, lr, dtype=np.float64),
+        "clip_coef": np.full(k * n, clip_coef, dtype=np.float64),
+        "span_tokens": np.tile(toks.astype(np.int64), k),
+        "skipped": np.full(k * n, skipped, dtype=np.bool_),
         "dp_rank": np.full(k * n, dp_rank, dtype=np.int32),
     }
     return StepRecords(columns)

@@ -128,16 +128,17 @@ class TapSite(Site):
         microbatch = step.next_microbatch(self)
         if self.counted_here:
             partial = self.partial(grad, *saved)
-            if partial.shape[1] != step.totals.shape[2]:
+            if partial.shape[-1] != step.totals.shape[-1]:
                 raise RuntimeError(
-                    f"layer {self.name} computed an output for {partial.shape[1]} sequences in a micro-batch of"
-                    f" {step.totals.shape[2]}: an output broadcast over the batch (e.g. position embeddings looked"
+                    f"layer {self.name} computed an output for {partial.shape[-1]} sequences in a micro-batch of"
+                    f" {step.totals.shape[-1]}: an output broadcast over the batch (e.g. position embeddings looked"
                     " up without a batch dimension) has no per-sequence gradient; give its input a batch dimension"
                 )
-            step.add(microbatch, partial)
+            step.add(microbatch, partial, self)
 
     def partial(self, grad: torch.Tensor, *saved: torch.Tensor) -> torch.Tensor:
-        """The ``[K, B]`` partial scores of one microbatch."""
+        """The partial scores of one microbatch: per token ``[K, T, B]`` (the rules of
+        :mod:`inrun_megatron.rules`) or per sample ``[K, B]``."""
         raise NotImplementedError
 
     @property
@@ -204,7 +205,7 @@ def norm_site(scorer: SiteScorer, name: str, module: torch.nn.Module, *, batch_d
 # --------------------------------------------------------------------------------------
 # The public rule registry (batch-first layers).
 
-#: ``rule(layer, x, grad_output, G, *, projection_dtype) -> [K, B]``: the scores of one microbatch
+#: ``rule(layer, x, grad_output, G, *, projection_dtype) -> [K, T, B] or [K, B]``: the scores of one microbatch
 #: from what ``layer`` saw: its input ``x`` (the first argument of its forward), the gradient of its
 #: output, and ``G``, the validation gradient ``[K, *shape]`` of each of its trainable parameters by
 #: name (as in ``layer.named_parameters()``). See :func:`register_rule`.
@@ -282,7 +283,9 @@ def register_rule(
 
     ``rule(layer, x, grad_output, G, *, projection_dtype) -> [K, B]`` returns, for each validation
     target ``k`` and each sequence ``j`` of the microbatch, ``<gradient of sequence j's loss with respect
-    to the layer's trainable parameters, G_k>``, from the layer's input ``x`` (the first argument of its
+    to the layer's trainable parameters, G_k>``, or ``[K, T, B]``: each of the ``T`` sequence positions'
+    part of it, as the helpers of :mod:`inrun_megatron.rules` return (document values,
+    ``docs/DESIGN.md`` §2.9, need these), from the layer's input ``x`` (the first argument of its
     forward), the gradient ``grad_output`` of its (single tensor) output and ``G``: ``{parameter name:
     validation gradient [K, *parameter shape]}`` for every trainable parameter of the layer, by its name
     in ``layer.named_parameters()`` (a frozen parameter has none). Tensors are batch-first, as the layer

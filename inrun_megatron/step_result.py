@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from inrun_megatron.optimizer_values import ADAM, row_names
-from inrun_megatron.scores import StepRecords, make_step_records
+from inrun_megatron.scores import DocumentPartials, StepRecords, make_document_records, make_step_records
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,9 @@ class StepResult:
             step, in the records' order: every target, then ``T:adam`` with ``<g_t, P_t ⊙ G_t>``
             for every target ``T`` when the step has Adam-aware rows (``docs/DESIGN.md`` §1.5).
         timings: the pass timings when the scorer's ``pass_clock`` is set, else None.
+        documents: with document values on (``ScoringConfig.document_eod``, ``docs/DESIGN.md`` §2.9),
+            one row per score row, sample and document span (``documents.columns``,
+            ``documents.values``), whose raw scores sum to the sample's; else None.
     """
 
     step: int
@@ -59,6 +62,7 @@ class StepResult:
     validation_losses: Mapping[str, float]
     batch_dots: Mapping[str, float]
     timings: PassTimings | None = None
+    documents: StepRecords | None = None
 
     @property
     def targets(self) -> list[str]:
@@ -85,6 +89,7 @@ def make_step_result(
     validation_losses: Mapping[str, float],
     batch_dots: Mapping[str, float],
     timings: PassTimings | None = None,
+    documents: DocumentPartials | None = None,
 ) -> StepResult:
     """The result of a step from its reduced ``[K, M, B]`` raw scores and its facts: the rows
     (:func:`~inrun_megatron.scores.make_step_records`, one score row per key of ``batch_dots``,
@@ -111,6 +116,18 @@ def make_step_result(
         skipped=skipped,
         dp_rank=dp_rank,
     )
+    document_records = None
+    if documents is not None:
+        document_records = make_document_records(
+            step=step,
+            targets=rows,
+            documents=documents,
+            sample_ids=sample_ids,
+            lr=lr,
+            clip_coef=clip_coef,
+            skipped=skipped,
+            dp_rank=dp_rank,
+        )
     return StepResult(
         step=step,
         records=records,
@@ -120,6 +137,7 @@ def make_step_result(
         validation_losses={t: float(v) for t, v in validation_losses.items()},
         batch_dots={t: float(v) for t, v in batch_dots.items()},
         timings=timings,
+        documents=document_records,
     )
 
 

@@ -163,19 +163,52 @@ def load_canonical_weights(model: torch.nn.Module, seed: int, tp_rank: int = 0, 
         p.copy_(full.to(p.dtype))
 
 
-def make_data(shape: GPTShape, n_micro: int, mbs: int, seed: int, *, first_id: int = 0, masked: bool = True):
-    """Microbatches with distinct sample ids, random tokens and (optionally) ragged loss masks."""
+def make_data(
+    shape: GPTShape,
+    n_micro: int,
+    mbs: int,
+    seed: int,
+    *,
+    first_id: int = 0,
+    masked: bool = True,
+    eod: int | None = None,
+    reset_documents: bool = False,
+):
+    """Microbatches with distinct sample ids, random tokens and (optionally) ragged loss masks.
+
+    With ``eod``, every row also holds end-of-document tokens at random positions (packed documents,
+    docs/DESIGN.md §2.9); ``reset_documents`` adds megatron's attention mask and position ids with
+    ``reset_attention_mask`` and ``reset_position_ids`` (no token attends across a document boundary)."""
     g = torch.Generator().manual_seed(seed)
     batches = []
     for m in range(n_micro):
         tokens = torch.randint(0, shape.vocab_size, (mbs, shape.seq_length + 1), generator=g)
+        if eod is not None:
+            for row in tokens:
+                row[torch.randperm(shape.seq_length + 1, generator=g)[:3]] = eod
         mask = None
         if masked:
             mask = (torch.rand(mbs, shape.seq_length, generator=g) > 0.25).float()
             mask[:, -3:] = 0.0  # padding at the end of every row
         ids = torch.arange(first_id + m * mbs, first_id + (m + 1) * mbs)
-        batches.append({k: v.to(DEVICE) for k, v in make_batch(tokens, ids, mask).items()})
+        batch = make_batch(tokens, ids, mask)
+        if reset_documents:
+            batch.update(_reset_masks_and_positions(batch["tokens"], eod))
+        batches.append({k: v.to(DEVICE) for k, v in batch.items()})
     return batches
+
+
+def _reset_masks_and_positions(tokens: torch.Tensor, eod: int) -> dict[str, torch.Tensor]:
+    """Attention mask ``[b, 1, s, s]`` (True: masked) and position ids as megatron's GPTDataset builds
+    them with ``reset_attention_mask`` and ``reset_position_ids``, by megatron's own function."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    masks, positions = [], []
+    for row in tokens:
+        mask, _, position_ids = _get_ltor_masks_and_position_ids(row, eod, True, True, False, True)
+        masks.append(mask)
+        positions.append(position_ids)
+    return {"attention_mask": torch.stack(masks), "position_ids": torch.stack(positions)}
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -206,12 +239,13 @@ def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     models compute their cross-entropy in float64."""
     from megatron.core.utils import get_attr_wrapped_model
 
+    attention_mask = batch.get("attention_mask")  # None: causal over the whole sequence
     if not get_attr_wrapped_model(model, "post_process"):
-        return model(batch["tokens"], batch["position_ids"], None)
+        return model(batch["tokens"], batch["position_ids"], attention_mask)
     if next(model.parameters()).dtype == torch.float64:
-        logits = model(batch["tokens"], batch["position_ids"], None)
+        logits = model(batch["tokens"], batch["position_ids"], attention_mask)
         return vocab_parallel_cross_entropy(logits, batch["labels"])
-    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
 
 
 def forward_step(data_iterator, model):
@@ -355,6 +389,7 @@ def run_case(
     epoch_steps: int | None = None,
     writer=None,
     record_weights: bool = False,
+    document_eod: int | None = None,
 ) -> dict:
     """Train ``steps`` steps of a canonical GPT at the initialised parallel layout; return
     per-step scores and the docs/DESIGN.md §1.3 identities.
@@ -381,7 +416,10 @@ def run_case(
     ``ScoreWriter`` (on one rank per DP replica) as the scorer's sink, every step's result is
     dumped too (its ``<g, G>`` as the step's batch_dot). ``n_tokens`` holds each step's
     ``{sample_id: n_tokens}`` of the records; with ``record_weights``, ``step_weights`` the weights by
-    canonical name before each step (for :func:`brute_force_scores`).
+    canonical name before each step (for :func:`brute_force_scores`). With ``document_eod`` the data packs documents
+    (:func:`make_data`) and the scorer records document values (docs/DESIGN.md §2.9): ``documents`` per step
+    ``{(sample_id, span): raw}`` and ``document_sums`` per step the largest ``|sum of a sample's spans - raw|``
+    relative to the step's largest ``|raw|``.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -413,13 +451,16 @@ def run_case(
         chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {}, adam_eps)
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
-    config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
+    config = ScoringConfig(  # accumulate_values: out['values']
+        validation_split=validation_split, path=path, accumulate_values=True, document_eod=document_eod
+    )
     scorer = (
         MegatronScorer(chunks, validation, config, micro_batch_size=mbs, optimizer=opt, sink=writer) if scored else None
     )
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
     keys += ("raw_adam", "efficiency_adam", "n_tokens", "step_weights")
+    keys += ("raw_adam", "efficiency_adam", "documents", "document_sums")
     out = {key: [] for key in keys}
 
     def fb(**kwargs):
@@ -430,7 +471,9 @@ def run_case(
 
     for step in range(steps):
         batch_index = step % epoch_steps if epoch_steps else step
-        data = make_data(shape, n_micro * dp_size, mbs, seed + 100 + batch_index, first_id=1000 * batch_index)
+        data = make_data(
+            shape, n_micro * dp_size, mbs, seed + 100 + batch_index, first_id=1000 * batch_index, eod=document_eod
+        )
         local = data[dp_rank * n_micro : (dp_rank + 1) * n_micro]
         has_data = [
             get_attr_wrapped_model(c, "pre_process") or get_attr_wrapped_model(c, "post_process") for c in chunks
@@ -483,6 +526,14 @@ def run_case(
             out["raw"].append(raw)
             n_tokens = c["n_tokens"][rows["validation"]].tolist()
             out["n_tokens"].append(dict(zip(c["sample_id"][rows["validation"]].tolist(), n_tokens)))
+            if document_eod is not None:
+                d = step_result.documents.columns
+                mine = d["target"] == "validation"
+                spans = dict(zip(zip(d["sample_id"][mine].tolist(), d["span"][mine].tolist()), d["raw"][mine].tolist()))
+                out["documents"].append(spans)
+                sums = {sid: math.fsum(v for (s, _), v in spans.items() if s == sid) for sid in raw}
+                scale = max(abs(v) for v in raw.values())
+                out["document_sums"].append(max(abs(sums[sid] - raw[sid]) for sid in raw) / scale)
             adam = rows.get("validation:adam")
             out["raw_adam"].append(
                 dict(zip(c["sample_id"][adam].tolist(), c["raw"][adam].tolist()))
@@ -540,7 +591,9 @@ def brute_force_scores(shape: GPTShape, reference: dict, *, n_micro: int, mbs: i
             for p, name in canonical_names(model).items():
                 p.copy_(weights[name])
         batch_index = step % epoch_steps if epoch_steps else step
-        data = make_data(shape, n_micro, mbs, seed + 100 + batch_index, first_id=1000 * batch_index)
+        data = make_data(
+            shape, n_micro, mbs, seed + 100 + batch_index, first_id=1000 * batch_index, eod=options.get("document_eod")
+        )
         g_val = oracle.validation_gradient(model, validation, token_losses)
         out.append(oracle.per_sample_raw(model, data, token_losses, g_val, per_token_loss=per_token_loss))
     return out

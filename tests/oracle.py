@@ -81,6 +81,42 @@ def per_sample_raw(
     return out
 
 
+def document_positions(tokens: torch.Tensor, eod: int) -> list[list[int]]:
+    """The positions of each document of one row of input tokens, written out here (not the library's):
+    a document runs through its end-of-document token; the next starts after it."""
+    documents: list[list[int]] = [[]]
+    for position, token in enumerate(tokens.tolist()):
+        documents[-1].append(position)
+        if token == eod and position < len(tokens) - 1:
+            documents.append([])
+    return documents
+
+
+def per_document_raw(
+    model: torch.nn.Module,
+    microbatches: Sequence[dict],
+    token_losses: TokenLosses,
+    g_val: dict[str, torch.Tensor],
+    eod: int,
+    dp_size: int = 1,
+) -> dict[tuple[int, int], float]:
+    """``<grad of document d's own loss terms, G>`` per (sample id, document index in the sequence): one
+    backward of the terms of ``l_z`` (normalised as in :func:`per_sample_raw`) at the document's positions."""
+    out = {}
+    n_micro = len(microbatches)
+    for batch in microbatches:
+        denom = max(float(batch["loss_mask"].sum()), 1.0) * n_micro * dp_size
+        for j, sid in enumerate(batch["sample_ids"].tolist()):
+            for d, positions in enumerate(document_positions(batch["tokens"][j], eod)):
+
+                def loss_d(batch=batch, j=j, positions=positions):
+                    terms = token_losses(model, batch)[j] * batch["loss_mask"][j]
+                    return terms[positions].sum() / denom
+
+                out[(int(sid), d)] = dot(gradients(model, loss_d), g_val)
+    return out
+
+
 def adam_preconditioner(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> torch.Tensor:
     """``P_t`` of torch Adam/AdamW for ``param`` from its state before step ``t`` (:func:`adam_preconditioner_of`)."""
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))

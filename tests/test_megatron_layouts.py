@@ -101,8 +101,9 @@ class Layout:
 
     @property
     def path(self) -> str:
-        """The scoring path ``path="auto"`` must choose."""
-        return "microbatch" if self.run_options(parallel=True)["mbs"] == 1 else "rules"
+        """The scoring path ``path="auto"`` must choose: document values take the rules at any micro-batch size."""
+        options = self.run_options(parallel=True)
+        return "microbatch" if options["mbs"] == 1 and options.get("document_eod") is None else "rules"
 
 
 def at_micro_batch_size_1(layout: Layout) -> Layout:
@@ -154,12 +155,13 @@ LAYOUTS = [
            options={"ddp": MEGATRON_DDP, "n_micro": 3}),
     Layout("1x2x2-overlap-split", 4, "rmsnorm-swiglu-nobias-tied-recompute", pp=2,
            options={"ddp": OVERLAPPED_DDP, "validation_split": "split"}),
-    Layout("2x1x2-sp-clip-pertoken", 4, "layernorm-gelu-bias-untied", tp=2, sequence_parallel=True, config=PER_TOKEN,
-           options={"ddp": MEGATRON_DDP, "clip_grad": 0.05}),
+    # ... with per-token loss and document values (docs/DESIGN.md §2.9): per-token partials of sequence-parallel norms.
+    Layout("2x1x2-sp-clip-pertoken-documents", 4, "layernorm-gelu-bias-untied", tp=2, sequence_parallel=True,
+           config=PER_TOKEN, options={"ddp": MEGATRON_DDP, "clip_grad": 0.05, "document_eod": 0}),
     Layout("1x1x4-overlap-split", 4, "rmsnorm-gelu-bias-untied-recompute",
            options={"ddp": OVERLAPPED_DDP, "n_micro": 1, "validation_split": "split", "n_val_batches": 4}),
-    Layout("2x2x1-vpp2-sp", 4, "rmsnorm-swiglu-nobias-tied-recompute", tp=2, pp=2, vpp=2, sequence_parallel=True,
-           options={"ddp": MEGATRON_DDP, "n_micro": 4}),
+    Layout("2x2x1-vpp2-sp-documents", 4, "rmsnorm-swiglu-nobias-tied-recompute", tp=2, pp=2, vpp=2,
+           sequence_parallel=True, options={"ddp": MEGATRON_DDP, "n_micro": 4, "document_eod": 0}),
     Layout("2x1x2-distopt-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, options=DISTRIBUTED_ADAM_OVERLAPPED),
     # Gradient accumulation fusion: tied weights across stages, and on one stage (zero_out_wgrad) under SP.
     Layout("1x2x1-fusion-tied-pertoken", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2,
@@ -214,16 +216,24 @@ def _per_token_brute_force(layout: Layout, ranks: list[dict], report: dict) -> N
     reference, options = _reference(layout.name), layout.run_options(parallel=False)
     shape = layout.shape(parallel=False)
     data = dict(n_micro=options["n_micro"], mbs=options["mbs"], seed=options["seed"])
-    brute_force = brute_force_scores(shape, reference, n_val_batches=options.get("n_val_batches", 2), **data)
+    extra = dict(n_val_batches=options.get("n_val_batches", 2), document_eod=options.get("document_eod"))
+    brute_force = brute_force_scores(shape, reference, **data, **extra)
     default_shape = dataclasses.replace(shape, extra_config={**shape.extra_config, "calculate_per_token_loss": False})
-    wrong_divisor = brute_force_scores(default_shape, reference, n_val_batches=options.get("n_val_batches", 2), **data)
+    wrong_divisor = brute_force_scores(default_shape, reference, **data, **extra)
     tol = TOLERANCE[layout.dtype]
     report["max rel error vs brute force"] = _max_error(ranks, {"raw": brute_force})
     assert report["max rel error vs brute force"] <= tol, "scores differ from brute force"
     report["rel error of a per-microbatch divisor"] = _max_error(ranks, {"raw": wrong_divisor})
     assert report["rel error of a per-microbatch divisor"] > 100 * tol, "the test cannot tell the divisors apart"
     for step in range(options["steps"]):
-        batch = make_data(shape, data["n_micro"], data["mbs"], data["seed"] + 100 + step, first_id=1000 * step)
+        batch = make_data(
+            shape,
+            data["n_micro"],
+            data["mbs"],
+            data["seed"] + 100 + step,
+            first_id=1000 * step,
+            eod=extra["document_eod"],
+        )
         divisor = sum(float(b["loss_mask"].sum()) for b in batch)
         recorded = {sid: n for got in ranks for sid, n in got["n_tokens"][step].items()}
         assert sum(recorded.values()) == divisor, f"step {step}: the replicas' token counts do not sum to the divisor"
@@ -315,6 +325,12 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
                 assert extra == [shards] * steps, "a replicated validation set costs no other data-parallel traffic"
     if layout.per_token_loss:
         _per_token_brute_force(layout, ranks, report)
+    if options.get("document_eod") is not None:  # document values, docs/DESIGN.md §2.9
+        report["documents max rel error"] = _max_error(ranks, reference, "documents")
+        assert report["documents max rel error"] <= tol, "document partials differ from the single-process run"
+        report["document sums"] = max(max(got["document_sums"]) for got in [*ranks, reference])
+        assert report["document sums"] <= 1e-12, "a sample's document partials do not sum to its score"
+        assert max(span for step in reference["documents"] for _, span in step) >= 2
     if options.get("clip_grad"):
         assert max(reference["clip_coef"]) < 1.0, "the clipping layout must actually clip"
     print(f"{layout.name}: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))

@@ -10,6 +10,7 @@ import os
 import random
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -208,3 +209,87 @@ def test_bad_inputs_stop_every_rank_before_training(data_dir, tmp_path):
         assert message in ranks[0][i]["stderr"], f"{name}: {ranks[0][i]['stderr']}"
         assert message not in ranks[1][i]["stderr"], name  # printed once, by rank 0
     assert not (run / "scores").exists() and not (run / "checkpoints").exists()
+
+
+def test_document_values_end_to_end(data_dir, tmp_path, capsys):
+    """``scoring.document_values`` at TP=2 with sequence parallelism, micro-batch size 1 (so ``auto`` takes the
+    rules): every sequence's document rows sum to its row, every span is its document in the sample map, and
+    ``inrun-scores by-document`` sums each document's rows over its sequences and steps (docs/DESIGN.md §2.9)."""
+    from inrun_megatron.data import open_sample_index
+
+    config = tiny_config(
+        data_dir,
+        tmp_path / "run",
+        model={"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64},
+        parallel={"tensor_model_parallel_size": 2, "sequence_parallel": True},
+        training={"train_iters": 3, "global_batch_size": 4, "micro_batch_size": 1, "seed": 7},
+        scoring={"flush_every": 2, "document_values": True},
+        checkpoint={"save_interval": None},
+    )
+    _ok(run_pretrain(config, 2))
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["scoring"]["document_eod"] == 256 and manifest["scoring_path"] == "rules"
+    assert "span" in manifest["columns"]["documents"]
+
+    rows = read_rows(run).to_pylist()
+    documents = ds.dataset(run / "documents", format="parquet").to_table().to_pylist()
+    assert {(r["step"], r["target"], r["sample_id"]) for r in rows} == {
+        (d["step"], d["target"], d["sample_id"]) for d in documents
+    }
+    spans: dict[tuple, list] = {}
+    for d in documents:
+        spans.setdefault((d["step"], d["target"], d["sample_id"]), []).append(d)
+    for r in rows:
+        mine = sorted(spans[r["step"], r["target"], r["sample_id"]], key=lambda d: d["span"])
+        assert [d["span"] for d in mine] == list(range(len(mine)))
+        assert math.fsum(d["raw"] for d in mine) == pytest.approx(r["raw"], rel=1e-12, abs=1e-300)
+        assert sum(d["span_tokens"] for d in mine) == 64
+    assert max(d["span"] for d in documents) >= 1, "the data must pack several documents per sequence"
+
+    index = open_sample_index(run)  # span k of a sample is its k-th document, less the final label token
+    expected: dict[tuple[str, int], float] = {}
+    for d in documents:
+        if d["target"] != "heldout-a:adam":
+            continue
+        row = index.lookup(np.array([d["sample_id"]])).to_pylist()[0]
+        inputs = row["document_tokens"][: d["span"] + 1]
+        last = d["span"] == len(row["document_tokens"]) - 1
+        assert d["span_tokens"] == inputs[-1] - last
+        key = (row["source"], row["document_ids"][d["span"]])
+        expected[key] = expected.get(key, 0.0) + d["value"]
+    answer = scores_cli("by-document", run, "-k", 0, capsys=capsys)
+    assert answer["target"] == "heldout-a:adam"  # trained with Adam: the Adam-aware value by default
+    got = {(d["source"], d["document_id"]): d["value"] for d in answer["documents"]}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    sources = {s["source"]: s["sum"] for s in answer["sources"]}
+    for name, total in sources.items():
+        assert total == pytest.approx(sum(v for (s, _), v in expected.items() if s == name), rel=1e-12, abs=1e-15)
+    ranked = scores_cli("by-document", run, "-k", 3, "--view", "step-rank", "--value", "sgd", capsys=capsys)
+    assert ranked["target"] == "heldout-a" and len(ranked["documents"]) == 3
+    assert all(0 < d["value"] < 1 for d in ranked["documents"])
+
+    # A span whose length is not its document's (an EOD the map does not know) stops by-document.
+    from inrun_megatron.analysis import cli
+
+    part = sorted((run / "documents" / "dp00000").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    adam = np.asarray(table.column("target").to_pylist()) == "heldout-a:adam"  # what by-document reads
+    sample_id = table.column("sample_id").to_numpy()
+    first = (sample_id == sample_id[adam][0]) & (table.column("span").to_numpy() == 0)
+    tokens = table.column("span_tokens").to_numpy() + first
+    pq.write_table(table.set_column(table.schema.get_field_index("span_tokens"), "span_tokens", pa.array(tokens)), part)
+    capsys.readouterr()
+    assert cli.main(["by-document", str(run), "--json", "--quiet"]) == 2
+    assert "the sample map gives" in capsys.readouterr().err
+
+
+def scores_cli(*args, capsys) -> dict:
+    """``inrun-scores ARGS --json`` in this process; its answer."""
+    from inrun_megatron.analysis import cli
+
+    capsys.readouterr()
+    assert cli.main([*map(str, args), "--json", "--quiet"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)

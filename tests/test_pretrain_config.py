@@ -58,6 +58,10 @@ def _raw() -> dict:
         (["scoring.flush_every=0"], "scoring.flush_every: must be positive"),
         (["scoring.path=ghost"], "scoring.path: 'ghost' is not one of"),
         (["scoring.path=microbatch"], "one sequence's only with training.micro_batch_size 1 (got 4)"),
+        (
+            ["training.micro_batch_size=1", "scoring.path=microbatch", "scoring.document_values=true"],
+            "scoring.document_values needs each token's part of the score",
+        ),
         (["training.micro_batch_size"], "expected key=value"),
     ],
 )

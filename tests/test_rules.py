@@ -1,4 +1,5 @@
-"""Per-layer score rules against per-sample gradients materialised by autograd."""
+"""Per-layer score rules against per-token gradients materialised by autograd: a rule returns each
+token position's part of every sample's score (``[K, T, B]``, docs/DESIGN.md §2.2, §2.9)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,34 @@ from inrun_megatron import rules
 K = 2  # validation targets
 
 
-def _per_sample_grads(loss_per_sample, params):
-    """``[B][param]`` gradients, one autograd call per sample (the brute-force definition)."""
-    out = []
-    for loss in loss_per_sample:
-        out.append(torch.autograd.grad(loss, params, retain_graph=True))
-    return out
+def _per_token_grads(y, upstream, params, batch_dim=0):
+    """``[T][B][param]`` gradients of each token's term ``<y_t, upstream_t>`` of each sample, one autograd
+    call per token (the brute-force definition; their sum over tokens is the sample's gradient)."""
+    y, upstream = y.movedim(batch_dim, 0), upstream.movedim(batch_dim, 0)
+    n_samples, n_tokens = y.shape[:2]
+    return [
+        [
+            [
+                torch.zeros_like(p) if g is None else g
+                for g, p in zip(
+                    torch.autograd.grad((y[j, t] * upstream[j, t]).sum(), params, retain_graph=True, allow_unused=True),
+                    params,
+                )
+            ]
+            for j in range(n_samples)
+        ]
+        for t in range(n_tokens)
+    ]
 
 
-def _reference(grads_per_sample, g_targets):
-    """``[K, B]``: <per-sample grad, G_k> summed over parameters."""
+def _reference(grads_per_token, g_targets):
+    """``[K, T, B]``: <per-token grad, G_k> summed over parameters."""
     return torch.tensor(
         [
-            [sum(float((g * G[k]).sum()) for g, G in zip(grads, g_targets)) for grads in grads_per_sample]
+            [
+                [sum(float((g * G[k]).sum()) for g, G in zip(grads, g_targets)) for grads in per_sample]
+                for per_sample in grads_per_token
+            ]
             for k in range(K)
         ],
         dtype=torch.float64,
@@ -47,7 +63,7 @@ def test_linear(batch_dim, d_in, d_out, bias, monkeypatch):
     y = x @ w.t() + (bvec if bias else 0)
     upstream = torch.randn(B, T, d_out, generator=g, dtype=torch.float64)
     params = [w, bvec] if bias else [w]
-    grads = _per_sample_grads([(y[j] * upstream[j]).sum() for j in range(B)], params)
+    grads = _per_token_grads(y, upstream, params)
     G = [torch.randn(K, *p.shape, generator=g, dtype=torch.float64) for p in params]
     got = rules.linear_scores(
         _layout(x, batch_dim), _layout(upstream, batch_dim), G[0], G[1] if bias else None, batch_dim=batch_dim
@@ -61,7 +77,7 @@ def test_linear_half_precision_is_projected_in_float32():
     upstream = torch.randn(2, 8, 12, generator=g).bfloat16()
     G = torch.randn(K, 12, 16, generator=g)
     got = rules.linear_scores(x, upstream, G, batch_dim=0)
-    exact = torch.einsum("btd,bto,kod->kb", x.double(), upstream.double(), G.double())
+    exact = torch.einsum("btd,bto,kod->ktb", x.double(), upstream.double(), G.double())
     torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6)
 
 
@@ -93,7 +109,7 @@ def test_embedding(row_offset, monkeypatch):
     table = torch.randn(V, h, generator=g, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(B, T, h, generator=g, dtype=torch.float64)
     out = table[ids]
-    grads = _per_sample_grads([(out[j] * upstream[j]).sum() for j in range(B)], [table])
+    grads = _per_token_grads(out, upstream, [table])
     G_full = torch.randn(K, V, h, generator=g, dtype=torch.float64)
     rows = 10 if row_offset else V
     G_local = G_full[:, row_offset : row_offset + rows]
@@ -119,7 +135,7 @@ def test_norms(kind):
         y = torch.nn.functional.layer_norm(x, (h,), gamma, beta if with_bias else None, eps)
         params = [gamma, beta] if with_bias else [gamma]
     upstream = torch.randn(T, B, h, generator=g, dtype=torch.float64)
-    grads = _per_sample_grads([(y[:, j] * upstream[:, j]).sum() for j in range(B)], params)
+    grads = _per_token_grads(y, upstream, params, batch_dim=1)
     G = [torch.randn(K, h, generator=g, dtype=torch.float64) for _ in params]
     if kind == "rms_norm":
         got = rules.rms_norm_scores(x, upstream, G[0], eps=eps, batch_dim=1)
@@ -179,7 +195,7 @@ def test_hugging_face_layer_rules(class_name, input_dtype):
     y = layer(x)
     upstream = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
     named = dict(layer.named_parameters())
-    grads = _per_sample_grads([(y[j] * upstream[j]).sum() for j in range(B)], list(named.values()))
+    grads = _per_token_grads(y, upstream, list(named.values()))
     G = {n: torch.randn(K, *p.shape, generator=g, dtype=p.dtype) for n, p in named.items()}
     rule = next(r for _, c, r, _ in hf_rules.RULES if c == class_name)
     got = rule(layer, x, upstream, G, projection_dtype=None)
@@ -201,7 +217,7 @@ def test_registered_embedding_rule_skips_the_padding_row():
     ids[:, 1::2] = 3
     y = layer(ids)
     upstream = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    grads = _per_sample_grads([(y[j] * upstream[j]).sum() for j in range(3)], [layer.weight])
+    grads = _per_token_grads(y, upstream, [layer.weight])
     G = torch.randn(K, 20, 4, generator=g, dtype=torch.float64)
     got = embedding_rule(layer, ids, upstream, {"weight": G}, projection_dtype=None)
     torch.testing.assert_close(got, _reference(grads, [G]), rtol=1e-12, atol=1e-12)

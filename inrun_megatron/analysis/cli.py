@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=20, help="how many (default %(default)s)")
     p.add_argument("--text-chars", type=int, default=200, help="length of the text snippets")
     sub.add_parser("by-source", parents=[run, target, view], help="values aggregated per source dataset")
+    p = sub.add_parser(
+        "by-document",
+        parents=[run, target, view],
+        help="document values (runs with document values on): per document over its spans, and per source",
+    )
+    p.add_argument("--bottom", action="store_true", help="the lowest (most harmful) documents instead")
+    p.add_argument("-k", type=int, default=20, help="how many documents (default %(default)s; 0: all)")
     p = sub.add_parser("trajectory", parents=[run, target], help="value of samples or sources over steps")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--sample", type=int, nargs="+", metavar="ID", help="sample ids")
@@ -142,6 +149,10 @@ def _run(args: argparse.Namespace, progress: Progress, comm) -> Report:
             )
         if args.command == "by-source":
             return commands.by_source(scores, target=args.target, view=args.view)
+        if args.command == "by-document":
+            from inrun_megatron.analysis.documents import by_document
+
+            return by_document(scores, target=args.target, view=args.view, k=args.k, bottom=args.bottom)
         if args.command == "trajectory":
             if args.by_source:
                 return commands.source_curves(scores, target=args.target)

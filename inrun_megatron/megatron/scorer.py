@@ -36,7 +36,7 @@ from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 from inrun_megatron.microbatch_gradients import gradient_scores
 from inrun_megatron.optimizer_values import ADAM
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
-from inrun_megatron.scores import GLOBAL_BATCH_TOKENS, MICROBATCH_TOKENS
+from inrun_megatron.scores import GLOBAL_BATCH_TOKENS, MICROBATCH_TOKENS, TokenLayout, document_spans
 from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of
 from inrun_megatron.validation_pass import run_validation_pass
@@ -50,7 +50,7 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 class _CapturingIterator(Iterator):
-    """Records ``sample_ids`` and loss-token counts of the batches a forward step pulls."""
+    """Records ``sample_ids``, loss-token counts and input tokens of the batches a forward step pulls."""
 
     def __init__(self, inner: Iterator, captured: list):
         self.inner = inner
@@ -59,14 +59,16 @@ class _CapturingIterator(Iterator):
     def __next__(self) -> Batch:
         batch = next(self.inner)
         if isinstance(batch, Mapping):
-            self.captured.append((batch.get("sample_ids"), loss_mask_of(batch).sum(-1) if "labels" in batch else None))
+            n_tokens = loss_mask_of(batch).sum(-1) if "labels" in batch else None
+            self.captured.append((batch.get("sample_ids"), n_tokens, batch.get("tokens")))
         else:
-            self.captured.append((None, None))
+            self.captured.append((None, None, None))
         return batch
 
 
 class MegatronScorer(Scorer):
-    """Exact per-sample In-Run Data Shapley scores for megatron-core model chunks.
+    """Exact per-sample In-Run Data Shapley scores for megatron-core model chunks (and, with
+    ``ScoringConfig.document_eod``, per document span: the batches' ``tokens`` then name the spans).
 
     Args:
         model: the model chunks as passed to megatron's ``forward_backward_func`` (a module, or a
@@ -92,6 +94,8 @@ class MegatronScorer(Scorer):
             :meth:`forward_backward` (it goes on to ``forward_backward_func`` for the validation
             and the training pass alike).
     """
+
+    supports_document_values = True
 
     def __init__(
         self,
@@ -235,9 +239,11 @@ class MegatronScorer(Scorer):
             )
         return path
 
-    def begin_scoring(self, n_microbatches: int, micro_batch_size: int) -> None:
+    def begin_scoring(
+        self, n_microbatches: int, micro_batch_size: int, token_layout: TokenLayout | None = None
+    ) -> None:
         self._main_grad_scores.clear()
-        super().begin_scoring(n_microbatches, micro_batch_size)
+        super().begin_scoring(n_microbatches, micro_batch_size, token_layout)
 
     def loss_scale(self) -> float:
         """The factor the schedule multiplied losses by (fp16 loss scaling), 1.0 if none."""
@@ -368,7 +374,8 @@ class MegatronScorer(Scorer):
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
         captured: list[list] = []
         kwargs = dict(kwargs, data_iterator=self._capture(kwargs["data_iterator"], captured))
-        self.begin_scoring(n_micro, mbs)
+        token_layout = None if self.config.document_eod is None else self._token_layout(kwargs["seq_length"])
+        self.begin_scoring(n_micro, mbs, token_layout)
         completed = False
         try:
             with self._capturing_global_tokens() if self.per_token_loss else contextlib.nullcontext():
@@ -377,10 +384,18 @@ class MegatronScorer(Scorer):
         finally:
             raw = self.end_scoring(completed)
         stopwatch.lap()
-        sample_ids, n_tokens = self._reduce(raw, captured, n_micro, mbs)
+        sample_ids, n_tokens, spans = self._reduce(raw, captured, n_micro, mbs, token_layout)
         raw *= self._gradient_scale()
-        self.finish_pass(raw, sample_ids, n_tokens, validation_losses, self.gradient_dots(), stopwatch)
+        self.finish_pass(raw, sample_ids, n_tokens, validation_losses, self.gradient_dots(), stopwatch, spans)
         return result
+
+    def _token_layout(self, seq_length: int) -> TokenLayout:
+        """The positions each site's per-token partials cover: under sequence parallelism a norm sees
+        its tensor-parallel rank's shard of the sequence (docs/DESIGN.md §2.9)."""
+        if get_model_config(self.chunks[0]).sequence_parallel:
+            tp = self.process_groups.tp
+            return TokenLayout(seq_length, dist.get_rank(tp), dist.get_world_size(tp))
+        return TokenLayout(seq_length)
 
     def _check_schedule_groups(self, pg_collection: ProcessGroupCollection | None) -> None:
         """The schedule must run with the groups the scores are reduced over."""
@@ -440,20 +455,38 @@ class MegatronScorer(Scorer):
             return [wrap(it) for it in data_iterator]
         return wrap(data_iterator)
 
-    def _reduce(self, raw: torch.Tensor, captured: list[list], n_micro: int, mbs: int):
-        """Sum partial scores over the model-parallel group and agree on sample ids there.
+    def _reduce(
+        self, raw: torch.Tensor, captured: list[list], n_micro: int, mbs: int, token_layout: TokenLayout | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Sum partial scores over the model-parallel group and agree on sample ids (and, with
+        document values on, each position's document span ``[M, B, S]``) there: only the ranks that
+        read the batch know them.
 
         Never reduced over data parallelism: each DP replica owns different samples.
         """
         ids = torch.full((2, n_micro, mbs), -1, dtype=torch.int64, device=raw.device)
+        spans = None
+        if token_layout is not None:
+            spans = torch.full((n_micro, mbs, token_layout.seq_length), -1, dtype=torch.int64, device=raw.device)
         for pulls in captured:
-            for mb, (sample_ids, n_tokens) in enumerate(pulls[:n_micro]):
+            for mb, (sample_ids, n_tokens, tokens) in enumerate(pulls[:n_micro]):
                 if sample_ids is not None:
                     ids[0, mb, : len(sample_ids)] = torch.as_tensor(sample_ids).reshape(-1).to(ids)
                 if n_tokens is not None:
                     ids[1, mb, : len(n_tokens)] = n_tokens.reshape(-1).to(ids)
+                if spans is not None and tokens is not None:
+                    spans[mb, : len(tokens)] = document_spans(tokens, self.config.document_eod).to(spans)
         group = self.process_groups.mp
         if dist.get_world_size(group) > 1:
             dist.all_reduce(raw, group=group)
             dist.all_reduce(ids, op=dist.ReduceOp.MAX, group=group)
-        return ids[0], ids[1]
+            if spans is not None:
+                dist.all_reduce(spans, op=dist.ReduceOp.MAX, group=group)
+        if spans is not None and (spans < 0).any():
+            mb, pos = (spans < 0).nonzero()[0, :2].tolist()
+            raise ValueError(
+                f"step {self.step}: no input tokens for microbatch {mb}, position {pos}; document values"
+                " (ScoringConfig.document_eod) split each batch's 'tokens' [micro_batch_size, seq_length] into"
+                " documents. No score of this step was recorded."
+            )
+        return ids[0], ids[1], spans

@@ -130,6 +130,9 @@ class ScoringSection:
     merge_values: bool = True
     # with Adam, also record the Adam-aware value (docs/DESIGN.md §1.5); the analysis defaults to it
     optimizer_values: bool = True
+    # also record each document's part of every packed sequence's score (docs/DESIGN.md §2.9), cut at
+    # the tokenizer's end-of-document token: RUN/documents/, `inrun-scores by-document`; needs the rules path
+    document_values: bool = False
 
 
 @dataclass
@@ -335,6 +338,11 @@ def check_values(c: RunConfig) -> None:
         raise ConfigError(
             f"scoring.path: 'microbatch' scores each microbatch's gradient, one sequence's only with"
             f" training.micro_batch_size 1 (got {t.micro_batch_size}); use 'auto' or 'rules'"
+        )
+    if c.scoring.document_values and c.scoring.path == "microbatch":
+        raise ConfigError(
+            "scoring.document_values needs each token's part of the score, which only the per-layer rules give;"
+            " scoring.path 'microbatch' sees one gradient per sequence: use 'auto' or 'rules'"
         )
     _positive("logging.log_interval", c.logging.log_interval)
     _positive("checkpoint.save_interval", c.checkpoint.save_interval)

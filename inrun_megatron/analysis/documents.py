@@ -1,0 +1,164 @@
+"""``inrun-scores by-document``: document values (docs/DESIGN.md §2.9) per document and per source.
+
+A run with document values on (``ScoringConfig.document_eod``; the pretraining config's
+``scoring.document_values``) records, next to each sequence's row, one row per document span of the
+sequence (``RUN/documents/``). The run's sample index turns (sample id, span) into (source, document
+id): span ``k`` of a sample is its ``k``-th document (``document_tokens`` of the sample map, less the
+last token of the sample, which is only a label). Every row is checked against the map before
+anything is summed: a span whose length differs from its document's means the end-of-document
+tokens the scorer cut at are not the documents the map knows.
+
+A document's value is the sum of its spans' values over every sequence it was cut into and every
+step (``accumulated``), or, in a step view (docs/DESIGN.md §1.6), the mean over its non-skipped span
+rows of each row's view among the step's span rows. The rows of the chosen score row are read into
+memory (about 60 bytes a row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from inrun_megatron.analysis.dump import DumpError, _stream_parts
+from inrun_megatron.analysis.inputs import Scores
+from inrun_megatron.analysis.report import Report, Table
+from inrun_megatron.analysis.views import DEFAULT_VIEW, check_view, per_step_view
+from inrun_megatron.records import DOCUMENT_SCHEMA
+
+ROW_COLUMNS = ["step", "sample_id", "span", "value", "skipped", "span_tokens"]
+
+
+def document_rows(scores: Scores, target: str) -> pa.Table:
+    """Every document row of one score row (``target``), from the run directory's ``documents`` stream."""
+    if not scores.manifest.document_values:
+        raise DumpError(
+            f"{scores.path}: the run recorded no document values; turn them on with the pretraining config's"
+            " scoring.document_values (ScoringConfig.document_eod), docs/DESIGN.md §2.9"
+        )
+    directory = scores.run_dir / "documents"
+    replicas = sorted(directory.iterdir()) if directory.is_dir() else []
+    if not replicas:
+        raise DumpError(f"{directory}: missing; the manifest says the run recorded document values")
+    problems, parts = [], []
+    for replica in replicas:  # each part's footer names the run and the schema, as the score parts' do
+        parts += _stream_parts(replica, replica.name, DOCUMENT_SCHEMA, scores.manifest.run_id, problems, [])
+    if problems:
+        raise DumpError(f"{problems[0].path}: {problems[0].message}")
+    table = ds.dataset([str(p.path) for p in parts], format="parquet").to_table(columns=["target", *ROW_COLUMNS])
+    table = table.filter(pc.equal(table.column("target"), target))
+    if not table.num_rows:
+        raise DumpError(f"{directory}: no document rows of {target!r}")
+    return table
+
+
+def locate_spans(index, sample_ids: np.ndarray, spans: np.ndarray, span_tokens: np.ndarray):
+    """``(dataset_id, source names, document_id)`` of each (sample id, span), after checking each span's
+    positions against its document's input tokens in the sample map."""
+    unique, inverse = np.unique(sample_ids, return_inverse=True)
+    table = index.lookup(unique)
+    documents = table.column("document_ids").to_pylist()
+    inputs = []  # input tokens per document: the sample's last token is only a label
+    for counts in table.column("document_tokens").to_pylist():
+        counts = list(counts)
+        counts[-1] -= 1
+        inputs.append(counts if counts[-1] else counts[:-1])
+    document_id = np.empty(len(spans), dtype=np.int64)
+    for row, (u, span, n) in enumerate(zip(inverse.tolist(), spans.tolist(), span_tokens.tolist())):
+        if span >= len(inputs[u]) or inputs[u][span] != n:
+            expected = inputs[u][span] if span < len(inputs[u]) else "no document"
+            raise DumpError(
+                f"sample {unique[u]} span {span} covers {n} positions, the sample map gives {expected} (input tokens"
+                f" of its documents {inputs[u]}): the end-of-document tokens the scorer cut at are not the"
+                " documents of the data (docs/DESIGN.md §2.9)"
+            )
+        document_id[row] = documents[u][span]
+    dataset_id = table.column("dataset_id").to_numpy()[inverse]
+    names = np.asarray(table.column("source").to_pylist(), dtype=object)[inverse]
+    return dataset_id, names, document_id
+
+
+def by_document(
+    scores: Scores, *, target: str | None = None, view: str = DEFAULT_VIEW, k: int = 20, bottom: bool = False
+) -> Report:
+    """Document values (in ``view``) of the ``k`` highest (``bottom``: lowest) documents, all if ``k`` is 0, and
+    their sums per source."""
+    spec = check_view(view)
+    target = target or scores.score_row(None, None)
+    index = scores.index()
+    if index is None:
+        raise DumpError(f"{scores.path}: by-document needs the run's sample index; {scores.notes[-1]}")
+    rows = document_rows(scores, target)
+    step, sample_id, span = (rows.column(c).to_numpy() for c in ("step", "sample_id", "span"))
+    skipped = rows.column("skipped").to_numpy(zero_copy_only=False)
+    span_tokens = rows.column("span_tokens").to_numpy()
+    dataset_id, names, document_id = locate_spans(index, sample_id, span, span_tokens)
+    per_row = per_step_view(view, step, rows.column("value").to_numpy(), skipped)
+
+    keys, which = np.unique(np.stack([dataset_id, document_id], axis=1), axis=0, return_inverse=True)
+    which = which.reshape(-1)
+    trained = (~skipped).astype(float)
+    total = np.bincount(which, per_row, len(keys))
+    counted = np.bincount(which, trained, len(keys))
+    if view == DEFAULT_VIEW:
+        value = total
+    else:
+        value = np.divide(total, counted, out=np.full(len(keys), spec.neutral), where=counted > 0)
+    source = np.empty(len(keys), dtype=object)
+    source[which] = names
+    spans = np.bincount(which, minlength=len(keys))
+    tokens = np.bincount(which, span_tokens, len(keys)).astype(np.int64)
+    sequences = np.array([len(set(sample_id[which == i].tolist())) for i in range(len(keys))])
+    order = np.lexsort((keys[:, 1], keys[:, 0], value if bottom else -value))
+    shown = order if k == 0 else order[:k]
+    documents = [
+        {
+            "source": source[i],
+            "document_id": int(keys[i, 1]),
+            "value": float(value[i]),
+            "spans": int(spans[i]),
+            "sequences": int(sequences[i]),
+            "span_steps": int(counted[i]),
+            "tokens": int(tokens[i]),
+        }
+        for i in shown.tolist()
+    ]
+    per_source = []
+    for name in sorted(set(source.tolist())):
+        mine = value[source == name]
+        per_source.append(
+            {
+                "source": name,
+                "documents": len(mine),
+                "sum": float(mine.sum()),
+                "mean": float(mine.mean()),
+                "positive": float((mine > 0).mean()),
+            }
+        )
+    columns = ["source", "document_id", "value", "spans", "sequences", "span_steps", "tokens"]
+    which_end = "lowest" if bottom else "highest"
+    tables = [
+        Table(
+            f"{len(documents)} {which_end} document values of {len(keys)}, view {view} ({spec.unit}),"
+            f" target {target!r}",
+            columns,
+            [[d[c] for c in columns] for d in documents],
+        ),
+        Table(
+            f"document values per source, view {view}",
+            ["source", "documents", "sum", "mean", "positive"],
+            [[s["source"], s["documents"], s["sum"], s["mean"], f"{s['positive']:.1%}"] for s in per_source],
+        ),
+    ]
+    data = {
+        "target": target,
+        "sign": scores.manifest.contract.get("sign"),
+        "view": asdict(spec),
+        "document_rows": rows.num_rows,
+        "documents": documents,
+        "sources": per_source,
+    }
+    return Report(data, tables, scores.notes)

@@ -1,0 +1,159 @@
+"""Document values inside packed sequences (docs/DESIGN.md §2.9), single process.
+
+Every sequence holds several documents cut at end-of-document tokens. The scorer records each
+document span's part of the sequence's raw score from the same backward: the spans sum to the
+sequence's score, and with megatron's reset attention masks and position ids each span is the
+brute-force value of that document's own loss terms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import oracle
+from common import CASES, load_canonical_weights, make_data, scored_forward_backward, token_losses
+
+pytestmark = pytest.mark.megatron
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def _shape(case: str, dtype: torch.dtype):
+    from inrun_megatron.megatron.model import GPTShape
+
+    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
+
+
+def _score(model, shape, train, validation, eod: int | None):
+    """The result of one scored step with document values on (``eod``) or off."""
+    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.megatron import MegatronScorer
+
+    scorer = MegatronScorer(model, validation, ScoringConfig(document_eod=eod))
+    scored_forward_backward(scorer, model, shape, train)
+    result = scorer.end_step(lr=1.0)
+    scorer.detach()
+    for p in model.parameters():
+        p.grad = None
+    return result
+
+
+def _documents(result) -> dict[tuple[int, int], float]:
+    c = result.documents.columns
+    return {(int(s), int(d)): float(r) for s, d, r in zip(c["sample_id"], c["span"], c["raw"])}
+
+
+def _sequences(result) -> dict[int, float]:
+    c = result.records.columns
+    return dict(zip(c["sample_id"].tolist(), c["raw"].tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", ["layernorm-gelu-bias-untied", "rmsnorm-swiglu-nobias-tied-recompute"])
+def test_with_reset_masks_each_document_is_its_brute_force_value(megatron_world, case, dtype):
+    from inrun_megatron.megatron.model import build_gpt
+
+    shape = _shape(case, dtype)
+    eod = shape.vocab_size - 1
+    model = build_gpt(shape)
+    load_canonical_weights(model, seed=3)
+    train = make_data(shape, 2, 3, seed=5, eod=eod, reset_documents=True)
+    validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
+    result = _score(model, shape, train, validation, eod)
+    ours = _documents(result)
+
+    g_val = oracle.validation_gradient(model, validation, token_losses)
+    reference = oracle.per_document_raw(model, train, token_losses, g_val, eod)
+    assert sorted(ours) == sorted(reference)
+    assert max(d for _, d in reference) >= 2, "the data must pack several documents per sequence"
+    scale = max(abs(v) for v in reference.values())
+    error = max(abs(ours[key] - reference[key]) for key in reference) / scale
+    print(f"{case} {dtype}: max relative error per document vs brute force {error:.2e}")
+    assert error <= TOLERANCE[dtype]
+    # Documents differ (the comparison is per document, not only of sums); a document whose loss tokens
+    # are all masked has no loss term and is 0.
+    learned = [v for v in reference.values() if v != 0.0]
+    assert len({round(v / scale, 6) for v in learned}) == len(learned) >= len(reference) // 2
+    # The positions of each span are its document's.
+    c = result.documents.columns
+    for sid, span, n in zip(c["sample_id"], c["span"], c["span_tokens"]):
+        batch = train[int(sid) // 3]
+        assert n == len(oracle.document_positions(batch["tokens"][int(sid) % 3], eod)[span])
+
+
+@pytest.mark.parametrize("mbs", [2, 1])
+@pytest.mark.parametrize("case", ["layernorm-swiglu-bias-tied-rope", "rmsnorm-gelu-bias-untied-recompute"])
+def test_document_partials_sum_to_the_sequence_score(megatron_world, case, mbs):
+    """Without reset masks (tokens attend across documents) the spans are an attribution of the sequence's
+    score: they sum to it, and the sequence's score is the one scored without document values, on the
+    rules path even at micro-batch size 1 (``path="auto"``)."""
+    from inrun_megatron.megatron.model import build_gpt
+
+    shape = _shape(case, torch.float64)
+    eod = 0
+    model = build_gpt(shape)
+    load_canonical_weights(model, seed=4)
+    train = make_data(shape, 3, mbs, seed=7, eod=eod)
+    validation = make_data(shape, 2, 2, seed=8, first_id=10**6)
+    result = _score(model, shape, train, validation, eod)
+    plain = _score(model, shape, train, validation, None)
+    assert plain.documents is None
+    sequences, documents = _sequences(result), _documents(result)
+    for sid, raw in sequences.items():
+        spans = [documents[key] for key in sorted(documents) if key[0] == sid]
+        assert len(spans) >= 2
+        assert float(np.sum(spans)) == pytest.approx(raw, rel=1e-13, abs=0), sid
+    reference = _sequences(plain)
+    scale = max(abs(v) for v in reference.values())
+    assert max(abs(sequences[s] - reference[s]) for s in reference) <= 1e-12 * scale
+    values = result.documents.values
+    assert np.array_equal(values, result.documents.columns["raw"])  # lr 1, no clipping
+
+
+def test_document_values_refuse_the_microbatch_path_and_other_adapters():
+    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.scorer import Scorer
+
+    with pytest.raises(ValueError, match="only the per-layer rules give"):
+        ScoringConfig(path="microbatch", document_eod=0)
+    batch = {"tokens": torch.zeros(1, 4, dtype=torch.int64), "labels": torch.zeros(1, 4, dtype=torch.int64)}
+    with pytest.raises(NotImplementedError, match="does not record document values"):
+        Scorer([batch], ScoringConfig(document_eod=0))
+
+
+def test_spans_start_where_megatron_resets_position_ids():
+    """A span starts after each end-of-document input token, exactly where megatron's GPTDataset
+    (``reset_position_ids``) restarts the positions; an EOD at the last position opens no span."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    from inrun_megatron.scores import document_spans
+
+    tokens = torch.randint(0, 4, (6, 40), generator=torch.Generator().manual_seed(0))
+    tokens[0, -1] = 0
+    spans = document_spans(tokens, 0)
+    for row, span in zip(tokens, spans):
+        _, _, positions = _get_ltor_masks_and_position_ids(row, 0, True, True, False, False)
+        starts = torch.cat([torch.tensor([True]), span[1:] != span[:-1]])
+        assert torch.equal(starts, positions == 0)
+        assert span[0] == 0 and (span.diff() >= 0).all() and span.diff().max() <= 1
+
+
+def test_token_positions_of_sites():
+    """Per-token partials land at their positions: a whole-sequence site at 0..S-1, a sequence-parallel
+    norm at its shard's; anything else, or a per-sample partial, is refused naming the layer."""
+    from inrun_megatron.scores import StepScores, TokenLayout
+
+    class Site:
+        name, calls = "decoder_norm", 0
+
+    step = StepScores(1, 1, 2, torch.device("cpu"), TokenLayout(8, shard_index=1, shard_count=2))
+    step.add(0, torch.ones(1, 4, 2, dtype=torch.float64), Site())
+    step.add(0, torch.arange(8, dtype=torch.float64).reshape(1, 8, 1).expand(1, 8, 2), Site())
+    expected = torch.arange(8, dtype=torch.float64) + (torch.arange(8) >= 4)
+    assert torch.equal(step.totals[0, 0, :, 0], expected) and torch.equal(step.totals[0, 0, :, 1], expected)
+    with pytest.raises(RuntimeError, match="decoder_norm computed per-token partials for 3 positions"):
+        step.add(0, torch.ones(1, 3, 2, dtype=torch.float64), Site())
+    with pytest.raises(RuntimeError, match="decoder_norm gave per-sample scores"):
+        step.add(0, torch.ones(1, 2, dtype=torch.float64), Site())
