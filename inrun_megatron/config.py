@@ -39,8 +39,13 @@ class ScoringConfig:
             preconditioned validation gradient ``P_t ⊙ G_t`` (the Adam-aware value,
             ``docs/DESIGN.md`` §1.5), in the same backward as the SGD value; False records the
             SGD value only.
+        second_order: also record every sample's curvature ``<grad l_z, H_val g_t>`` (a
+            ``T:curvature`` row per target), from which the second-order value
+            ``lr·clip·raw − (lr·clip)²/2 · curvature`` follows (``docs/DESIGN.md`` §1.7). Costs a
+            curvature pass per step: two more validation passes and the training microbatches
+            forward and backward once more (Megatron adapter; fp32/float64 weights).
 
-    The last is off by default because it grows with every sample seen (a 7B run sees ~10^8
+    ``accumulate_values`` is off by default because it grows with every sample seen (a 7B run sees ~10^8
     sequences per replica, and an in-memory accumulator of them costs gigabytes per rank), while
     the scorer itself holds only one step: ``end_step`` returns the step's result, a
     :class:`~inrun_megatron.records.ScoreWriter` sink makes it durable, and ``inrun-scores merge``
@@ -55,6 +60,7 @@ class ScoringConfig:
     allow_untested_megatron: bool = False
     accumulate_values: bool = False
     optimizer_values: bool = True
+    second_order: bool = False
 
     def __post_init__(self) -> None:
         if self.validation_split not in VALIDATION_SPLITS:

@@ -27,6 +27,7 @@ from inrun_megatron.microbatch_gradients import LocalScores, ParameterSite, atta
 from inrun_megatron.optimizer_values import (
     ADAM,
     ADAM_ROW_SUFFIX,
+    CURVATURE,
     SGD,
     RunValues,
     precondition_rows,
@@ -228,8 +229,9 @@ class Scorer:
             )
 
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
-        """The store of ``G`` for ``params``; adapters whose parameters are sharded override it."""
-        return GradientStore(params, self.n_score_rows)
+        """The store of ``G`` for ``params`` (one row per score row of the training pass); adapters
+        whose parameters are sharded override it."""
+        return GradientStore(params, self.n_store_rows)
 
     # ----------------------------------------------------------------------------------
     # value kinds (docs/DESIGN.md §1.5)
@@ -241,13 +243,26 @@ class Scorer:
         paths produce both raw scores in the same backward."""
         if self.grads is not None:
             raise RuntimeError("value kinds are fixed before the store of G is built")
-        clashing = [t.name for t in self.targets if split_row_name(t.name)[1] == ADAM]
+        self._refuse_row_suffixes()
+        self.value_kinds = [SGD, ADAM, *self.value_kinds[1:]]
+
+    def score_second_order(self) -> None:
+        """Also record each sample's curvature ``<grad l_z, H_val g_t>`` (``docs/DESIGN.md`` §1.7),
+        as one more score row per target that the adapter's curvature pass fills after the
+        training pass (the store of ``G`` does not grow). Adapters call it before
+        :meth:`build_sites` when ``config.second_order`` is on."""
+        if self.grads is not None:
+            raise RuntimeError("value kinds are fixed before the store of G is built")
+        self._refuse_row_suffixes()
+        self.value_kinds = [*self.value_kinds, CURVATURE]
+
+    def _refuse_row_suffixes(self) -> None:
+        clashing = [t.name for t in self.targets if split_row_name(t.name)[1] != SGD]
         if clashing:
             raise ValueError(
-                f"validation target names {clashing} end in {ADAM_ROW_SUFFIX!r}, which names the Adam-aware rows"
-                " of a target (docs/DESIGN.md §1.5); rename them"
+                f"validation target names {clashing} end in a suffix that names another value kind's rows of a"
+                f" target ({ADAM_ROW_SUFFIX!r}: docs/DESIGN.md §1.5, ':curvature': §1.7); rename them"
             )
-        self.value_kinds = [SGD, ADAM]
 
     @property
     def score_rows(self) -> list[str]:
@@ -262,6 +277,12 @@ class Scorer:
     @property
     def n_score_rows(self) -> int:
         return len(self.score_rows)
+
+    @property
+    def n_store_rows(self) -> int:
+        """Rows of the store of ``G`` and of the training pass's scores: every score row but the
+        curvature rows, which the curvature pass scores against ``H_val g_t`` (``docs/DESIGN.md`` §1.7)."""
+        return len(row_names([t.name for t in self.targets], [k for k in self.value_kinds if k != CURVATURE]))
 
     def precondition(self, preconditioners: Mapping[torch.nn.Parameter, torch.Tensor | None]) -> None:
         """Fill the Adam rows of the store with ``P_t ⊙ G`` after the step's validation pass.
@@ -327,11 +348,13 @@ class Scorer:
         return path
 
     def begin_scoring(self, n_microbatches: int, micro_batch_size: int) -> None:
+        """Score the pass about to run against every row of :attr:`grads` (the store of ``G``, or
+        the curvature pass's store of ``H_val g_t``)."""
         if self._pending is not None:
             raise RuntimeError("call end_step() after each scored step before starting the next one")
         path = self.path_for(micro_batch_size)
         device = self.grads.params()[0].device
-        self.step_scores = StepScores(self.n_score_rows, n_microbatches, micro_batch_size, device)
+        self.step_scores = StepScores(self.grads.n_targets, n_microbatches, micro_batch_size, device)
         self.scoring = path
 
     def end_scoring(self, completed: bool) -> torch.Tensor:
@@ -358,11 +381,12 @@ class Scorer:
         stopwatch's last lap (validation and training passes done) closes the bookkeeping.
 
         ``raw`` and ``batch_dots`` have one row per score row (:attr:`score_rows`); a step whose
-        Adam rows were not filled (:meth:`precondition`) keeps only its SGD rows.
+        Adam rows were not filled (:meth:`precondition`) drops them.
         """
         self._check_sample_ids(sample_ids)
         if ADAM in self.value_kinds and not self._adam_rows_filled:
-            raw, batch_dots = raw[: len(self.targets)], batch_dots[: len(self.targets)]
+            keep = [i for i, row in enumerate(self.score_rows) if split_row_name(row)[1] != ADAM]
+            raw, batch_dots = raw[keep], batch_dots[keep]
         stopwatch.lap()
         self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch.timings())
 
@@ -406,8 +430,8 @@ class Scorer:
             skipped=skipped,
             dp_rank=self.dp_rank,
             validation_losses={t.name: pending.validation_losses[t.name] for t in self.targets},
-            # one dot per score row of the step: the SGD rows only where the Adam rows were not filled
-            batch_dots=dict(zip(self.score_rows, pending.batch_dots.tolist())),
+            # one dot per score row of the step: without the Adam rows where they were not filled
+            batch_dots=dict(zip(self._step_rows(len(pending.batch_dots)), pending.batch_dots.tolist())),
             timings=pending.timings,
         )
         if self.accumulator is not None:
@@ -416,6 +440,12 @@ class Scorer:
             self.sink.write(result)
         self.step += 1
         return result
+
+    def _step_rows(self, n_rows: int) -> list[str]:
+        """The score rows of a step with ``n_rows`` rows: all of them, or all but the Adam rows."""
+        if n_rows == self.n_score_rows:
+            return self.score_rows
+        return [row for row in self.score_rows if split_row_name(row)[1] != ADAM]
 
     def values(self, target: str | None = None) -> dict[int, float]:
         """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples, summed

@@ -16,6 +16,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from inrun_megatron.optimizer_values import CURVATURE_ROW_SUFFIX
+from inrun_megatron.second_order import curvature_values
+
 
 class CountedSite(Protocol):
     """A site as a step's score tensor sees it (:class:`inrun_megatron.sites.Site`): named, and
@@ -44,7 +47,11 @@ SCORE_CONTRACT = {
     " from the optimizer's second moment v before step t (t counts the optimizer's steps including this one),"
     " value = lr * clip_coef * raw. The first step (no second moment before it) records no T:adam rows; momentum"
     " carried into later steps and weight decay add no per-sample term. Under plain SGD the SGD value is the"
-    " optimizer-aware value. The manifest's 'values' section maps rows to targets and kinds",
+    " optimizer-aware value. T:curvature, recorded with second-order values: raw = <grad of the sample's loss term,"
+    " H_val g_t> (H_val the validation loss's Hessian, g_t the step's whole gradient before clipping, by a central"
+    " difference of two validation gradients), value = -(lr * clip_coef)^2 / 2 * raw, so that the second-order"
+    " value is the sum of the T and T:curvature values. The manifest's 'values' section maps rows to targets and"
+    " kinds",
 }
 
 
@@ -56,6 +63,18 @@ def step_values(raw: np.ndarray, lr: np.ndarray, clip_coef: np.ndarray, skipped:
     numpy, pandas, DuckDB or the merge, the accumulated value of ``docs/DESIGN.md`` §1.2.
     """
     return np.where(skipped, 0.0, lr * clip_coef * raw)
+
+
+def row_values(
+    rows: np.ndarray | str, raw: np.ndarray, lr: np.ndarray, clip_coef: np.ndarray, skipped: np.ndarray
+) -> np.ndarray:
+    """The value of rows of any score row (``rows``: each row's name, or one name for all): the
+    second-order term (:func:`inrun_megatron.second_order.curvature_values`) for curvature rows
+    (``docs/DESIGN.md`` §1.7), :func:`step_values` for every other row."""
+    curvature = np.char.endswith(np.asarray(rows, dtype=str), CURVATURE_ROW_SUFFIX)
+    if not curvature.any():
+        return step_values(raw, lr, clip_coef, skipped)
+    return np.where(curvature, curvature_values(raw, lr, clip_coef, skipped), step_values(raw, lr, clip_coef, skipped))
 
 
 class StepScores:
@@ -110,9 +129,9 @@ class StepRecords:
 
     @property
     def values(self) -> np.ndarray:
-        """The value of each row (:func:`step_values`)."""
+        """The value of each row (:func:`row_values`)."""
         c = self.columns
-        return step_values(c["raw"], c["lr"], c["clip_coef"], c["skipped"])
+        return row_values(c["target"], c["raw"], c["lr"], c["clip_coef"], c["skipped"])
 
 
 def make_step_records(

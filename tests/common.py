@@ -353,6 +353,7 @@ def run_case(
     validation: list[dict] | None = None,
     epoch_steps: int | None = None,
     writer=None,
+    second_order: bool = False,
 ) -> dict:
     """Train ``steps`` steps of a canonical GPT at the initialised parallel layout; return
     per-step scores and the docs/DESIGN.md §1.3 identities.
@@ -377,7 +378,9 @@ def run_case(
     and the final ``weights`` by canonical name.
     With ``epoch_steps``, the data (and sample ids) repeat every ``epoch_steps`` steps. With a
     ``ScoreWriter`` (on one rank per DP replica) as the scorer's sink, every step's result is
-    dumped too (its ``<g, G>`` as the step's batch_dot).
+    dumped too (its ``<g, G>`` as the step's batch_dot). ``second_order``: also record the curvature
+    rows (docs/DESIGN.md §1.7): ``raw_curvature`` ``{sample_id: curvature}`` per step and
+    ``efficiency_curvature`` ``(sum curvature over the global batch, recorded <g, H_val g>)``.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -409,13 +412,15 @@ def run_case(
         chunks, opt = _megatron_training(models, ddp, optimizer, lr, clip_grad, fp16_loss_scale or {}, adam_eps)
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
-    config = ScoringConfig(validation_split=validation_split, path=path, accumulate_values=True)  # out['values']
+    config = ScoringConfig(  # accumulate_values: out['values']
+        validation_split=validation_split, path=path, accumulate_values=True, second_order=second_order
+    )
     scorer = (
         MegatronScorer(chunks, validation, config, micro_batch_size=mbs, optimizer=opt, sink=writer) if scored else None
     )
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
-    keys += ("raw_adam", "efficiency_adam")
+    keys += ("raw_adam", "efficiency_adam", "raw_curvature", "efficiency_curvature")
     out = {key: [] for key in keys}
 
     def fb(**kwargs):
@@ -456,7 +461,7 @@ def run_case(
             loss_scale = 1.0 if ddp is None else float(opt.get_loss_scale())
             gradient_dot = optimizer_gradient_dot(chunks, g_val, with_abs=True)
             batch_dot, batch_abs = float(gradient_dot.dot[0]) / loss_scale, float(gradient_dot.abs_sum[0]) / loss_scale
-            if scorer.n_score_rows > 1:  # the Adam rows: P_t ⊙ G (docs/DESIGN.md §1.5)
+            if "validation:adam" in scorer.score_rows:  # the Adam rows: P_t ⊙ G (docs/DESIGN.md §1.5)
                 adam_dot = optimizer_gradient_dot(chunks, scorer.grads.target(1), with_abs=True)
                 adam_dot = (float(adam_dot.dot[0]) / loss_scale, float(adam_dot.abs_sum[0]) / loss_scale)
         if ddp is None:
@@ -486,6 +491,13 @@ def run_case(
                 dist.all_reduce(adam_sum, group=parallel_state.get_data_parallel_group())
                 assert step_result.batch_dots["validation:adam"] == adam_dot[0]  # what the scorer stores
                 out["efficiency_adam"].append((float(adam_sum), *adam_dot))
+            curvature = rows.get("validation:curvature")
+            if curvature is not None:
+                out["raw_curvature"].append(dict(zip(c["sample_id"][curvature].tolist(), c["raw"][curvature].tolist())))
+                curvature_sum = torch.tensor(sum(out["raw_curvature"][-1].values()), dtype=torch.float64)
+                dist.all_reduce(curvature_sum, group=parallel_state.get_data_parallel_group())
+                recorded_dot = step_result.batch_dots["validation:curvature"]
+                out["efficiency_curvature"].append((float(curvature_sum), recorded_dot))
             sums = torch.tensor(
                 [sum(raw.values()), float(records.values[rows["validation"]].sum())], dtype=torch.float64
             )

@@ -150,6 +150,19 @@ LAYOUTS = [
            options={"ddp": MEGATRON_DDP, "n_micro": 3}),
     Layout("2x1x2-sp-fusion-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, sequence_parallel=True,
            config=FUSION, options={"ddp": OVERLAPPED_DDP}),
+    # Second-order values (docs/DESIGN.md §1.7): the curvature pass at TP=2 and at DP=2 under overlapped DDP,
+    # in float64 (the central difference divides layout rounding by ε·‖g‖ = 5e-6·‖w‖).
+    Layout("tp2-fp64-second-order", 2, "rmsnorm-swiglu-nobias-tied-recompute", tp=2, num_layers=2,
+           dtype=torch.float64, options={"second_order": True}),
+    Layout("1x1x2-fp64-second-order-overlap", 2, "layernorm-gelu-bias-untied", num_layers=2, dtype=torch.float64,
+           options={"ddp": OVERLAPPED_DDP, "second_order": True}),
+    Layout("1x1x2-distopt-second-order", 2, "layernorm-gelu-bias-untied", num_layers=2,
+           options=dict(DISTRIBUTED_ADAM, second_order=True),
+           refused="second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) do not support"
+                   " megatron's distributed optimizer"),
+    Layout("1x1x2-bf16-second-order", 2, "layernorm-gelu-bias-untied", num_layers=2, config={"bf16": True},
+           options={"ddp": {"grad_reduce_in_fp32": True}, "second_order": True},
+           refused="do not support fp16/bf16 weights"),
     # The interleaved schedule cannot run one validation batch on two stages: refused at attach, on every rank.
     Layout("1x2x1-vpp2-too-few-validation-batches", 2, "layernorm-gelu-bias-untied", pp=2, vpp=2,
            options={"ddp": MEGATRON_DDP, "n_micro": 4, "n_val_batches": 1},
@@ -240,6 +253,11 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
         report["Adam " + efficiency_key] = 0.0
     if scored_sgd:
         report["SGD residual"] = 0.0
+    second_order = options.get("second_order", False)
+    if second_order:  # float64: rounding of G (~1e-16) over the central difference's ε (5e-6 relative) ≪ 1e-9
+        report["curvature max rel error"] = _max_error(ranks, reference, "raw_curvature")
+        assert report["curvature max rel error"] <= tol, "curvatures differ from the single-process run"
+        report["curvature efficiency residual"] = 0.0
     for got in ranks:
         assert got["unchanged_by_scoring"], "scoring changed a loss or weight of the run"
         assert got["clip_coef"] == pytest.approx(reference["clip_coef"], rel=1e-5)
@@ -260,8 +278,17 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
                 report["SGD residual"] = max(report["SGD residual"], residual)
                 assert residual <= 10 * tol, f"SGD identity: sum of values {total} != <G, w_t - w_t+1> {change}"
         n_targets, steps = 1, options["steps"]
-        assert got["paths"] == [layout.path] * steps, f"path='auto' scored on {got['paths']}"
-        assert got["fb_calls"] == [n_targets + 1] * steps, "the validation pass is one schedule call per target"
+        if second_order:  # the curvature pass: two validation passes and the training microbatches once more
+            assert got["paths"] == [layout.path] * 2 * steps, f"path='auto' scored on {got['paths']}"
+            assert got["fb_calls"] == [3 * n_targets + 2] * steps
+            for total, batch_dot in got["efficiency_curvature"]:
+                residual = abs(total - batch_dot) / abs(batch_dot)
+                report["curvature efficiency residual"] = max(report["curvature efficiency residual"], residual)
+                assert residual <= tol, f"curvature efficiency: sum {total} != <g, H_val g> {batch_dot}"
+            assert len(got["efficiency_curvature"]) == steps
+        else:
+            assert got["paths"] == [layout.path] * steps, f"path='auto' scored on {got['paths']}"
+            assert got["fb_calls"] == [n_targets + 1] * steps, "the validation pass is one schedule call per target"
         if layout.dp > 1:
             extra = [s - p for s, p in zip(got["dp_traffic"], got["plain_dp_traffic"])]
             # <g, G> of each score row (G, and P ⊙ G under Adam) is summed over the distributed optimizer's
