@@ -15,6 +15,7 @@ is the step counter (``docs/DESIGN.md`` §2.7).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class Stopwatch:
     def __init__(self, clock: Callable[[], float] | None):
         self.clock = clock
         self.laps: list[float] = []
+        self.curvature = 0.0  # seconds of the curvature pass, inside the bookkeeping interval
         self.lap()
 
     def lap(self) -> None:
@@ -68,11 +70,27 @@ class Stopwatch:
                 torch.cuda.synchronize()
             self.laps.append(self.clock())
 
+    @contextlib.contextmanager
+    def curvature_pass(self):
+        """Time the curvature pass (run after the training lap) apart from the bookkeeping."""
+        if self.clock is None:
+            yield
+            return
+        self.lap()
+        start = self.laps.pop()
+        try:
+            yield
+        finally:
+            self.lap()
+            self.curvature += self.laps.pop() - start
+
     def timings(self) -> PassTimings | None:
-        """The validation, training and bookkeeping intervals, after their three laps (None untimed)."""
+        """The validation, training and bookkeeping intervals, after their three laps, and the
+        curvature pass's time, taken out of the bookkeeping (None untimed)."""
         if self.clock is None:
             return None
-        return PassTimings(*(end - start for start, end in zip(self.laps, self.laps[1:])))
+        validation, training, bookkeeping = (end - start for start, end in zip(self.laps, self.laps[1:]))
+        return PassTimings(validation, training, bookkeeping - self.curvature, self.curvature)
 
 
 @dataclass

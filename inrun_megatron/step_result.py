@@ -28,6 +28,7 @@ class PassTimings:
     validation: float  # the validation pass: G of every target
     training: float  # the framework's training forward/backward, scoring included
     bookkeeping: float  # reducing the partial scores, checking the sample ids, <g, G> per target
+    curvature: float = 0.0  # the curvature pass of second-order values (docs/DESIGN.md §1.7); 0 without one
 
 
 @dataclass(frozen=True)

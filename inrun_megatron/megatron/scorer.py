@@ -338,7 +338,8 @@ class MegatronScorer(Scorer):
         raw *= self._gradient_scale()
         batch_dots = self.gradient_dots()
         if second_order:
-            curvature, curvature_dots = self.curvature_pass(forward_backward_func, kwargs, pulled, rng_at_start)
+            with stopwatch.curvature_pass():
+                curvature, curvature_dots = self.curvature_pass(forward_backward_func, kwargs, pulled, rng_at_start)
             raw, batch_dots = torch.cat([raw, curvature]), torch.cat([batch_dots, curvature_dots])
         self.finish_pass(raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch)
         return result
