@@ -29,6 +29,7 @@ from inrun_megatron.optimizer_values import (
     ADAM,
     ADAM_ROW_SUFFIX,
     CURVATURE,
+    SECOND_ORDER,
     SGD,
     RunValues,
     precondition_rows,
@@ -265,21 +266,24 @@ class Scorer:
         self.value_kinds = [SGD, ADAM, *self.value_kinds[1:]]
 
     def score_second_order(self) -> None:
-        """Also record each sample's curvature ``<grad l_z, H_val g_t>`` (``docs/DESIGN.md`` §1.7),
-        as one more score row per target that the adapter's curvature pass fills after the
-        training pass (the store of ``G`` does not grow). Adapters call it before
-        :meth:`build_sites` when ``config.second_order`` is on."""
+        """Also record each sample's curvature ``<grad l_z, H_val g_t>`` and second-order value
+        (``docs/DESIGN.md`` §1.7): one more score row per target that the adapter's curvature pass
+        fills after the training pass (the store of ``G`` does not grow), and one that
+        :meth:`end_step` computes from the SGD and curvature rows once ``lr`` and the clipping
+        coefficient are known. Adapters call it before :meth:`build_sites` when
+        ``config.second_order`` is on."""
         if self.grads is not None:
             raise RuntimeError("value kinds are fixed before the store of G is built")
         self._refuse_row_suffixes()
-        self.value_kinds = [*self.value_kinds, CURVATURE]
+        self.value_kinds = [*self.value_kinds, CURVATURE, SECOND_ORDER]
 
     def _refuse_row_suffixes(self) -> None:
         clashing = [t.name for t in self.targets if split_row_name(t.name)[1] != SGD]
         if clashing:
             raise ValueError(
                 f"validation target names {clashing} end in a suffix that names another value kind's rows of a"
-                f" target ({ADAM_ROW_SUFFIX!r}: docs/DESIGN.md §1.5, ':curvature': §1.7); rename them"
+                f" target ({ADAM_ROW_SUFFIX!r}: docs/DESIGN.md §1.5, ':curvature' and ':second-order': §1.7);"
+                " rename them"
             )
 
     @property
@@ -299,8 +303,15 @@ class Scorer:
     @property
     def n_store_rows(self) -> int:
         """Rows of the store of ``G`` and of the training pass's scores: every score row but the
-        curvature rows, which the curvature pass scores against ``H_val g_t`` (``docs/DESIGN.md`` §1.7)."""
-        return len(row_names([t.name for t in self.targets], [k for k in self.value_kinds if k != CURVATURE]))
+        curvature rows, which the curvature pass scores against ``H_val g_t``, and the second-order
+        rows, computed by :meth:`end_step` (``docs/DESIGN.md`` §1.7)."""
+        scored = [k for k in self.value_kinds if k not in (CURVATURE, SECOND_ORDER)]
+        return len(row_names([t.name for t in self.targets], scored))
+
+    @property
+    def measured_rows(self) -> list[str]:
+        """The score rows a step's passes measure (:meth:`finish_pass`): all but the second-order rows."""
+        return [row for row in self.score_rows if split_row_name(row)[1] != SECOND_ORDER]
 
     def precondition(self, preconditioners: Mapping[torch.nn.Parameter, torch.Tensor | None]) -> None:
         """Fill the Adam rows of the store with ``P_t ⊙ G`` after the step's validation pass.
@@ -398,12 +409,12 @@ class Scorer:
         """Accept a reduced step after checking its sample ids over the whole global batch; the
         stopwatch's last lap (validation and training passes done) closes the bookkeeping.
 
-        ``raw`` and ``batch_dots`` have one row per score row (:attr:`score_rows`); a step whose
+        ``raw`` and ``batch_dots`` have one row per measured row (:attr:`measured_rows`); a step whose
         Adam rows were not filled (:meth:`precondition`) drops them.
         """
         self._check_sample_ids(sample_ids)
         if ADAM in self.value_kinds and not self._adam_rows_filled:
-            keep = [i for i, row in enumerate(self.score_rows) if split_row_name(row)[1] != ADAM]
+            keep = [i for i, row in enumerate(self.measured_rows) if split_row_name(row)[1] != ADAM]
             raw, batch_dots = raw[keep], batch_dots[keep]
         stopwatch.lap()
         self._pending = PendingStep(raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch.timings())
@@ -438,9 +449,13 @@ class Scorer:
         if self._pending is None:
             raise RuntimeError("end_step() needs a scored forward/backward in the same step")
         pending, self._pending = self._pending, None
+        rows = self._step_rows(len(pending.batch_dots))
+        raw, batch_dots = pending.raw, pending.batch_dots
+        if SECOND_ORDER in self.value_kinds:
+            raw, batch_dots, rows = self._with_second_order_rows(raw, batch_dots, rows, lr * clip_coef)
         result = make_step_result(
             step=self.step,
-            raw=pending.raw,
+            raw=raw,
             sample_ids=pending.sample_ids,
             n_tokens=pending.n_tokens,
             lr=lr,
@@ -449,7 +464,7 @@ class Scorer:
             dp_rank=self.dp_rank,
             validation_losses={t.name: pending.validation_losses[t.name] for t in self.targets},
             # one dot per score row of the step: without the Adam rows where they were not filled
-            batch_dots=dict(zip(self._step_rows(len(pending.batch_dots)), pending.batch_dots.tolist())),
+            batch_dots=dict(zip(rows, batch_dots.tolist())),
             timings=pending.timings,
         )
         if self.accumulator is not None:
@@ -460,10 +475,25 @@ class Scorer:
         return result
 
     def _step_rows(self, n_rows: int) -> list[str]:
-        """The score rows of a step with ``n_rows`` rows: all of them, or all but the Adam rows."""
-        if n_rows == self.n_score_rows:
-            return self.score_rows
-        return [row for row in self.score_rows if split_row_name(row)[1] != ADAM]
+        """The measured rows of a step with ``n_rows`` of them: all, or all but the Adam rows."""
+        if n_rows == len(self.measured_rows):
+            return self.measured_rows
+        return [row for row in self.measured_rows if split_row_name(row)[1] != ADAM]
+
+    def _with_second_order_rows(
+        self, raw: torch.Tensor, batch_dots: torch.Tensor, rows: list[str], step: float
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Append the second-order rows (``docs/DESIGN.md`` §1.7): raw ``r − (s/2)·κ`` per target
+        with ``s = lr·clip_coef``, so that their value ``s·raw`` is the second-order value and their
+        sum over the batch ``<g, G> − (s/2)·<g, H_val g>`` (the efficiency identity's right side)."""
+        index = {row: i for i, row in enumerate(rows)}
+        names = [t.name for t in self.targets]
+        first = [index[t] for t in names]
+        curvature = [index[row] for row in row_names(names, [CURVATURE])[len(names) :]]
+        extra_raw = raw[first] - 0.5 * step * raw[curvature]
+        extra_dots = batch_dots[first] - 0.5 * step * batch_dots[curvature]
+        second = row_names(names, [SECOND_ORDER])[len(names) :]
+        return torch.cat([raw, extra_raw]), torch.cat([batch_dots, extra_dots]), rows + second
 
     def values(self, target: str | None = None) -> dict[int, float]:
         """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples, summed

@@ -49,9 +49,10 @@ SCORE_CONTRACT = {
     " carried into later steps and weight decay add no per-sample term. Under plain SGD the SGD value is the"
     " optimizer-aware value. T:curvature, recorded with second-order values: raw = <grad of the sample's loss term,"
     " H_val g_t> (H_val the validation loss's Hessian, g_t the step's whole gradient before clipping, by a central"
-    " difference of two validation gradients), value = -(lr * clip_coef)^2 / 2 * raw, so that the second-order"
-    " value is the sum of the T and T:curvature values. The manifest's 'values' section maps rows to targets and"
-    " kinds",
+    " difference of two validation gradients), value = -(lr * clip_coef)^2 / 2 * raw, the second-order term;"
+    " T:second-order, recorded with them: raw = T's raw - lr * clip_coef / 2 * T:curvature's raw, value ="
+    " lr * clip_coef * raw, the second-order value (the sum of the T and T:curvature values)."
+    " The manifest's 'values' section maps rows to targets and kinds",
 }
 
 

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from inrun_megatron.optimizer_values import ADAM, CURVATURE, row_names
+from inrun_megatron.optimizer_values import ADAM, CURVATURE, SECOND_ORDER, row_names
 from inrun_megatron.scores import StepRecords, make_step_records
 
 
@@ -93,11 +93,12 @@ def make_step_result(
     Adam-aware rows) and the facts come from the same arguments, so they always agree."""
     targets = list(validation_losses)
     rows = list(batch_dots)
-    if rows not in [row_names(targets, kinds) for kinds in ([], [ADAM], [CURVATURE], [ADAM, CURVATURE])]:
+    second_order = [CURVATURE, SECOND_ORDER]
+    if rows not in [row_names(targets, kinds) for kinds in ([], [ADAM], second_order, [ADAM, *second_order])]:
         raise ValueError(
             f"batch_dots are for targets {rows}; the validation losses are for targets {targets}, whose"
             " score rows are the targets, then (for an Adam-aware step) every target's Adam-aware row, then"
-            " (with second-order values) every target's curvature row"
+            " (with second-order values) every target's curvature row and second-order row"
         )
     if raw.shape[0] != len(rows):
         raise ValueError(f"raw scores have {raw.shape[0]} rows, batch_dots {len(rows)} score rows {rows}")

@@ -15,9 +15,24 @@ import pytest
 import torch
 
 import oracle
-from common import CASES, load_canonical_weights, make_data, run_case, scored_forward_backward, token_losses
+from common import (
+    CASES,
+    load_canonical_weights,
+    make_data,
+    manifest_for_tests,
+    run_case,
+    scored_forward_backward,
+    token_losses,
+)
 
 LR = 0.5
+
+
+def _gpt_shape(**options):
+    """A float64 GPT (megatron-core layers); RMSNorm unless ``options`` say otherwise."""
+    from inrun_megatron.megatron.model import GPTShape
+
+    return GPTShape(**{"num_layers": 2, "params_dtype": torch.float64, "normalization": "RMSNorm", **options})
 
 
 class _TinyLM(torch.nn.Module):
@@ -115,12 +130,6 @@ def test_central_difference_error_is_its_remainder(relative_step):
     assert float(error.norm()) >= 0.5 * float(predicted.norm())  # the remainder is what the difference errs by
 
 
-def _shape(case: str):
-    from inrun_megatron.megatron.model import GPTShape
-
-    return GPTShape(num_layers=2, params_dtype=torch.float64, **CASES[case])
-
-
 def _rows(records, name: str) -> dict[int, float]:
     c = records.columns
     mine = c["target"] == name
@@ -136,17 +145,17 @@ def test_curvature_matches_brute_force_and_efficiency(megatron_world, mbs):
     central difference's bound; and against the same central difference computed by the oracle."""
     from inrun_megatron.config import ScoringConfig
     from inrun_megatron.megatron import MegatronScorer
-    from inrun_megatron.megatron.model import GPTShape, build_gpt
-    from inrun_megatron.second_order import validation_hessian_vector_product
+    from inrun_megatron.megatron.model import build_gpt
+    from inrun_megatron.second_order import second_order_step_values, validation_hessian_vector_product
 
     # RMSNorm: the bound below needs the fourth derivative, which torch gets wrong through layer_norm
-    shape = GPTShape(num_layers=2, params_dtype=torch.float64, normalization="RMSNorm")
+    shape = _gpt_shape()
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
     scorer = MegatronScorer(model, validation, ScoringConfig(second_order=True))
-    assert scorer.score_rows == ["validation", "validation:curvature"]
+    assert scorer.score_rows == ["validation", "validation:curvature", "validation:second-order"]
     n_val = sum(float(b["loss_mask"].sum()) for b in validation)
     params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
@@ -189,9 +198,18 @@ def test_curvature_matches_brute_force_and_efficiency(megatron_world, mbs):
         batch_bound = float(_flat(g_list).norm()) * hvp_error
         assert abs(sum(ours.values()) - oracle.dot(g_train, hvp)) <= batch_bound + 1e-12 * scale
         assert sum(ours.values()) == pytest.approx(result.batch_dots["validation:curvature"], rel=1e-10)
-        c = result.records.columns
-        mine = c["target"] == "validation:curvature"
-        assert np.array_equal(result.records.values[mine], -0.5 * LR * LR * c["raw"][mine])
+        # the values: the curvature row's is the second-order term, the second-order row's the whole value
+        c, values = result.records.columns, result.records.values
+        row = {name: c["target"] == name for name in scorer.score_rows}
+        curvature, raw = c["raw"][row["validation:curvature"]], c["raw"][row["validation"]]
+        assert np.array_equal(values[row["validation:curvature"]], -0.5 * LR * LR * curvature)
+        second = second_order_step_values(raw, curvature, LR, 1.0, False)
+        assert values[row["validation:second-order"]] == pytest.approx(second, rel=1e-12, abs=1e-15)
+        assert second == pytest.approx(values[row["validation"]] + values[row["validation:curvature"]], rel=1e-12)
+        dots = result.batch_dots
+        expected = dots["validation"] - LR / 2 * dots["validation:curvature"]
+        assert dots["validation:second-order"] == pytest.approx(expected, rel=1e-12)
+        assert c["raw"][row["validation:second-order"]].sum() == pytest.approx(expected, rel=1e-9)
     scorer.detach()
 
 
@@ -203,9 +221,7 @@ def test_training_is_unchanged_by_the_curvature_pass(megatron_world, ddp):
     """Identity 5 of docs/DESIGN.md §1.3 with the curvature pass on: bitwise the same losses and
     weights, with dropout (the replay draws the training pass's masks and leaves the RNG where
     training left it) and under megatron DDP (its gradient buffers hold g_t across the pass)."""
-    from inrun_megatron.megatron.model import GPTShape
-
-    shape = GPTShape(num_layers=2, dropout=0.2, **CASES["rmsnorm-swiglu-nobias-tied-recompute"])
+    shape = _gpt_shape(params_dtype=torch.float32, dropout=0.2, **CASES["rmsnorm-swiglu-nobias-tied-recompute"])
     kwargs = dict(n_micro=3, mbs=2, steps=2, lr=LR, seed=11, ddp=ddp)
     plain = run_case(shape, scored=False, **kwargs)
     scored = run_case(shape, second_order=True, **kwargs)
@@ -215,3 +231,45 @@ def test_training_is_unchanged_by_the_curvature_pass(megatron_world, ddp):
     assert len(scored["efficiency_curvature"]) == 2
     for total, batch_dot in scored["efficiency_curvature"]:
         assert total == pytest.approx(batch_dot, rel=1e-4)  # fp32
+
+
+@pytest.mark.megatron
+def test_dump_holds_the_second_order_rows_and_the_analysis_reads_them(megatron_world, tmp_path, capsys):
+    """A dumped run with second-order values: ``inrun-scores verify`` checks the efficiency identity of
+    every row (``Σ κ = <g, H_val g>``), and ``--value second-order`` reads the accumulated
+    second-order value, the sum of each sample's SGD and curvature-term values."""
+    import json
+
+    from inrun_megatron.analysis.cli import main
+    from inrun_megatron.analysis.commands import verify
+    from inrun_megatron.optimizer_values import CURVATURE, SECOND_ORDER, SGD, values_manifest
+    from inrun_megatron.records import ScoreWriter, write_manifest
+
+    run = tmp_path / "run"
+    write_manifest(run, manifest_for_tests(values=values_manifest(["validation"], [SGD, CURVATURE, SECOND_ORDER])))
+    writer = ScoreWriter(run, dp_rank=0, flush_every=2)
+    shape = _gpt_shape()
+    result = run_case(shape, n_micro=2, mbs=2, steps=3, lr=LR, seed=4, second_order=True, writer=writer)
+    writer.close()
+    report = verify(run)
+    assert report.ok, report.data["problems"]
+    checked = report.data["checked"]["efficiency"]
+    assert sorted(checked) == ["validation", "validation:curvature", "validation:second-order"]
+    for row in checked.values():
+        assert row["steps_measured"] == 3 and row["max_rel_error"] <= 1e-9
+
+    def top(*options: str) -> dict:
+        assert main(["top", str(run), "--json", "--quiet", "-k", "100", *options]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    answer = top("--value", "second-order")
+    assert answer["target"] == "validation:second-order"
+    reference = {
+        sid: LR * raw[sid] - LR * LR / 2 * curvature[sid]
+        for raw, curvature in zip(result["raw"], result["raw_curvature"])
+        for sid in raw
+    }
+    assert {s["sample_id"]: s["value"] for s in answer["samples"]} == pytest.approx(reference, rel=1e-12)
+    assert top()["target"] == "validation"  # the default stays the SGD value under SGD
+    assert main(["top", str(run), "--value", "adam", "--quiet"]) == 2
+    assert "second-order values with ScoringConfig(second_order=True)" in capsys.readouterr().err
