@@ -16,6 +16,9 @@ on the rules path (in this process) and checks, on every layout:
 * the validation pass goes once through megatron's schedule and adds no data-parallel
   gradient traffic when the validation set is replicated (exactly one all-reduce of ``G``
   when it is split).
+* with second-order values (docs/DESIGN.md §1.7), the per-sample curvature equal to the single
+  process's and its efficiency identity ``sum_z curvature = <g, H_val g>``; the distributed
+  optimizer and bf16 weights are refused at attach.
 
 The microbatch-gradient path in bf16 scores the weight gradient training computed, rounded to
 bf16 by megatron's weight-gradient GEMM, where the rules multiply the same bf16 activations
@@ -150,12 +153,15 @@ LAYOUTS = [
            options={"ddp": MEGATRON_DDP, "n_micro": 3}),
     Layout("2x1x2-sp-fusion-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, sequence_parallel=True,
            config=FUSION, options={"ddp": OVERLAPPED_DDP}),
-    # Second-order values (docs/DESIGN.md §1.7): the curvature pass at TP=2 and at DP=2 under overlapped DDP,
-    # in float64 (the central difference divides layout rounding by ε·‖g‖ = 5e-6·‖w‖).
+    # Second-order values (docs/DESIGN.md §1.7): the curvature pass at TP=2, at DP=2 under overlapped DDP and at
+    # PP=2 with the output weight tied across stages, in float64 (the central difference divides layout rounding
+    # by ε·‖g‖ = 5e-6·‖w‖).
     Layout("tp2-fp64-second-order", 2, "rmsnorm-swiglu-nobias-tied-recompute", tp=2, num_layers=2,
            dtype=torch.float64, options={"second_order": True}),
     Layout("1x1x2-fp64-second-order-overlap", 2, "layernorm-gelu-bias-untied", num_layers=2, dtype=torch.float64,
            options={"ddp": OVERLAPPED_DDP, "second_order": True}),
+    Layout("1x2x1-fp64-second-order-tied", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2, dtype=torch.float64,
+           options={"ddp": MEGATRON_DDP, "n_micro": 3, "second_order": True}),
     Layout("1x1x2-distopt-second-order", 2, "layernorm-gelu-bias-untied", num_layers=2,
            options=dict(DISTRIBUTED_ADAM, second_order=True),
            refused="second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) do not support"
