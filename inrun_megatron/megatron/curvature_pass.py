@@ -95,12 +95,17 @@ def training_gradients(params: Sequence[torch.nn.Parameter]) -> dict[torch.nn.Pa
 def gradients_kept(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Parameter]):
     """Copy megatron DDP's gradient buffers (every ``main_grad`` is a view of one) and set aside every
     plain ``.grad``; on exit zero the buffers, write the copy back bitwise and put every ``.grad``
-    back. Inside, the passes may use and clear the gradients as they like (the validation pass
-    zeroes the buffers)."""
+    back. Inside, the passes start from zeroed gradients, as the step's own validation pass does
+    (it adds its gradient to the buffers before moving it into the store), and may use and clear
+    them as they like."""
     buffers = [b for ddp in _ddp_chunks(chunks) for b in ddp.buffers + ddp.expert_parallel_buffers]
     copies = [b.grad_data.clone() for b in buffers]
     plain = {p: p.grad for p in params}
     try:
+        for ddp in _ddp_chunks(chunks):
+            ddp.zero_grad_buffer()
+        for p in params:
+            p.grad = None
         yield
     finally:
         for ddp in _ddp_chunks(chunks):

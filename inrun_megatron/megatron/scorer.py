@@ -359,11 +359,11 @@ class MegatronScorer(Scorer):
         loss_scale = self.loss_scale()
         device = params[0].device
         rng_after_training = RngState.capture()
+        g = {  # a copy: the passes below start from zeroed gradient buffers
+            p: (torch.zeros_like(p) if t is None else t.detach() / loss_scale)
+            for p, t in training_gradients(params).items()
+        }
         with gradients_kept(self.chunks, params), rng_after_training.restored():
-            g = {
-                p: (torch.zeros_like(p) if t is None else t.detach() / loss_scale)
-                for p, t in training_gradients(params).items()
-            }
             weights = {p: p.detach() for p in params}
             norms = model_dot(self.chunks, weights, weights, groups=self.process_groups).dot
             g_norm = model_dot(self.chunks, g, g, groups=self.process_groups).dot
