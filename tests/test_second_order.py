@@ -23,6 +23,7 @@ from common import (
     run_case,
     scored_forward_backward,
     token_losses,
+    torch_adamw,
 )
 
 LR = 0.5
@@ -289,3 +290,30 @@ def test_curvature_under_megatron_ddp_equals_the_bare_model(megatron_world, ddp)
         scale = max(abs(v) for v in reference.values())
         # float64, the same central difference: rounding of G (1e-16) over ε·‖g‖/‖w‖ (5e-6) ≪ 1e-9
         assert max(abs(ours[sid] - reference[sid]) for sid in reference) <= 1e-9 * scale
+
+
+@pytest.mark.megatron
+def test_second_order_rows_beside_adam_rows(megatron_world):
+    """With Adam and second-order values both on, the optimizer's first step (no Adam rows,
+    docs/DESIGN.md §1.5) still records its curvature and second-order rows, and later steps all four."""
+    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.megatron import MegatronScorer
+    from inrun_megatron.megatron.model import build_gpt
+
+    shape = _gpt_shape()
+    model = build_gpt(shape)
+    load_canonical_weights(model, seed=3)
+    optimizer = torch_adamw(list(model.parameters()), 1e-3)
+    validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
+    scorer = MegatronScorer(model, validation, ScoringConfig(second_order=True), optimizer=optimizer)
+    rows = ["validation", "validation:adam", "validation:curvature", "validation:second-order"]
+    assert scorer.score_rows == rows
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        scored_forward_backward(scorer, model, shape, make_data(shape, 3, 2, seed=5 + step, first_id=100 * step))
+        optimizer.step()
+        result = scorer.end_step(lr=1e-3)
+        expected = [r for r in rows if step > 0 or r != "validation:adam"]
+        assert result.score_rows == expected
+        assert list(dict.fromkeys(result.records.columns["target"])) == expected
+    scorer.detach()
