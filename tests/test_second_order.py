@@ -271,6 +271,11 @@ def test_dump_holds_the_second_order_rows_and_the_analysis_reads_them(megatron_w
         for sid in raw
     }
     assert {s["sample_id"]: s["value"] for s in answer["samples"]} == pytest.approx(reference, rel=1e-12)
+    # the curvature row, named in full: the merge sums its second-order terms -(lr²/2)·κ
+    answer = top("--target", "validation:curvature")
+    assert answer["target"] == "validation:curvature"
+    terms = {sid: -LR * LR / 2 * curvature[sid] for curvature in result["raw_curvature"] for sid in curvature}
+    assert {s["sample_id"]: s["value"] for s in answer["samples"]} == pytest.approx(terms, rel=1e-12)
     assert top()["target"] == "validation"  # the default stays the SGD value under SGD
     assert main(["top", str(run), "--value", "adam", "--quiet"]) == 2
     assert "second-order values with ScoringConfig(second_order=True)" in capsys.readouterr().err
