@@ -165,7 +165,9 @@ class Scores:
         named_kind = None if target is None else split_row_name(target)[1]
         if named_kind not in (None, SGD):  # a row named in full
             if value is not None and value != named_kind:
-                raise DumpError(f"--target {target!r} names a {named_kind} row; drop --value {value} or the suffix")
+                raise DumpError(
+                    f"--target {target!r} names a row of the {named_kind} value; drop --value {value} or the suffix"
+                )
             return target
         rows = self.score_rows()
         base = target or next((r for r in rows if split_row_name(r)[1] == SGD), None)
