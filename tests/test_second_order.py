@@ -322,3 +322,20 @@ def test_second_order_rows_beside_adam_rows(megatron_world):
         assert result.score_rows == expected
         assert list(dict.fromkeys(result.records.columns["target"])) == expected
     scorer.detach()
+
+
+def test_deepspeed_adapter_refuses_second_order_values(deepspeed_world):
+    """Only the Megatron adapter has a curvature pass: the DeepSpeed one refuses at attach, naming it."""
+    import deepspeed
+    from ds_common import ds_config
+
+    from inrun_megatron.config import ScoringConfig
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import TransformerLM, llama_shape, lm_token_losses
+
+    model = TransformerLM(llama_shape())
+    config = ds_config(stage=0, gas=1, mbs=2, clip=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    validation = make_data(llama_shape(), 2, 2, seed=1, first_id=10**6)
+    with pytest.raises(NotImplementedError, match="recorded by the Megatron adapter only"):
+        DeepSpeedScorer(engine, validation, lm_token_losses, ScoringConfig(second_order=True))
