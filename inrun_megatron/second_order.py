@@ -67,13 +67,16 @@ def validation_hessian_vector_product(
 
 
 def finite_difference_step(weight_norm: float, direction_norm: float, dtype: torch.dtype) -> float:
-    """The step ``ε`` of :func:`central_difference_hvp` along ``g``: ``ε·‖g‖ = ∛u · ‖w‖``.
+    """The step ``ε`` of :func:`central_difference_hvp` along ``g``: ``ε·‖g‖ = √u · ‖w‖``.
 
     ``u`` is the unit roundoff of ``dtype`` (the dtype the validation gradient is computed in). The
     central difference errs by the truncation ``(ε²/6)·D⁴L_val[g, g, g, ·]`` plus the rounding of the
-    two gradients divided by ``2ε``; a displacement of ``∛u`` of the weights' norm balances the two
-    (the classical choice for central differences), about 0.4 % of ``‖w‖`` in float32 and 5·10⁻⁶ in
-    float64. Returns 0 when ``g`` is 0 (then ``H_val g`` is 0 too).
+    two gradients divided by ``2ε``. The classical balance, a displacement of ``∛u·‖w‖``, assumes
+    the fourth derivative is of the order of the second on the scale of ``‖w‖``; on a transformer
+    it is not (``docs/DESIGN.md`` §1.7: on the tests' GPT ``∛u`` errs by 9·10⁻² in float32 and
+    8·10⁻⁸ in float64), so the displacement is ``√u·‖w‖``: 2.4·10⁻⁴ of ``‖w‖`` in float32,
+    1.5·10⁻⁸ in float64 (there 1.4·10⁻⁴ and 1.9·10⁻¹⁰). Returns 0 when ``g`` is 0 (then ``H_val g``
+    is 0 too).
     """
     if not (math.isfinite(weight_norm) and math.isfinite(direction_norm)):
         raise FloatingPointError(
@@ -81,7 +84,7 @@ def finite_difference_step(weight_norm: float, direction_norm: float, dtype: tor
         )
     if direction_norm == 0.0:
         return 0.0
-    return torch.finfo(dtype).eps ** (1.0 / 3.0) * weight_norm / direction_norm
+    return math.sqrt(torch.finfo(dtype).eps) * weight_norm / direction_norm
 
 
 def central_difference_hvp(
