@@ -155,6 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --optimizer adam, score the SGD value only (ScoringConfig(optimizer_values=False))",
     )
+    p.add_argument(
+        "--second-order",
+        action="store_true",
+        help="also record second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7): the scored"
+        " step runs the curvature pass, timed as its own part",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     p.add_argument(
         "--clock",
@@ -174,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.sgd_value_only and args.optimizer != "adam":
         p.error("--sgd-value-only chooses between the values of an Adam run: it needs --optimizer adam")
+    if args.second_order and args.dtype != "float32":
+        p.error("--second-order needs fp32 weights (the curvature pass refuses half precision, docs/DESIGN.md §1.7)")
     if args.clock == "cpu" and torch.cuda.is_available():
         p.error("--clock cpu counts CPU work only, not the GPU's; time GPU runs with the wall clock")
     try:
@@ -241,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         projection_dtype=projection_dtype(args.projection_dtype),
         path=args.path,
         optimizer_values=not args.sgd_value_only,
+        second_order=args.second_order,
     )
     scorer = MegatronScorer(model, validation, scoring, optimizer=optimizer)
     path = scorer.path_for(mbs)
@@ -261,7 +270,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # Seconds of each part, per timed step: the plain training pass (forward_backward_func alone),
     # and the scored step's passes as the scorer timed them, plus its end_step.
-    parts: dict[str, list[float]] = {"plain training": [], "validation": [], "scored training": [], "bookkeeping": []}
+    parts: dict[str, list[float]] = {
+        "plain training": [],
+        "validation": [],
+        "scored training": [],
+        "curvature": [],
+        "bookkeeping": [],
+    }
     recording = False
 
     def plain_step() -> None:
@@ -281,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         if recording:
             parts["validation"].append(t.validation)
             parts["scored training"].append(t.training)
+            parts["curvature"].append(t.curvature)
             parts["bookkeeping"].append(t.bookkeeping + now() - start)
 
     def timed(step: Callable[[], None]) -> float:
@@ -317,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     breakdown = {
         "validation pass": part["validation"],
         "scoring inside the training pass": part["scored training"] - part["plain training"],
+        **({"curvature pass": part["curvature"]} if args.second_order else {}),
         "bookkeeping": part["bookkeeping"],
     }
     params = sum(p.numel() for p in model.parameters())
@@ -341,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = {
         "scoring inside the training pass": f"scored training pass {part['scored training']:.3f} s"
         f" - plain training pass {part['plain training']:.3f} s",
+        "curvature pass": "H_val g_t by two validation passes, the training microbatches once more",
         "bookkeeping": "score reductions, sample-id checks, end_step",
     }
     print(f"{'scored step by part':34}{'median (s)':>11}{'share of plain step':>21}")

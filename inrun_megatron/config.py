@@ -47,6 +47,11 @@ class ScoringConfig:
             reset at document boundaries. Needs the per-layer rules (``path="auto"`` then always
             takes them; ``"microbatch"``, whose gradient is the whole sequence's, is refused) and a
             Megatron-Core model. None (default): off.
+        second_order: also record every sample's curvature ``<grad l_z, H_val g_t>`` (a
+            ``T:curvature`` row per target), from which the second-order value
+            ``lr·clip·raw − (lr·clip)²/2 · curvature`` follows (``docs/DESIGN.md`` §1.7). Costs a
+            curvature pass per step: two more validation passes and the training microbatches
+            forward and backward once more (Megatron adapter; fp32/float64 weights).
 
     ``accumulate_values`` is off by default because it grows with every sample seen (a 7B run sees ~10^8
     sequences per replica, and an in-memory accumulator of them costs gigabytes per rank), while
@@ -64,6 +69,7 @@ class ScoringConfig:
     accumulate_values: bool = False
     optimizer_values: bool = True
     document_eod: int | None = None
+    second_order: bool = False
 
     def __post_init__(self) -> None:
         if self.validation_split not in VALIDATION_SPLITS:
@@ -74,6 +80,11 @@ class ScoringConfig:
             raise ValueError(
                 "document values (document_eod) need per-token partials, which only the per-layer rules give: the"
                 " microbatch-gradient path sees one gradient per sequence. Use path='auto' or 'rules'"
+            )
+        if self.document_eod is not None and self.second_order:
+            raise ValueError(
+                "document values (document_eod) and second-order values (second_order) cannot be recorded together:"
+                " the curvature pass scores whole sequences, not document spans. Turn one of them off"
             )
         allowed = [getattr(torch, name) for name in PROJECTION_DTYPES]
         if self.projection_dtype is not None and self.projection_dtype not in allowed:

@@ -26,11 +26,19 @@ from typing import Any
 import torch
 
 #: Value kinds a run may record. ``sgd``: ``lr * clip * <grad l_z, G>``; ``adam``: the same
-#: against ``P_t ⊙ G_t`` (docs/DESIGN.md §1.5).
-SGD, ADAM = "sgd", "adam"
+#: against ``P_t ⊙ G_t`` (docs/DESIGN.md §1.5); ``curvature``: the second-order term of the value,
+#: ``-(s²/2) <grad l_z, H_val g_t>``, and ``second-order``: the whole second-order value
+#: (docs/DESIGN.md §1.7, :mod:`inrun_megatron.second_order`).
+SGD, ADAM, CURVATURE, SECOND_ORDER = "sgd", "adam", "curvature", "second-order"
 
 #: Suffix of the record rows (the ``target`` column) that hold the Adam-aware value of a target.
 ADAM_ROW_SUFFIX = ":adam"
+#: Suffix of the rows that hold a target's curvature ``<grad l_z, H_val g_t>`` (docs/DESIGN.md §1.7).
+CURVATURE_ROW_SUFFIX = ":curvature"
+#: Suffix of the rows that hold a target's second-order value (docs/DESIGN.md §1.7).
+SECOND_ORDER_ROW_SUFFIX = ":second-order"
+#: Each value kind but the SGD value, with the suffix of its rows, in the order of a step's rows.
+ROW_SUFFIXES = {ADAM: ADAM_ROW_SUFFIX, CURVATURE: CURVATURE_ROW_SUFFIX, SECOND_ORDER: SECOND_ORDER_ROW_SUFFIX}
 
 #: Optimizer classes, by name, whose update is Adam's (torch, apex, Transformer Engine, DeepSpeed).
 ADAM_OPTIMIZERS = ("Adam", "AdamW", "FusedAdam", "DeepSpeedCPUAdam")
@@ -116,21 +124,25 @@ def is_adam(optimizer: object) -> bool:
 
 
 def row_names(targets: Sequence[str], kinds: Sequence[str]) -> list[str]:
-    """Names of the score rows of a run: every target once per value kind, SGD rows first.
+    """Names of the score rows of a run: every target once per value kind, in the order of
+    :data:`ROW_SUFFIXES` after the SGD rows.
 
     The ``target`` column of the records holds these names: ``name`` for the SGD value and
-    ``name + ADAM_ROW_SUFFIX`` for the Adam-aware value.
+    ``name`` plus the kind's suffix for the others (``name:adam``, ``name:curvature``,
+    ``name:second-order``).
     """
     names = list(targets)
-    if ADAM in kinds:
-        names += [f"{t}{ADAM_ROW_SUFFIX}" for t in targets]
+    for kind, suffix in ROW_SUFFIXES.items():
+        if kind in kinds:
+            names += [f"{t}{suffix}" for t in targets]
     return names
 
 
 def split_row_name(row: str) -> tuple[str, str]:
     """``(target, value kind)`` of a score row name (:func:`row_names`)."""
-    if row.endswith(ADAM_ROW_SUFFIX):
-        return row[: -len(ADAM_ROW_SUFFIX)], ADAM
+    for kind, suffix in ROW_SUFFIXES.items():
+        if row.endswith(suffix):
+            return row[: -len(suffix)], kind
     return row, SGD
 
 
@@ -140,7 +152,8 @@ class RunValues:
     which score rows hold which, and the value every analysis reads by default."""
 
     kinds: list[str]
-    """The value kinds recorded, ``["sgd"]`` or ``["sgd", "adam"]``."""
+    """The value kinds recorded: ``"sgd"`` always, then ``"adam"``, ``"curvature"`` and ``"second-order"``
+    where recorded."""
     default: str
     """What analyses read when no ``--value`` is given: the Adam-aware value where it was recorded."""
     rows: dict[str, dict[str, str]]

@@ -84,10 +84,16 @@ SCORE_FIELDS = (
     Column(
         "target",
         pa.string(),
-        "score row: the validation target T the scores are against (SGD value), or T:adam (its Adam-aware value)",
+        "score row: the validation target T the scores are against (SGD value), T:adam (its Adam-aware value) or"
+        " T:curvature (the second-order term, docs/DESIGN.md §1.7)",
     ),
     Column("raw", pa.float64(), "<grad of the sample's loss term, G_target> at the step's weights; NaN if skipped"),
-    Column("value", pa.float64(), "lr * clip_coef * raw, nats; positive = lowered the validation loss; 0 if skipped"),
+    Column(
+        "value",
+        pa.float64(),
+        "lr * clip_coef * raw (a curvature row: -(lr * clip_coef)^2 / 2 * raw), nats; positive = lowered the"
+        " validation loss; 0 if skipped",
+    ),
     Column("lr", pa.float64(), "learning rate of the step's update"),
     Column("clip_coef", pa.float64(), "factor gradient clipping multiplied the step's gradient by (1: no clipping)"),
     Column("n_tokens", pa.int64(), "loss tokens of the sequence"),

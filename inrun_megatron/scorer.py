@@ -15,6 +15,7 @@ is the step counter (``docs/DESIGN.md`` §2.7).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from inrun_megatron.microbatch_gradients import LocalScores, ParameterSite, atta
 from inrun_megatron.optimizer_values import (
     ADAM,
     ADAM_ROW_SUFFIX,
+    CURVATURE,
+    SECOND_ORDER,
     SGD,
     RunValues,
     precondition_rows,
@@ -59,6 +62,7 @@ class Stopwatch:
     def __init__(self, clock: Callable[[], float] | None):
         self.clock = clock
         self.laps: list[float] = []
+        self.curvature = 0.0  # seconds of the curvature pass, inside the bookkeeping interval
         self.lap()
 
     def lap(self) -> None:
@@ -67,11 +71,27 @@ class Stopwatch:
                 torch.cuda.synchronize()
             self.laps.append(self.clock())
 
+    @contextlib.contextmanager
+    def curvature_pass(self):
+        """Time the curvature pass (run after the training lap) apart from the bookkeeping."""
+        if self.clock is None:
+            yield
+            return
+        self.lap()
+        start = self.laps.pop()
+        try:
+            yield
+        finally:
+            self.lap()
+            self.curvature += self.laps.pop() - start
+
     def timings(self) -> PassTimings | None:
-        """The validation, training and bookkeeping intervals, after their three laps (None untimed)."""
+        """The validation, training and bookkeeping intervals, after their three laps, and the
+        curvature pass's time, taken out of the bookkeeping (None untimed)."""
         if self.clock is None:
             return None
-        return PassTimings(*(end - start for start, end in zip(self.laps, self.laps[1:])))
+        validation, training, bookkeeping = (end - start for start, end in zip(self.laps, self.laps[1:]))
+        return PassTimings(validation, training, bookkeeping - self.curvature, self.curvature)
 
 
 @dataclass
@@ -238,8 +258,9 @@ class Scorer:
             )
 
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
-        """The store of ``G`` for ``params``; adapters whose parameters are sharded override it."""
-        return GradientStore(params, self.n_score_rows)
+        """The store of ``G`` for ``params`` (one row per score row of the training pass); adapters
+        whose parameters are sharded override it."""
+        return GradientStore(params, self.n_store_rows)
 
     # ----------------------------------------------------------------------------------
     # value kinds (docs/DESIGN.md §1.5)
@@ -251,13 +272,29 @@ class Scorer:
         paths produce both raw scores in the same backward."""
         if self.grads is not None:
             raise RuntimeError("value kinds are fixed before the store of G is built")
-        clashing = [t.name for t in self.targets if split_row_name(t.name)[1] == ADAM]
+        self._refuse_row_suffixes()
+        self.value_kinds = [SGD, ADAM, *self.value_kinds[1:]]
+
+    def score_second_order(self) -> None:
+        """Also record each sample's curvature ``<grad l_z, H_val g_t>`` and second-order value
+        (``docs/DESIGN.md`` §1.7): one more score row per target that the adapter's curvature pass
+        fills after the training pass (the store of ``G`` does not grow), and one that
+        :meth:`end_step` computes from the SGD and curvature rows once ``lr`` and the clipping
+        coefficient are known. Adapters call it before :meth:`build_sites` when
+        ``config.second_order`` is on."""
+        if self.grads is not None:
+            raise RuntimeError("value kinds are fixed before the store of G is built")
+        self._refuse_row_suffixes()
+        self.value_kinds = [*self.value_kinds, CURVATURE, SECOND_ORDER]
+
+    def _refuse_row_suffixes(self) -> None:
+        clashing = [t.name for t in self.targets if split_row_name(t.name)[1] != SGD]
         if clashing:
             raise ValueError(
-                f"validation target names {clashing} end in {ADAM_ROW_SUFFIX!r}, which names the Adam-aware rows"
-                " of a target (docs/DESIGN.md §1.5); rename them"
+                f"validation target names {clashing} end in a suffix that names another value kind's rows of a"
+                f" target ({ADAM_ROW_SUFFIX!r}: docs/DESIGN.md §1.5, ':curvature' and ':second-order': §1.7);"
+                " rename them"
             )
-        self.value_kinds = [SGD, ADAM]
 
     @property
     def score_rows(self) -> list[str]:
@@ -272,6 +309,19 @@ class Scorer:
     @property
     def n_score_rows(self) -> int:
         return len(self.score_rows)
+
+    @property
+    def n_store_rows(self) -> int:
+        """Rows of the store of ``G`` and of the training pass's scores: every score row but the
+        curvature rows, which the curvature pass scores against ``H_val g_t``, and the second-order
+        rows, computed by :meth:`end_step` (``docs/DESIGN.md`` §1.7)."""
+        scored = [k for k in self.value_kinds if k not in (CURVATURE, SECOND_ORDER)]
+        return len(row_names([t.name for t in self.targets], scored))
+
+    @property
+    def measured_rows(self) -> list[str]:
+        """The score rows a step's passes measure (:meth:`finish_pass`): all but the second-order rows."""
+        return [row for row in self.score_rows if split_row_name(row)[1] != SECOND_ORDER]
 
     def precondition(self, preconditioners: Mapping[torch.nn.Parameter, torch.Tensor | None]) -> None:
         """Fill the Adam rows of the store with ``P_t ⊙ G`` after the step's validation pass.
@@ -339,13 +389,14 @@ class Scorer:
     def begin_scoring(
         self, n_microbatches: int, micro_batch_size: int, token_layout: TokenLayout | None = None
     ) -> None:
-        """Start scoring a training pass; ``token_layout`` (document values on) keeps the partials per
-        sequence position."""
+        """Score the pass about to run against every row of :attr:`grads` (the store of ``G``, or
+        the curvature pass's store of ``H_val g_t``); ``token_layout`` (document values on) keeps the
+        partials per sequence position."""
         if self._pending is not None:
             raise RuntimeError("call end_step() after each scored step before starting the next one")
         path = self.path_for(micro_batch_size)
         device = self.grads.params()[0].device
-        self.step_scores = StepScores(self.n_score_rows, n_microbatches, micro_batch_size, device, token_layout)
+        self.step_scores = StepScores(self.grads.n_targets, n_microbatches, micro_batch_size, device, token_layout)
         self.scoring = path
 
     def end_scoring(self, completed: bool) -> torch.Tensor:
@@ -373,11 +424,11 @@ class Scorer:
         """Accept a reduced step after checking its sample ids over the whole global batch; the
         stopwatch's last lap (validation and training passes done) closes the bookkeeping.
 
-        ``raw`` and ``batch_dots`` have one row per score row (:attr:`score_rows`); a step whose
-        Adam rows were not filled (:meth:`precondition`) keeps only its SGD rows. With document
-        values on, ``raw`` is per position ``[K, M, S, B]`` and ``token_spans`` ``[M, B, S]`` names each
-        position's document span (:func:`~inrun_megatron.scores.document_spans`): the sequences' raw
-        scores are the sums of their spans' partials (docs/DESIGN.md §2.9).
+        ``raw`` and ``batch_dots`` have one row per measured row (:attr:`measured_rows`); a step whose
+        Adam rows were not filled (:meth:`precondition`) drops them. With document values on, ``raw``
+        is per position ``[K, M, S, B]`` and ``token_spans`` ``[M, B, S]`` names each position's
+        document span (:func:`~inrun_megatron.scores.document_spans`): the sequences' raw scores are the
+        sums of their spans' partials (docs/DESIGN.md §2.9).
         """
         self._check_sample_ids(sample_ids)
         documents = None
@@ -385,9 +436,10 @@ class Scorer:
             documents = document_partials(raw, token_spans)
             raw = documents.raw.sum(-1)
         if ADAM in self.value_kinds and not self._adam_rows_filled:
-            raw, batch_dots = raw[: len(self.targets)], batch_dots[: len(self.targets)]
+            keep = [i for i, row in enumerate(self.measured_rows) if split_row_name(row)[1] != ADAM]
+            raw, batch_dots = raw[keep], batch_dots[keep]
             if documents is not None:
-                documents.raw = documents.raw[: len(self.targets)]
+                documents.raw = documents.raw[keep]
         stopwatch.lap()
         self._pending = PendingStep(
             raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch.timings(), documents
@@ -423,9 +475,13 @@ class Scorer:
         if self._pending is None:
             raise RuntimeError("end_step() needs a scored forward/backward in the same step")
         pending, self._pending = self._pending, None
+        rows = self._step_rows(len(pending.batch_dots))
+        raw, batch_dots = pending.raw, pending.batch_dots
+        if SECOND_ORDER in self.value_kinds:
+            raw, batch_dots, rows = self._with_second_order_rows(raw, batch_dots, rows, lr * clip_coef)
         result = make_step_result(
             step=self.step,
-            raw=pending.raw,
+            raw=raw,
             sample_ids=pending.sample_ids,
             n_tokens=pending.n_tokens,
             lr=lr,
@@ -433,8 +489,8 @@ class Scorer:
             skipped=skipped,
             dp_rank=self.dp_rank,
             validation_losses={t.name: pending.validation_losses[t.name] for t in self.targets},
-            # one dot per score row of the step: the SGD rows only where the Adam rows were not filled
-            batch_dots=dict(zip(self.score_rows, pending.batch_dots.tolist())),
+            # one dot per score row of the step: without the Adam rows where they were not filled
+            batch_dots=dict(zip(rows, batch_dots.tolist())),
             timings=pending.timings,
             documents=pending.documents,
         )
@@ -444,6 +500,27 @@ class Scorer:
             self.sink.write(result)
         self.step += 1
         return result
+
+    def _step_rows(self, n_rows: int) -> list[str]:
+        """The measured rows of a step with ``n_rows`` of them: all, or all but the Adam rows."""
+        if n_rows == len(self.measured_rows):
+            return self.measured_rows
+        return [row for row in self.measured_rows if split_row_name(row)[1] != ADAM]
+
+    def _with_second_order_rows(
+        self, raw: torch.Tensor, batch_dots: torch.Tensor, rows: list[str], step: float
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Append the second-order rows (``docs/DESIGN.md`` §1.7): raw ``r − (s/2)·κ`` per target
+        with ``s = lr·clip_coef``, so that their value ``s·raw`` is the second-order value and their
+        sum over the batch ``<g, G> − (s/2)·<g, H_val g>`` (the efficiency identity's right side)."""
+        index = {row: i for i, row in enumerate(rows)}
+        names = [t.name for t in self.targets]
+        first = [index[t] for t in names]
+        curvature = [index[row] for row in row_names(names, [CURVATURE])[len(names) :]]
+        extra_raw = raw[first] - 0.5 * step * raw[curvature]
+        extra_dots = batch_dots[first] - 0.5 * step * batch_dots[curvature]
+        second = row_names(names, [SECOND_ORDER])[len(names) :]
+        return torch.cat([raw, extra_raw]), torch.cat([batch_dots, extra_dots]), rows + second
 
     def values(self, target: str | None = None) -> dict[int, float]:
         """Accumulated values ``{sample_id: phi}`` of this data-parallel replica's samples, summed

@@ -17,6 +17,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from inrun_megatron.optimizer_values import CURVATURE_ROW_SUFFIX
+from inrun_megatron.second_order import curvature_values
+
 
 class CountedSite(Protocol):
     """A site as a step's score tensor sees it (:class:`inrun_megatron.sites.Site`): named, and
@@ -58,7 +61,12 @@ SCORE_CONTRACT = {
     " from the optimizer's second moment v before step t (t counts the optimizer's steps including this one),"
     " value = lr * clip_coef * raw. The first step (no second moment before it) records no T:adam rows; momentum"
     " carried into later steps and weight decay add no per-sample term. Under plain SGD the SGD value is the"
-    " optimizer-aware value. The manifest's 'values' section maps rows to targets and kinds",
+    " optimizer-aware value. T:curvature, recorded with second-order values: raw = <grad of the sample's loss term,"
+    " H_val g_t> (H_val the validation loss's Hessian, g_t the step's whole gradient before clipping, by a central"
+    " difference of two validation gradients), value = -(lr * clip_coef)^2 / 2 * raw, the second-order term;"
+    " T:second-order, recorded with them: raw = T's raw - lr * clip_coef / 2 * T:curvature's raw, value ="
+    " lr * clip_coef * raw, the second-order value (the sum of the T and T:curvature values)."
+    " The manifest's 'values' section maps rows to targets and kinds",
     "loss_normalisations": "the sample's loss term l_z under each training loss normalisation the manifest's"
     " loss_normalisation may name: " + "; ".join(f"{name}: {formula}" for name, formula in LOSS_NORMALISATIONS.items()),
 }
@@ -72,6 +80,18 @@ def step_values(raw: np.ndarray, lr: np.ndarray, clip_coef: np.ndarray, skipped:
     numpy, pandas, DuckDB or the merge, the accumulated value of ``docs/DESIGN.md`` §1.2.
     """
     return np.where(skipped, 0.0, lr * clip_coef * raw)
+
+
+def row_values(
+    rows: np.ndarray | str, raw: np.ndarray, lr: np.ndarray, clip_coef: np.ndarray, skipped: np.ndarray
+) -> np.ndarray:
+    """The value of rows of any score row (``rows``: each row's name, or one name for all): the
+    second-order term (:func:`inrun_megatron.second_order.curvature_values`) for curvature rows
+    (``docs/DESIGN.md`` §1.7), :func:`step_values` for every other row."""
+    curvature = np.char.endswith(np.asarray(rows, dtype=str), CURVATURE_ROW_SUFFIX)
+    if not curvature.any():
+        return step_values(raw, lr, clip_coef, skipped)
+    return np.where(curvature, curvature_values(raw, lr, clip_coef, skipped), step_values(raw, lr, clip_coef, skipped))
 
 
 @dataclass(frozen=True)
@@ -202,9 +222,9 @@ class StepRecords:
 
     @property
     def values(self) -> np.ndarray:
-        """The value of each row (:func:`step_values`)."""
+        """The value of each row (:func:`row_values`)."""
         c = self.columns
-        return step_values(c["raw"], c["lr"], c["clip_coef"], c["skipped"])
+        return row_values(c["target"], c["raw"], c["lr"], c["clip_coef"], c["skipped"])
 
 
 def make_step_records(

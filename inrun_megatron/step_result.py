@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from inrun_megatron.optimizer_values import ADAM, row_names
+from inrun_megatron.optimizer_values import ADAM, CURVATURE, SECOND_ORDER, row_names
 from inrun_megatron.scores import DocumentPartials, StepRecords, make_document_records, make_step_records
 
 
@@ -28,6 +28,7 @@ class PassTimings:
     validation: float  # the validation pass: G of every target
     training: float  # the framework's training forward/backward, scoring included
     bookkeeping: float  # reducing the partial scores, checking the sample ids, <g, G> per target
+    curvature: float = 0.0  # the curvature pass of second-order values (docs/DESIGN.md §1.7); 0 without one
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,12 @@ def make_step_result(
     Adam-aware rows) and the facts come from the same arguments, so they always agree."""
     targets = list(validation_losses)
     rows = list(batch_dots)
-    adam_rows = rows[len(targets) :]
-    if rows[: len(targets)] != targets or adam_rows not in ([], row_names(targets, [ADAM])[len(targets) :]):
+    second_order = [CURVATURE, SECOND_ORDER]
+    if rows not in [row_names(targets, kinds) for kinds in ([], [ADAM], second_order, [ADAM, *second_order])]:
         raise ValueError(
             f"batch_dots are for targets {rows}; the validation losses are for targets {targets}, whose"
-            " score rows are the targets, then (for an Adam-aware step) every target's Adam-aware row"
+            " score rows are the targets, then (for an Adam-aware step) every target's Adam-aware row, then"
+            " (with second-order values) every target's curvature row and second-order row"
         )
     if raw.shape[0] != len(rows):
         raise ValueError(f"raw scores have {raw.shape[0]} rows, batch_dots {len(rows)} score rows {rows}")

@@ -390,6 +390,7 @@ def run_case(
     writer=None,
     record_weights: bool = False,
     document_eod: int | None = None,
+    second_order: bool = False,
 ) -> dict:
     """Train ``steps`` steps of a canonical GPT at the initialised parallel layout; return
     per-step scores and the docs/DESIGN.md §1.3 identities.
@@ -419,7 +420,9 @@ def run_case(
     canonical name before each step (for :func:`brute_force_scores`). With ``document_eod`` the data packs documents
     (:func:`make_data`) and the scorer records document values (docs/DESIGN.md §2.9): ``documents`` per step
     ``{(sample_id, span): raw}`` and ``document_sums`` per step the largest ``|sum of a sample's spans - raw|``
-    relative to the step's largest ``|raw|``.
+    relative to the step's largest ``|raw|``. ``second_order``: also record the curvature
+    rows (docs/DESIGN.md §1.7): ``raw_curvature`` ``{sample_id: curvature}`` per step and
+    ``efficiency_curvature`` ``(sum curvature over the global batch, recorded <g, H_val g>)``.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -452,15 +455,19 @@ def run_case(
     if validation is None:
         validation = make_data(shape, n_val_batches, 2, seed + 1, first_id=10**6)
     config = ScoringConfig(  # accumulate_values: out['values']
-        validation_split=validation_split, path=path, accumulate_values=True, document_eod=document_eod
+        validation_split=validation_split,
+        path=path,
+        accumulate_values=True,
+        document_eod=document_eod,
+        second_order=second_order,
     )
     scorer = (
         MegatronScorer(chunks, validation, config, micro_batch_size=mbs, optimizer=opt, sink=writer) if scored else None
     )
     fb_calls = [0]
     keys = ("raw", "efficiency", "sgd", "clip_coef", "skipped", "losses", "dp_traffic", "fb_calls", "paths")
-    keys += ("raw_adam", "efficiency_adam", "n_tokens", "step_weights")
-    keys += ("raw_adam", "efficiency_adam", "documents", "document_sums")
+    keys += ("raw_adam", "efficiency_adam", "n_tokens", "step_weights", "documents", "document_sums")
+    keys += ("raw_curvature", "efficiency_curvature")
     out = {key: [] for key in keys}
 
     def fb(**kwargs):
@@ -505,7 +512,7 @@ def run_case(
             loss_scale = 1.0 if ddp is None else float(opt.get_loss_scale())
             gradient_dot = optimizer_gradient_dot(chunks, g_val, with_abs=True)
             batch_dot, batch_abs = float(gradient_dot.dot[0]) / loss_scale, float(gradient_dot.abs_sum[0]) / loss_scale
-            if scorer.n_score_rows > 1:  # the Adam rows: P_t ⊙ G (docs/DESIGN.md §1.5)
+            if "validation:adam" in scorer.score_rows:  # the Adam rows: P_t ⊙ G (docs/DESIGN.md §1.5)
                 adam_dot = optimizer_gradient_dot(chunks, scorer.grads.target(1), with_abs=True)
                 adam_dot = (float(adam_dot.dot[0]) / loss_scale, float(adam_dot.abs_sum[0]) / loss_scale)
         if ddp is None:
@@ -545,6 +552,13 @@ def run_case(
                 dist.all_reduce(adam_sum, group=parallel_state.get_data_parallel_group())
                 assert step_result.batch_dots["validation:adam"] == adam_dot[0]  # what the scorer stores
                 out["efficiency_adam"].append((float(adam_sum), *adam_dot))
+            curvature = rows.get("validation:curvature")
+            if curvature is not None:
+                out["raw_curvature"].append(dict(zip(c["sample_id"][curvature].tolist(), c["raw"][curvature].tolist())))
+                curvature_sum = torch.tensor(sum(out["raw_curvature"][-1].values()), dtype=torch.float64)
+                dist.all_reduce(curvature_sum, group=parallel_state.get_data_parallel_group())
+                recorded_dot = step_result.batch_dots["validation:curvature"]
+                out["efficiency_curvature"].append((float(curvature_sum), recorded_dot))
             sums = torch.tensor(
                 [sum(raw.values()), float(records.values[rows["validation"]].sum())], dtype=torch.float64
             )

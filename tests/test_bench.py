@@ -101,3 +101,18 @@ def test_bench_refuses_bad_options_before_any_work(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_bench_second_order_times_the_curvature_pass():
+    """--second-order (docs/DESIGN.md §1.7, §2.10): the curvature pass is its own part of the breakdown, the
+    store of G keeps its size (the curvature pass's stores are temporary), and the scored step does more work
+    than a first-order one (two validation passes and the training microbatches once more)."""
+    first = run_bench("--clock", "cpu")
+    second = run_bench("--clock", "cpu", "--second-order")
+    assert "values scored: sgd and curvature" in second
+    assert check_report(second, path="rules") == check_report(first, path="rules")
+    match = re.search(r"^  curvature pass\s+(\d+\.\d+)\s+(\d+\.\d+)", second, re.M)
+    assert match and "curvature pass" not in first
+    assert number(r"flop_ratio=(\d+\.\d+)", second) > number(r"flop_ratio=(\d+\.\d+)", first)
+    with pytest.raises(SystemExit):
+        parse_args(["--second-order", "--dtype", "bfloat16"])

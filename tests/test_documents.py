@@ -112,12 +112,14 @@ def test_document_partials_sum_to_the_sequence_score(megatron_world, case, mbs):
     assert np.array_equal(values, result.documents.columns["raw"])  # lr 1, no clipping
 
 
-def test_document_values_refuse_the_microbatch_path_and_other_adapters():
+def test_document_values_refuse_the_microbatch_path_second_order_and_other_adapters():
     from inrun_megatron.config import ScoringConfig
     from inrun_megatron.scorer import Scorer
 
     with pytest.raises(ValueError, match="only the per-layer rules give"):
         ScoringConfig(path="microbatch", document_eod=0)
+    with pytest.raises(ValueError, match="curvature pass scores whole sequences"):
+        ScoringConfig(document_eod=0, second_order=True)
     batch = {"tokens": torch.zeros(1, 4, dtype=torch.int64), "labels": torch.zeros(1, 4, dtype=torch.int64)}
     with pytest.raises(NotImplementedError, match="does not record document values"):
         Scorer([batch], ScoringConfig(document_eod=0))

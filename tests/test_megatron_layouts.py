@@ -16,6 +16,9 @@ on the rules path (in this process) and checks, on every layout:
 * the validation pass goes once through megatron's schedule and adds no data-parallel
   gradient traffic when the validation set is replicated (exactly one all-reduce of ``G``
   when it is split).
+* with second-order values (docs/DESIGN.md §1.7), the per-sample curvature equal to the single
+  process's and its efficiency identity ``sum_z curvature = <g, H_val g>``; the distributed
+  optimizer and bf16 weights are refused at attach.
 
 Layouts marked ``pertoken`` train with megatron's ``calculate_per_token_loss=True`` (docs/DESIGN.md
 §1.1: each sample's loss term is divided by the token count of the whole global batch, known only
@@ -51,6 +54,9 @@ from launcher import launch
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+#: How close the curvature of second-order values is to the exact one, relative to its step's largest
+#: (docs/DESIGN.md §1.7: a central difference, not exact).
+CURVATURE_ACCURACY = {torch.float32: 1e-3, torch.float64: 1e-8}
 STEPS = 3
 MBS1_STEPS = 2  # the microbatch-gradient runs at micro-batch size 1 (smaller, fewer steps: every layout once more)
 SEED = 21
@@ -168,6 +174,22 @@ LAYOUTS = [
            config=FUSION | PER_TOKEN, options={"ddp": MEGATRON_DDP, "n_micro": 3}),
     Layout("2x1x2-sp-fusion-overlap", 4, "layernorm-swiglu-bias-tied-rope", tp=2, sequence_parallel=True,
            config=FUSION, options={"ddp": OVERLAPPED_DDP}),
+    # Second-order values (docs/DESIGN.md §1.7): the curvature pass at TP=2, at DP=2 under overlapped DDP and at
+    # PP=2 with the output weight tied across stages, in float64 (the central difference divides layout rounding
+    # by 2ε, ε·‖g‖ = 1.5e-8·‖w‖, docs/DESIGN.md §1.7).
+    Layout("tp2-fp64-second-order", 2, "rmsnorm-swiglu-nobias-tied-recompute", tp=2, num_layers=2,
+           dtype=torch.float64, options={"second_order": True}),
+    Layout("1x1x2-fp64-second-order-overlap", 2, "layernorm-gelu-bias-untied", num_layers=2, dtype=torch.float64,
+           options={"ddp": OVERLAPPED_DDP, "second_order": True}),
+    Layout("1x2x1-fp64-second-order-tied", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2, dtype=torch.float64,
+           options={"ddp": MEGATRON_DDP, "n_micro": 3, "second_order": True}),
+    Layout("1x1x2-distopt-second-order", 2, "layernorm-gelu-bias-untied", num_layers=2,
+           options=dict(DISTRIBUTED_ADAM, second_order=True),
+           refused="second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) do not support"
+                   " megatron's distributed optimizer"),
+    Layout("1x1x2-bf16-second-order", 2, "layernorm-gelu-bias-untied", num_layers=2, config={"bf16": True},
+           options={"ddp": {"grad_reduce_in_fp32": True}, "second_order": True},
+           refused="do not support fp16/bf16 weights"),
     # The interleaved schedule cannot run one validation batch on two stages: refused at attach, on every rank.
     Layout("1x2x1-vpp2-too-few-validation-batches", 2, "layernorm-gelu-bias-untied", pp=2, vpp=2,
            options={"ddp": MEGATRON_DDP, "n_micro": 4, "n_val_batches": 1},
@@ -289,6 +311,14 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
         report["Adam " + efficiency_key] = 0.0
     if scored_sgd:
         report["SGD residual"] = 0.0
+    second_order = options.get("second_order", False)
+    if second_order:
+        # Each layout's curvature is within the central difference's accuracy A of the exact one (float64:
+        # 1e-8 of its scale, docs/DESIGN.md §1.7), so two layouts agree to 2A; the layouts' rounding of G,
+        # divided by 2ε, is what differs (measured up to 1.8e-9 at TP=2).
+        report["curvature max rel error"] = _max_error(ranks, reference, "raw_curvature")
+        assert report["curvature max rel error"] <= 2 * CURVATURE_ACCURACY[layout.dtype], "curvatures differ"
+        report["curvature efficiency residual"] = 0.0
     for got in ranks:
         assert got["unchanged_by_scoring"], "scoring changed a loss or weight of the run"
         assert got["clip_coef"] == pytest.approx(reference["clip_coef"], rel=1e-5)
@@ -309,8 +339,17 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
                 report["SGD residual"] = max(report["SGD residual"], residual)
                 assert residual <= 10 * tol, f"SGD identity: sum of values {total} != <G, w_t - w_t+1> {change}"
         n_targets, steps = 1, options["steps"]
-        assert got["paths"] == [layout.path] * steps, f"path='auto' scored on {got['paths']}"
-        assert got["fb_calls"] == [n_targets + 1] * steps, "the validation pass is one schedule call per target"
+        if second_order:  # the curvature pass: two validation passes and the training microbatches once more
+            assert got["paths"] == [layout.path] * 2 * steps, f"path='auto' scored on {got['paths']}"
+            assert got["fb_calls"] == [3 * n_targets + 2] * steps
+            for total, batch_dot in got["efficiency_curvature"]:
+                residual = abs(total - batch_dot) / abs(batch_dot)
+                report["curvature efficiency residual"] = max(report["curvature efficiency residual"], residual)
+                assert residual <= tol, f"curvature efficiency: sum {total} != <g, H_val g> {batch_dot}"
+            assert len(got["efficiency_curvature"]) == steps
+        else:
+            assert got["paths"] == [layout.path] * steps, f"path='auto' scored on {got['paths']}"
+            assert got["fb_calls"] == [n_targets + 1] * steps, "the validation pass is one schedule call per target"
         if layout.dp > 1:
             extra = [s - p for s, p in zip(got["dp_traffic"], got["plain_dp_traffic"])]
             # <g, G> of each score row (G, and P ⊙ G under Adam) is summed over the distributed optimizer's

@@ -20,9 +20,9 @@ from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import Progress
 from inrun_megatron.analysis.report import Report, Table, render
 from inrun_megatron.analysis.views import DEFAULT_VIEW, VIEWS
-from inrun_megatron.optimizer_values import ADAM, SGD
+from inrun_megatron.optimizer_values import ADAM, SECOND_ORDER, SGD
 
-VALUE_KINDS = (ADAM, SGD)
+VALUE_KINDS = (ADAM, SGD, SECOND_ORDER)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument(
         "--value",
         choices=VALUE_KINDS,
-        help="which value: adam (Adam-aware, docs/DESIGN.md §1.5) or sgd (lr * clip * <grad, G>);"
-        " default adam where the run recorded it, else sgd",
+        help="which value: adam (Adam-aware, docs/DESIGN.md §1.5), sgd (lr * clip * <grad, G>) or second-order"
+        " (sgd - (lr * clip)^2 / 2 * <grad, H_val g>, §1.7); default adam where the run recorded it, else sgd",
     )
     view = argparse.ArgumentParser(add_help=False)
     view.add_argument(

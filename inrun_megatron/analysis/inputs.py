@@ -22,7 +22,7 @@ from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.values import VALUES_FORMAT, MergedValues
 from inrun_megatron.analysis.views import DEFAULT_VIEW, ROW_FIELDS, check_view, write_view
-from inrun_megatron.optimizer_values import ADAM, ADAM_ROW_SUFFIX, SGD, split_row_name
+from inrun_megatron.optimizer_values import ADAM, ADAM_ROW_SUFFIX, ROW_SUFFIXES, SGD, split_row_name
 from inrun_megatron.records import MANIFEST, Manifest
 
 ROW_COLUMNS = ["sample_id", "step", "value", "raw", "skipped"]
@@ -159,11 +159,15 @@ class Scores:
 
     def score_row(self, target: str | None, value: str | None) -> str | None:
         """The score row a command reads: ``target`` (default the first) with its ``value`` kind
-        (``"adam"`` or ``"sgd"``; default the Adam-aware value where the run recorded it,
-        docs/DESIGN.md §1.5). None when the run tells no targets and none was asked for."""
-        if target is not None and split_row_name(target)[1] == ADAM:  # a row named in full
-            if value == SGD:
-                raise DumpError(f"--target {target!r} names an Adam-aware row; drop --value sgd or the suffix")
+        (``"adam"``, ``"sgd"`` or ``"second-order"``; default the Adam-aware value where the run
+        recorded it, docs/DESIGN.md §1.5, §1.7). None when the run tells no targets and none was
+        asked for."""
+        named_kind = None if target is None else split_row_name(target)[1]
+        if named_kind not in (None, SGD):  # a row named in full
+            if value is not None and value != named_kind:
+                raise DumpError(
+                    f"--target {target!r} names a row of the {named_kind} value; drop --value {value} or the suffix"
+                )
             return target
         rows = self.score_rows()
         base = target or next((r for r in rows if split_row_name(r)[1] == SGD), None)
@@ -171,11 +175,12 @@ class Scores:
             return None
         if value is None:
             value = ADAM if f"{base}{ADAM_ROW_SUFFIX}" in rows else SGD
-        row = base if value == SGD else f"{base}{ADAM_ROW_SUFFIX}"
+        row = base if value == SGD else f"{base}{ROW_SUFFIXES[value]}"
         if rows and row not in rows:
             raise DumpError(
                 f"{self.path}: no {value} value of target {base!r} was recorded (the run holds {', '.join(rows)});"
-                " Adam-aware values are recorded when the optimizer is Adam"
+                " Adam-aware values are recorded when the optimizer is Adam, second-order values with"
+                " ScoringConfig(second_order=True)"
             )
         return row
 

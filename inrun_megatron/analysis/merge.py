@@ -57,7 +57,7 @@ from inrun_megatron.analysis.values import (
     bucket_of,
 )
 from inrun_megatron.records import MANIFEST, atomic_write_bytes, atomic_write_table, part_metadata
-from inrun_megatron.scores import step_values
+from inrun_megatron.scores import row_values
 
 #: One spilled score row.
 SPILL_DTYPE = np.dtype(
@@ -237,10 +237,11 @@ def _spill(
             sums, fact = [], PartFacts(index, None)
             for _, batch in dump.batches([*READ, "target"], [part]):
                 columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in READ}
+                rows = batch.column("target").to_numpy(zero_copy_only=False)
                 # the value from its definition, whatever the dump stored (dumps written before
                 # skipped steps stored value 0 hold NaN there)
                 lr, clip_coef = columns.pop("lr"), columns.pop("clip_coef")
-                columns["value"] = step_values(columns["raw"], lr, clip_coef, columns["skipped"])
+                columns["value"] = row_values(rows, columns["raw"], lr, clip_coef, columns["skipped"])
                 step = columns["step"]
                 outside = (step < part.first_step) | (step > part.last_step)
                 if outside.any():

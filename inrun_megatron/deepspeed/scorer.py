@@ -184,6 +184,11 @@ class DeepSpeedScorer(Scorer):
         sink: ResultSink | None = None,
     ):
         super().__init__(validation, config, sink)
+        if self.config.second_order:
+            raise NotImplementedError(
+                "second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) are recorded by the"
+                " Megatron adapter only; the DeepSpeed adapter has no curvature pass yet"
+            )
         refuse_unsupported(engine)
         self.engine = engine
         self.token_losses = token_losses
@@ -234,8 +239,8 @@ class DeepSpeedScorer(Scorer):
     def make_gradient_store(self, params: list[torch.nn.Parameter]) -> ValidationGradients:
         split = self.config.validation_split == "split"
         if self.zero_stage == 3:
-            return PartitionedGradientStore(params, self.n_score_rows, sum_over_ranks=split)
-        return DenseGradientStore(params, self.n_score_rows, dp_group=self.dp_group, sum_over_ranks=split)
+            return PartitionedGradientStore(params, self.n_store_rows, sum_over_ranks=split)
+        return DenseGradientStore(params, self.n_store_rows, dp_group=self.dp_group, sum_over_ranks=split)
 
     def counts(self, param: torch.nn.Parameter) -> bool:
         return self.megatron_layers is None or self.megatron_layers.counts(param)

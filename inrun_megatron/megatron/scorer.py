@@ -28,17 +28,26 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config
 
 from inrun_megatron.config import ScoringConfig
-from inrun_megatron.megatron.gradient_dot import optimizer_gradient_dot
+from inrun_megatron.megatron.curvature_pass import (
+    RngState,
+    check_second_order_supported,
+    gradients_kept,
+    replay_iterators,
+    replaying,
+    training_gradients,
+)
+from inrun_megatron.megatron.gradient_dot import model_dot, optimizer_gradient_dot
 from inrun_megatron.megatron.optimizer_state import adam_preconditioners, is_adam_optimizer
 from inrun_megatron.megatron.process_groups import SCORER_GROUPS, process_groups
 from inrun_megatron.megatron.validation_pass import SET_BY_VALIDATION_PASS, MegatronTargetBackward
 from inrun_megatron.megatron_core_layers import MegatronCoreLayers
 from inrun_megatron.microbatch_gradients import gradient_scores
-from inrun_megatron.optimizer_values import ADAM
+from inrun_megatron.optimizer_values import ADAM, CURVATURE
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
 from inrun_megatron.scores import GLOBAL_BATCH_TOKENS, MICROBATCH_TOKENS, TokenLayout, document_spans
+from inrun_megatron.second_order import central_difference_hvp, finite_difference_step
 from inrun_megatron.step_result import ResultSink, StepResult
-from inrun_megatron.validation import Batch, check_targets, loss_mask_of
+from inrun_megatron.validation import Batch, GradientStore, check_targets, loss_mask_of
 from inrun_megatron.validation_pass import run_validation_pass
 
 
@@ -50,14 +59,18 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 class _CapturingIterator(Iterator):
-    """Records ``sample_ids``, loss-token counts and input tokens of the batches a forward step pulls."""
+    """Records ``sample_ids``, loss-token counts and input tokens of the batches a forward step
+    pulls, and the batches themselves where ``kept`` is given (the curvature pass replays them)."""
 
-    def __init__(self, inner: Iterator, captured: list):
+    def __init__(self, inner: Iterator, captured: list, kept: list | None):
         self.inner = inner
         self.captured = captured
+        self.kept = kept
 
     def __next__(self) -> Batch:
         batch = next(self.inner)
+        if self.kept is not None:
+            self.kept.append(batch)
         if isinstance(batch, Mapping):
             n_tokens = loss_mask_of(batch).sum(-1) if "labels" in batch else None
             self.captured.append((batch.get("sample_ids"), n_tokens, batch.get("tokens")))
@@ -115,8 +128,13 @@ class MegatronScorer(Scorer):
         # <main_grad, G> per target as last read, of weights whose gradient megatron's fused
         # accumulation writes into main_grad (see _local_scores); main_grad is zero when a step starts.
         self._main_grad_scores: dict[torch.nn.Parameter, torch.Tensor] = {}
+        # ε of the last curvature pass's central difference (docs/DESIGN.md §1.7), None before one ran
+        self.finite_difference_step: float | None = None
         self.chunks = list(model) if isinstance(model, Sequence) else [model]
         self.models = [_unwrap(c) for c in self.chunks]
+        if self.config.second_order:
+            check_second_order_supported(self.chunks)
+            self.score_second_order()
         self.megatron_layers = MegatronCoreLayers(
             self.models, tp_group=self.process_groups.tp, allow_untested_megatron=self.config.allow_untested_megatron
         )
@@ -367,27 +385,93 @@ class MegatronScorer(Scorer):
         self.path_for(kwargs["micro_batch_size"])  # a step no path can score is refused before any work
         self._refuse_unnormalised_per_token_loss()
         stopwatch = Stopwatch(self.pass_clock)
+        second_order = CURVATURE in self.value_kinds
         validation_losses = self.validation_pass(forward_backward_func, **kwargs)
         if self.optimizer is not None and ADAM in self.value_kinds:
             self.precondition(adam_preconditioners(self.optimizer, self.grads.params()))
         stopwatch.lap()
         n_micro, mbs = kwargs["num_microbatches"], kwargs["micro_batch_size"]
         captured: list[list] = []
-        kwargs = dict(kwargs, data_iterator=self._capture(kwargs["data_iterator"], captured))
+        pulled: list[list[Batch]] | None = [] if second_order else None
+        training_kwargs = dict(kwargs, data_iterator=self._capture(kwargs["data_iterator"], captured, pulled))
+        rng_at_start = RngState.capture() if second_order else None  # the curvature pass replays from here
         token_layout = None if self.config.document_eod is None else self._token_layout(kwargs["seq_length"])
         self.begin_scoring(n_micro, mbs, token_layout)
         completed = False
         try:
             with self._capturing_global_tokens() if self.per_token_loss else contextlib.nullcontext():
-                result = forward_backward_func(**kwargs)
+                result = forward_backward_func(**training_kwargs)
             completed = True
         finally:
             raw = self.end_scoring(completed)
         stopwatch.lap()
         sample_ids, n_tokens, spans = self._reduce(raw, captured, n_micro, mbs, token_layout)
         raw *= self._gradient_scale()
-        self.finish_pass(raw, sample_ids, n_tokens, validation_losses, self.gradient_dots(), stopwatch, spans)
+        batch_dots = self.gradient_dots()
+        if second_order:
+            with stopwatch.curvature_pass():
+                curvature, curvature_dots = self.curvature_pass(forward_backward_func, kwargs, pulled, rng_at_start)
+            raw, batch_dots = torch.cat([raw, curvature]), torch.cat([batch_dots, curvature_dots])
+        self.finish_pass(raw, sample_ids, n_tokens, validation_losses, batch_dots, stopwatch, spans)
         return result
+
+    def curvature_pass(
+        self, forward_backward_func: Callable, kwargs: dict, pulled: list[list[Batch]], rng_at_start: RngState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's ``<grad l_z, H_val g_t>`` per target ``[K, M, B]`` and ``<g_t, H_val g_t>``
+        per target ``[K]`` (``docs/DESIGN.md`` §1.7; :mod:`inrun_megatron.megatron.curvature_pass`).
+
+        Runs after the training pass (``g_t`` reduced) and before the optimizer step, leaving the
+        gradients, weights and RNG streams bitwise as the training pass left them. A step whose
+        ``g_t`` is not finite (an fp16 overflow: the optimizer skips it) gets NaN curvature without
+        any pass."""
+        n_targets, n_micro, mbs = len(self.targets), kwargs["num_microbatches"], kwargs["micro_batch_size"]
+        params = self.grads.params()
+        loss_scale = self.loss_scale()
+        device = params[0].device
+        rng_after_training = RngState.capture()
+        g = {  # a copy: the passes below start from zeroed gradient buffers
+            p: (torch.zeros_like(p) if t is None else t.detach() / loss_scale)
+            for p, t in training_gradients(params).items()
+        }
+        with gradients_kept(self.chunks, params), rng_after_training.restored():
+            weights = {p: p.detach() for p in params}
+            norms = model_dot(self.chunks, weights, weights, groups=self.process_groups).dot
+            g_norm = model_dot(self.chunks, g, g, groups=self.process_groups).dot
+            if not bool(torch.isfinite(g_norm).all()):
+                nan = torch.full((n_targets, n_micro, mbs), float("nan"), dtype=torch.float64, device=device)
+                return nan, torch.full((n_targets,), float("nan"), dtype=torch.float64, device=device)
+            hvp = GradientStore(params, n_targets)
+            step = finite_difference_step(float(norms[0]) ** 0.5, float(g_norm[0]) ** 0.5, hvp.values()[0].dtype)
+            self.finite_difference_step = step
+            shifted = GradientStore(params, n_targets)  # G at w ± εg; the store keeps the step's own G
+
+            def validation_gradients() -> list[torch.Tensor]:
+                self.validation_pass(forward_backward_func, into=shifted, **kwargs)
+                return shifted.values()
+
+            central_difference_hvp(params, [g[p] for p in params], step, validation_gradients, hvp.values())
+            store, self.grads = self.grads, hvp
+            try:
+                with replaying(self.chunks, params):
+                    rng_at_start.restore()
+                    self.begin_scoring(n_micro, mbs)
+                    completed = False
+                    try:
+                        forward_backward_func(
+                            **dict(kwargs, data_iterator=replay_iterators(kwargs["data_iterator"], pulled))
+                        )
+                        completed = True
+                    finally:
+                        curvature = self.end_scoring(completed)
+            finally:
+                self.grads = store
+        mp = self.process_groups.mp
+        if dist.get_world_size(mp) > 1:
+            dist.all_reduce(curvature, group=mp)
+        curvature *= self._gradient_scale()
+        dots = optimizer_gradient_dot(self.chunks, hvp, groups=self.process_groups).dot / loss_scale
+        return curvature, dots
 
     def _token_layout(self, seq_length: int) -> TokenLayout:
         """The positions each site's per-token partials cover: under sequence parallelism a norm sees
@@ -412,20 +496,24 @@ class MegatronScorer(Scorer):
                 " scorer's; pass the same pg_collection to MegatronScorer(..., pg_collection=...)"
             )
 
-    def validation_pass(self, forward_backward_func: Callable, **kwargs) -> dict[str, float]:
-        """``G`` of every target at the current weights (``docs/DESIGN.md`` §2.1); the losses.
+    def validation_pass(
+        self, forward_backward_func: Callable, *, into: GradientStore | None = None, **kwargs
+    ) -> dict[str, float]:
+        """``G`` of every target at the current weights (``docs/DESIGN.md`` §2.1) into ``into``
+        (default the scorer's store of ``G``); the losses.
 
         Takes :meth:`forward_backward`'s arguments (at least ``forward_step_func`` and ``model``) and
         passes every one that does not describe the training data on to ``forward_backward_func``
         (``pg_collection``, ``p2p_communicator``, ...), so the validation pass runs through the
         caller's schedule with the caller's process groups."""
+        store = self.grads if into is None else into
         split = self.config.validation_split == "split"
         groups = self.process_groups
         split_group = groups.dp_cp if split else None
-        shared = any(getattr(p, "shared_embedding", False) for p in self.grads.params())
+        shared = any(getattr(p, "shared_embedding", False) for p in store.params())
         backward = MegatronTargetBackward(
             chunks=self.chunks,
-            store=self.grads,
+            store=store,
             forward_backward_func=forward_backward_func,
             forward_step_func=kwargs["forward_step_func"],
             schedule_kwargs={k: v for k, v in kwargs.items() if k not in SET_BY_VALIDATION_PASS},
@@ -436,7 +524,7 @@ class MegatronScorer(Scorer):
         )
         return run_validation_pass(
             self.targets,
-            self.grads,
+            store,
             backward,
             loss_scale=self.loss_scale(),
             loss_groups=[groups.pp] if split_group is None else [groups.pp, split_group],
@@ -444,12 +532,14 @@ class MegatronScorer(Scorer):
         )
 
     @staticmethod
-    def _capture(data_iterator, captured: list[list]):
+    def _capture(data_iterator, captured: list[list], pulled: list[list[Batch]] | None):
         def wrap(it):
             if it is None:
                 return None
             captured.append([])
-            return _CapturingIterator(it, captured[-1])
+            if pulled is not None:
+                pulled.append([])
+            return _CapturingIterator(it, captured[-1], None if pulled is None else pulled[-1])
 
         if isinstance(data_iterator, list):
             return [wrap(it) for it in data_iterator]

@@ -1,0 +1,164 @@
+"""The Megatron side of the curvature pass (``docs/DESIGN.md`` §1.7): per-sample ``<grad l_z, H_val g_t>``.
+
+It runs after the step's training pass, when ``g_t`` exists (reduced over data parallelism by
+megatron's ``finalize_model_grads``) and before the optimizer step:
+
+1. ``u = H_val g_t`` per target by a central difference of the validation gradient
+   (:func:`inrun_megatron.second_order.central_difference_hvp`): two validation passes at
+   ``w ± ε·g_t``, through the same skeleton and schedule as the step's own validation pass, the
+   weights restored bitwise after;
+2. the step's training microbatches (the same batch objects, replayed) forward and backward once
+   more at ``w_t``, with the RNG streams the training pass started from (so dropout draws the same
+   masks), scored against ``u`` instead of ``G``.
+
+Training equivalence (``docs/DESIGN.md`` §1.3, identity 5): the gradient buffers holding ``g_t`` are
+copied before and written back bitwise after (plain ``.grad`` tensors are set aside and put back
+as they are), megatron DDP's synchronisation and gradient finalisation are held off during the
+replay, and the RNG streams are left where the training pass left them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.utils import get_model_config
+
+from inrun_megatron.validation import Batch
+
+
+@dataclass
+class RngState:
+    """Every random stream a megatron training pass draws from: torch's CPU and CUDA generators
+    and megatron's model-parallel RNG tracker."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor]
+    tracker: dict
+
+    @classmethod
+    def capture(cls) -> RngState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return cls(torch.get_rng_state(), cuda, tensor_parallel.get_cuda_rng_tracker().get_states())
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
+        tensor_parallel.get_cuda_rng_tracker().set_states(self.tracker)
+
+    @contextlib.contextmanager
+    def restored(self):
+        """Restore this state when the block exits, however it exits."""
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+class _Replay(Iterator):
+    """Yields the batches a training data iterator yielded, in order."""
+
+    def __init__(self, batches: Sequence[Batch]):
+        self.batches = iter(list(batches))
+
+    def __next__(self) -> Batch:
+        return next(self.batches)
+
+
+def replay_iterators(data_iterator: Any, pulled: list[list[Batch]]) -> Any:
+    """Data iterators shaped like the training pass's ``data_iterator`` (one, or a list with None
+    for stages that read no data) that replay the batches each one yielded (``pulled``, in the order
+    of the non-None iterators)."""
+    replays = iter(pulled)
+    if isinstance(data_iterator, list):
+        return [None if it is None else _Replay(next(replays)) for it in data_iterator]
+    return None if data_iterator is None else _Replay(next(replays))
+
+
+def _ddp_chunks(chunks: Sequence[torch.nn.Module]) -> list[DistributedDataParallel]:
+    return [c for c in chunks if isinstance(c, DistributedDataParallel)]
+
+
+def training_gradients(params: Sequence[torch.nn.Parameter]) -> dict[torch.nn.Parameter, torch.Tensor | None]:
+    """Where each parameter's gradient for the optimizer is: ``main_grad`` under megatron DDP (a
+    view of its gradient buffer), ``.grad`` otherwise (None where a parameter got none)."""
+    return {p: p.main_grad if hasattr(p, "main_grad") else p.grad for p in params}
+
+
+@contextlib.contextmanager
+def gradients_kept(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Parameter]):
+    """Copy megatron DDP's gradient buffers (every ``main_grad`` is a view of one) and set aside every
+    plain ``.grad``; on exit zero the buffers, write the copy back bitwise and put every ``.grad``
+    back. Inside, the passes start from zeroed gradients, as the step's own validation pass does
+    (it adds its gradient to the buffers before moving it into the store), and may use and clear
+    them as they like."""
+    buffers = [b for ddp in _ddp_chunks(chunks) for b in ddp.buffers + ddp.expert_parallel_buffers]
+    copies = [b.grad_data.clone() for b in buffers]
+    plain = {p: p.grad for p in params}
+    try:
+        for ddp in _ddp_chunks(chunks):
+            ddp.zero_grad_buffer()
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        for ddp in _ddp_chunks(chunks):
+            ddp.zero_grad_buffer()
+        for b, copy in zip(buffers, copies):
+            b.grad_data.copy_(copy)
+        for p, g in plain.items():
+            p.grad = g
+
+
+@contextlib.contextmanager
+def replaying(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Parameter]):
+    """Around the replay of the training microbatches: zeroed gradients to accumulate into (the
+    scoring of fused weight-gradient accumulation reads ``main_grad`` from zero), no data-parallel
+    synchronisation or gradient finalisation. The caller sets the RNG streams to where the training
+    pass started and restores them after (:class:`RngState`)."""
+    config = get_model_config(chunks[0])
+    saved_config = {
+        name: getattr(config, name) for name in ("no_sync_func", "grad_sync_func", "finalize_model_grads_func")
+    }
+    for ddp in _ddp_chunks(chunks):
+        ddp.zero_grad_buffer()
+    for p in params:
+        p.grad = None
+    try:
+        config.no_sync_func = contextlib.nullcontext
+        config.grad_sync_func = None
+        config.finalize_model_grads_func = None
+        with contextlib.ExitStack() as no_sync:
+            for ddp in _ddp_chunks(chunks):
+                no_sync.enter_context(ddp.no_sync())
+            yield
+    finally:
+        for name, value in saved_config.items():
+            setattr(config, name, value)
+
+
+def check_second_order_supported(chunks: Sequence[torch.nn.Module]) -> None:
+    """Refuse, at attach, the setups the curvature pass cannot serve, naming them."""
+    config = get_model_config(chunks[0])
+    refused = {
+        "fp16/bf16 weights (a perturbation of √u_fp32·‖w‖ along g is below half precision's resolution)": bool(
+            config.fp16
+            or config.bf16
+            or any(p.dtype in (torch.float16, torch.bfloat16) for c in chunks for p in c.parameters())
+        ),
+        "megatron's distributed optimizer (each data-parallel rank holds only its shard of g_t)": any(
+            getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in chunks
+        ),
+    }
+    for what, present in refused.items():
+        if present:
+            raise NotImplementedError(
+                f"second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) do not support {what}"
+                " yet; switch second_order off or train with fp32 weights and megatron's plain optimizer"
+            )
