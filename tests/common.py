@@ -293,7 +293,8 @@ def score_one_step(model: torch.nn.Module, shape: GPTShape, train: list[dict], v
 @contextlib.contextmanager
 def data_parallel_traffic():
     """Count the elements all-reduced or reduce-scattered over the data-parallel group (megatron
-    DDP's gradient reduction, the scorer's own reductions) while the context is open."""
+    DDP's gradient reduction, the scorer's own reductions), and those the scorer all-gathers there
+    (the output's size), while the context is open."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.distributed import param_and_grad_buffer
@@ -309,13 +310,15 @@ def data_parallel_traffic():
 
         return wrapper
 
-    all_reduce, reduce_scatter = dist.all_reduce, param_and_grad_buffer.dist_reduce_scatter_func
-    dist.all_reduce = counting(all_reduce, 0)
+    all_reduce, all_gather = dist.all_reduce, dist.all_gather_into_tensor
+    reduce_scatter = param_and_grad_buffer.dist_reduce_scatter_func
+    dist.all_reduce, dist.all_gather_into_tensor = counting(all_reduce, 0), counting(all_gather, 0)
     param_and_grad_buffer.dist_reduce_scatter_func = counting(reduce_scatter, 1)
     try:
         yield count
     finally:
-        dist.all_reduce, param_and_grad_buffer.dist_reduce_scatter_func = all_reduce, reduce_scatter
+        dist.all_reduce, dist.all_gather_into_tensor = all_reduce, all_gather
+        param_and_grad_buffer.dist_reduce_scatter_func = reduce_scatter
 
 
 def _megatron_training(
@@ -570,6 +573,8 @@ def run_case(
             assert recorded == batch_dot or not math.isfinite(batch_dot), (recorded, batch_dot)
     out["weights"] = canonical_weights(models)
     out["n_params"] = sum(p.numel() for c in chunks for p in c.parameters())
+    # megatron DDP's gradient buffers, each bucket padded to a multiple of the DP size
+    out["n_grad_buffer"] = sum(b.grad_data.numel() for c in chunks if hasattr(c, "ddp_config") for b in c.buffers)
     if scored:
         out["values"] = scorer.values()
         scorer.detach()

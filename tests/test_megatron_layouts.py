@@ -17,8 +17,8 @@ on the rules path (in this process) and checks, on every layout:
   gradient traffic when the validation set is replicated (exactly one all-reduce of ``G``
   when it is split).
 * with second-order values (docs/DESIGN.md §1.7), the per-sample curvature equal to the single
-  process's and its efficiency identity ``sum_z curvature = <g, H_val g>``; the distributed
-  optimizer and bf16 weights are refused at attach.
+  process's and its efficiency identity ``sum_z curvature = <g, H_val g>`` (under the distributed
+  optimizer too, ``g`` gathered from its shards); bf16 weights are refused at attach.
 
 Layouts marked ``pertoken`` train with megatron's ``calculate_per_token_loss=True`` (docs/DESIGN.md
 §1.1: each sample's loss term is divided by the token count of the whole global batch, known only
@@ -183,10 +183,11 @@ LAYOUTS = [
            options={"ddp": OVERLAPPED_DDP, "second_order": True}),
     Layout("1x2x1-fp64-second-order-tied", 2, "rmsnorm-swiglu-nobias-tied-recompute", pp=2, dtype=torch.float64,
            options={"ddp": MEGATRON_DDP, "n_micro": 3, "second_order": True}),
+    # ... under the distributed optimizer (fp32, Adam): g_t gathered from its shards (docs/DESIGN.md §2.10).
     Layout("1x1x2-distopt-second-order", 2, "layernorm-gelu-bias-untied", num_layers=2,
-           options=dict(DISTRIBUTED_ADAM, second_order=True),
-           refused="second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) do not support"
-                   " megatron's distributed optimizer"),
+           options=dict(DISTRIBUTED_ADAM, second_order=True)),
+    Layout("1x1x2-distopt-second-order-overlap", 2, "layernorm-gelu-bias-untied", num_layers=2,
+           options=dict(DISTRIBUTED_ADAM_OVERLAPPED, second_order=True)),
     Layout("1x1x2-bf16-second-order", 2, "layernorm-gelu-bias-untied", num_layers=2, config={"bf16": True},
            options={"ddp": {"grad_reduce_in_fp32": True}, "second_order": True},
            refused="do not support fp16/bf16 weights"),
@@ -358,6 +359,8 @@ def test_layout_gives_single_process_scores(megatron_world, launched, layout):
             distributed = options.get("ddp", {}).get("use_distributed_optimizer")
             rows = n_targets * (2 if adam else 1)
             shards = (rows + (got["n_params"] + 1 if adam else 0)) if distributed else 0
+            if distributed and second_order:  # g gathered from the shards, <g, H_val g> summed over them
+                shards += got["n_grad_buffer"] + n_targets
             if options.get("validation_split") == "split":  # G once, plus the loss sums
                 assert extra == [got["n_params"] + n_targets + shards] * steps
             else:

@@ -85,10 +85,35 @@ def _ddp_chunks(chunks: Sequence[torch.nn.Module]) -> list[DistributedDataParall
     return [c for c in chunks if isinstance(c, DistributedDataParallel)]
 
 
-def training_gradients(params: Sequence[torch.nn.Parameter]) -> dict[torch.nn.Parameter, torch.Tensor | None]:
-    """Where each parameter's gradient for the optimizer is: ``main_grad`` under megatron DDP (a
-    view of its gradient buffer), ``.grad`` otherwise (None where a parameter got none)."""
-    return {p: p.main_grad if hasattr(p, "main_grad") else p.grad for p in params}
+def training_gradients(
+    chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Parameter]
+) -> dict[torch.nn.Parameter, torch.Tensor | None]:
+    """The whole ``g_t`` the optimizer steps with, on every rank: ``main_grad`` under megatron DDP
+    (a view of its gradient buffer), ``.grad`` otherwise (None where a parameter got none).
+
+    Under megatron's distributed optimizer ``finalize_model_grads`` reduce-scatters each gradient
+    bucket, so this rank holds the reduced gradient only in its shard of the bucket (the rest is
+    its local, unreduced gradient): each bucket's shards are all-gathered over the group megatron
+    reduce-scattered it over, into new tensors, and the buffers are not touched
+    (``docs/DESIGN.md`` §2.10)."""
+    grads = {p: p.main_grad if hasattr(p, "main_grad") else p.grad for p in params}
+    for ddp in _ddp_chunks(chunks):
+        if not ddp.ddp_config.use_distributed_optimizer:
+            continue
+        for bucket_group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+            group = bucket_group.intra_distributed_optimizer_instance_group
+            size = bucket_group.intra_distributed_optimizer_instance_size
+            rank = bucket_group.intra_distributed_optimizer_instance_rank
+            for bucket in bucket_group.buckets:
+                shard = bucket.grad_data.numel() // size  # megatron pads every bucket to a multiple of size
+                gathered = torch.empty_like(bucket.grad_data)
+                local = bucket.grad_data[rank * shard : (rank + 1) * shard]
+                torch.distributed.all_gather_into_tensor(gathered, local, group=group)
+                for p in bucket.params_list:
+                    if p in grads:
+                        start = p.main_grad.storage_offset() - bucket.grad_data.storage_offset()
+                        grads[p] = gathered[start : start + p.numel()].view_as(p)
+    return grads
 
 
 @contextlib.contextmanager
@@ -114,6 +139,28 @@ def gradients_kept(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.
             b.grad_data.copy_(copy)
         for p, g in plain.items():
             p.grad = g
+
+
+@contextlib.contextmanager
+def parameter_gathers_kept(chunks: Sequence[torch.nn.Module]):
+    """Under the distributed optimizer with overlapped parameter gather, leave megatron's record of
+    which buckets' parameter all-gather is dispatched as the training pass left it.
+
+    ``finalize_model_grads`` marks every bucket undispatched, so that the next step's first forward
+    gathers the parameters the optimizer step is about to update; the curvature pass's own forwards
+    would dispatch (and finish) those gathers, and the next step would then run on stale shards of
+    the other ranks' parameters. The gathers the pass runs reassemble the weights every rank holds
+    already, bit for bit (the weights are moved identically on every rank, docs/DESIGN.md §2.10)."""
+    bucket_groups = [bg for ddp in _ddp_chunks(chunks) for bg in ddp.bucket_groups + ddp.expert_parallel_bucket_groups]
+    dispatched = [bg.param_gather_dispatched for bg in bucket_groups]
+    try:
+        yield
+    finally:
+        for bg, was in zip(bucket_groups, dispatched):
+            if bg.param_gather_handle is not None:  # a gather the pass's last forward left in flight
+                bg.param_gather_handle.wait()
+                bg.param_gather_handle = None
+            bg.param_gather_dispatched = was
 
 
 @contextlib.contextmanager
@@ -152,13 +199,10 @@ def check_second_order_supported(chunks: Sequence[torch.nn.Module]) -> None:
             or config.bf16
             or any(p.dtype in (torch.float16, torch.bfloat16) for c in chunks for p in c.parameters())
         ),
-        "megatron's distributed optimizer (each data-parallel rank holds only its shard of g_t)": any(
-            getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in chunks
-        ),
     }
     for what, present in refused.items():
         if present:
             raise NotImplementedError(
                 f"second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) do not support {what}"
-                " yet; switch second_order off or train with fp32 weights and megatron's plain optimizer"
+                " yet; switch second_order off or train with fp32 weights"
             )

@@ -32,6 +32,7 @@ from inrun_megatron.megatron.curvature_pass import (
     RngState,
     check_second_order_supported,
     gradients_kept,
+    parameter_gathers_kept,
     replay_iterators,
     replaying,
     training_gradients,
@@ -432,9 +433,9 @@ class MegatronScorer(Scorer):
         rng_after_training = RngState.capture()
         g = {  # a copy: the passes below start from zeroed gradient buffers
             p: (torch.zeros_like(p) if t is None else t.detach() / loss_scale)
-            for p, t in training_gradients(params).items()
+            for p, t in training_gradients(self.chunks, params).items()
         }
-        with gradients_kept(self.chunks, params), rng_after_training.restored():
+        with gradients_kept(self.chunks, params), parameter_gathers_kept(self.chunks), rng_after_training.restored():
             weights = {p: p.detach() for p in params}
             norms = model_dot(self.chunks, weights, weights, groups=self.process_groups).dot
             g_norm = model_dot(self.chunks, g, g, groups=self.process_groups).dot
