@@ -247,3 +247,40 @@ def with_training_equivalence(run, **case) -> dict:
     scored["changed_by_scoring"] = changed
     del scored["weights"]
     return scored
+
+
+def second_order_case(*, stage: int, split: bool, steps: int = 2) -> list[dict]:
+    """Per step ``{row: {sample_id: raw}}`` of every rank's samples (gathered over data parallelism) and
+    ``{row: batch_dot}`` of a second-order run (docs/DESIGN.md §2.10): the LM at ``stage`` with 4
+    micro-batches of 2 per step split over the world's data-parallel ranks (the same global batch
+    at any DP size), plain SGD, no clipping."""
+    import deepspeed
+
+    from inrun_megatron import ScoringConfig
+    from inrun_megatron.deepspeed import DeepSpeedScorer
+    from inrun_megatron.deepspeed.model import llama_shape
+
+    dp, rank = dist.get_world_size(), dist.get_rank()
+    shape = llama_shape()
+    torch.manual_seed(0)
+    model = TransformerLM(shape)
+    config = ds_config(stage=stage, gas=4 // dp, mbs=2, clip=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=config)
+    scoring = ScoringConfig(second_order=True, validation_split="split" if split else "replicate")
+    scorer = DeepSpeedScorer(engine, make_data(shape, 2, 2, seed=6, first_id=10**6), lm_token_losses, scoring)
+    out = []
+    for step in range(steps):
+        scorer.forward_backward(make_data(shape, 4, 2, seed=5 + step, first_id=100 * step)[rank::dp])
+        engine.step()
+        result = scorer.end_step()
+        rows: dict[str, dict[int, float]] = {}
+        c = result.records.columns
+        for t, sid, r in zip(c["target"], c["sample_id"].tolist(), c["raw"].tolist()):
+            rows.setdefault(t, {})[sid] = r
+        everyone = [None] * dp
+        dist.all_gather_object(everyone, rows)
+        merged = {t: {sid: r for other in everyone for sid, r in other[t].items()} for t in rows}
+        out.append((merged, dict(result.batch_dots)))
+    scorer.detach()
+    engine.destroy()
+    return out

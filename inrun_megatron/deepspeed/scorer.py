@@ -49,6 +49,7 @@ applied to its loss (measured, not assumed) times GAS and by the data-parallel s
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -63,8 +64,10 @@ from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGr
 from inrun_megatron.deepspeed.optimizer_state import adam_preconditioners, is_adam_engine
 from inrun_megatron.deepspeed.validation_pass import DeepSpeedTargetBackward, TokenLosses
 from inrun_megatron.hf_rules import registered_builders
-from inrun_megatron.optimizer_values import ADAM
+from inrun_megatron.optimizer_values import ADAM, CURVATURE
+from inrun_megatron.rng import RngState
 from inrun_megatron.scorer import Scorer, Stopwatch, clip_coefficient
+from inrun_megatron.second_order import central_difference_hvp, finite_difference_step
 from inrun_megatron.step_result import ResultSink, StepResult
 from inrun_megatron.validation import Batch, check_targets, loss_mask_of, masked_loss_sum
 from inrun_megatron.validation_pass import run_validation_pass
@@ -184,12 +187,10 @@ class DeepSpeedScorer(Scorer):
         sink: ResultSink | None = None,
     ):
         super().__init__(validation, config, sink)
-        if self.config.second_order:
-            raise NotImplementedError(
-                "second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) are recorded by the"
-                " Megatron adapter only; the DeepSpeed adapter has no curvature pass yet"
-            )
         refuse_unsupported(engine)
+        if self.config.second_order:
+            check_second_order_supported(engine)
+            self.score_second_order()
         self.engine = engine
         self.token_losses = token_losses
         self.models = [engine.module]
@@ -201,6 +202,8 @@ class DeepSpeedScorer(Scorer):
         self._lr: float | None = None
         self._global_steps_at_forward: int | None = None
         self._fp32_clip_norm: float | None = None
+        # ε of the last curvature pass's central difference (docs/DESIGN.md §1.7), None before one ran
+        self.finite_difference_step: float | None = None
         # megatron-core layers (tensor parallelism inside DeepSpeed): their counting, tied output
         # weight and site builders come from the megatron-core layer support.
         self.megatron_layers: MegatronCoreLayers | None = None
@@ -286,19 +289,21 @@ class DeepSpeedScorer(Scorer):
         data parallelism, before clipping), the fp16 loss scale removed."""
         return optimizer_gradient_dot(self.engine, self.grads, self.counts).dot / self.fp16_loss_scale()
 
-    def validation_pass(self) -> dict[str, float]:
-        """``G`` of every target at the current weights (``docs/DESIGN.md`` §2.1); the losses."""
+    def validation_pass(self, into: ValidationGradients | None = None) -> dict[str, float]:
+        """``G`` of every target at the current weights (``docs/DESIGN.md`` §2.1) into the store of
+        ``G`` (or ``into``: the curvature pass's scratch store); the losses."""
         split = self.config.validation_split == "split"
+        store = self.grads if into is None else into
         backward = DeepSpeedTargetBackward(
             module=self.engine.module,
-            store=self.grads,
+            store=store,
             token_losses=self.token_losses,
             batches=[self.local_validation_batches(t) for t in self.targets],
             release_parameters=self.release_gathered_parameters,
         )
         return run_validation_pass(
             self.targets,
-            self.grads,
+            store,
             backward,
             loss_scale=self.fp16_loss_scale(),
             loss_groups=[self.dp_group] if split else [],
@@ -348,6 +353,8 @@ class DeepSpeedScorer(Scorer):
         n_micro, mbs = sample_ids.shape
         applied = torch.zeros(n_micro, dtype=torch.float64)
         losses = []
+        second_order = CURVATURE in self.value_kinds
+        rng_at_start = RngState.capture() if second_order else None  # the curvature pass replays from here
         self.begin_scoring(n_micro, mbs)
         completed = False
         try:
@@ -371,10 +378,83 @@ class DeepSpeedScorer(Scorer):
         # alone without scale_wrt_gas), then divide by the GAS DeepSpeed applied and the DP size:
         # l_z = (z's term of the micro-batch loss) / (GAS * DP), or / DP without scale_wrt_gas.
         gas = engine.gradient_accumulation_steps() if scale_wrt_gas else 1
-        raw /= (applied.to(raw.device) * gas * self.dp_size).view(1, n_micro, 1)
+        normaliser = (applied.to(raw.device) * gas * self.dp_size).view(1, n_micro, 1)
+        raw /= normaliser
+        batch_dots = self.gradient_dots()
+        if second_order:
+            with stopwatch.curvature_pass():
+                curvature, curvature_dots = self.curvature_pass(micro_batches, loss_fn, applied, rng_at_start)
+            raw, batch_dots = torch.cat([raw, curvature / normaliser]), torch.cat([batch_dots, curvature_dots])
         n_tokens = torch.stack([loss_mask_of(b).sum(-1) for b in micro_batches]).round().to(torch.int64)
-        self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses, self.gradient_dots(), stopwatch)
+        self.finish_pass(raw, sample_ids, n_tokens.to(raw.device), validation_losses, batch_dots, stopwatch)
         return losses
+
+    def curvature_pass(
+        self, micro_batches: list[Batch], loss_fn: LossFn, applied: torch.Tensor, rng_at_start: RngState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's ``<grad l_z, H_val g_t>`` per target ``[K, M, B]``, still multiplied by the
+        factor each micro-step's backward applied (the caller normalises it as the raw scores), and
+        ``<g_t, H_val g_t>`` per target ``[K]`` (``docs/DESIGN.md`` §1.7, §2.10).
+
+        Runs after the boundary micro-step's backward (``g_t`` reduced where DeepSpeed keeps it) and
+        before ``engine.step()``. ``g_t`` is read whole with ``safe_get_full_grad`` (ZeRO-1/2: the
+        owned fragments summed over the data-parallel ranks); the validation passes at ``w ± εg_t``
+        and the replay backward through ``torch.autograd.grad``, so no ``.grad``, ZeRO hook, bucket
+        or partition is touched; the weights are restored bitwise and the RNG streams left where
+        the training pass left them. The replay runs each micro-batch through ``loss_fn`` on the
+        bare module (as the validation pass does: the engine's forward would arm its backward
+        prologue) in training mode, from the RNG state the training pass started from, and scales
+        its loss by the factor the training backward applied to it."""
+        from deepspeed.utils import safe_get_full_grad
+
+        engine = self.engine
+        n_targets, (n_micro, mbs) = len(self.targets), (len(micro_batches), self.micro_batch_size)
+        params = self.grads.params()
+        rng_after_training = RngState.capture()
+        g = {}
+        for p in params:  # collective under ZeRO-1/2: every rank reads every parameter, in order
+            full = safe_get_full_grad(p)
+            g[p] = torch.zeros_like(p) if full is None else full.detach().to(p.dtype)
+        with rng_after_training.restored():
+            weight_norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+            g_norm = math.sqrt(sum(float(t.double().square().sum()) for t in g.values()))
+            if not math.isfinite(g_norm):
+                nan = torch.full((n_targets, n_micro, mbs), float("nan"), dtype=torch.float64, device=engine.device)
+                return nan, torch.full((n_targets,), float("nan"), dtype=torch.float64, device=engine.device)
+            hvp = self.make_curvature_store(params)
+            step = finite_difference_step(weight_norm, g_norm, hvp.values()[0].dtype)
+            self.finite_difference_step = step
+            shifted = self.make_curvature_store(params)  # G at w ± εg; the store keeps the step's own G
+
+            def validation_gradients() -> list[torch.Tensor]:
+                self.validation_pass(into=shifted)
+                return shifted.values()
+
+            central_difference_hvp(params, [g[p] for p in params], step, validation_gradients, hvp.values())
+            store, self.grads = self.grads, hvp
+            try:
+                rng_at_start.restore()
+                self.begin_scoring(n_micro, mbs)
+                completed = False
+                try:
+                    for m, batch in enumerate(micro_batches):
+                        loss = loss_fn(engine.module, batch)
+                        torch.autograd.grad(loss * float(applied[m]), params, allow_unused=True)
+                    completed = True
+                finally:
+                    curvature = self.end_scoring(completed)
+            finally:
+                self.grads = store
+        mp_group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
+        if mp_group is not None and dist.get_world_size(group=mp_group) > 1:
+            dist.all_reduce(curvature, group=mp_group)
+        dots = optimizer_gradient_dot(engine, hvp, self.counts).dot / self.fp16_loss_scale()
+        return curvature, dots
+
+    def make_curvature_store(self, params: list[torch.nn.Parameter]) -> DenseGradientStore:
+        """A dense store of one row per target: ``H_val g_t``, or ``G`` at ``w ± εg_t``."""
+        split = self.config.validation_split == "split"
+        return DenseGradientStore(params, len(self.targets), dp_group=self.dp_group, sum_over_ranks=split)
 
     def _check_step_input(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Check the step's input on every rank before any work; return the sample ids ``[M, B]``.
@@ -463,6 +543,26 @@ class DeepSpeedScorer(Scorer):
 
         engine.clip_fp32_gradients = clip_and_record
         self.on_detach(lambda: engine.__dict__.pop("clip_fp32_gradients", None))
+
+
+def check_second_order_supported(engine) -> None:
+    """Refuse, at attach, the engines the curvature pass cannot serve (``docs/DESIGN.md`` §2.10), naming them."""
+    refused = {
+        "ZeRO stage 3 (the perturbation w ± εg_t would go through DeepSpeed's partitioned parameters)": (
+            engine.zero_optimization_stage() == 3
+        ),
+        "fp16/bf16 (a perturbation of √u_fp32·‖w‖ along g is below half precision's resolution)": (
+            engine.fp16_enabled() or engine.bfloat16_enabled()
+        ),
+        "megatron-core tensor-parallel layers": _is_megatron_model(engine.module),
+    }
+    for what, present in refused.items():
+        if present:
+            raise NotImplementedError(
+                f"second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) in the DeepSpeed adapter"
+                f" do not support {what} yet; switch second_order off, or train with fp32 weights at ZeRO stage 0,"
+                " 1 or 2 on plain-PyTorch layers"
+            )
 
 
 def _record_factor(applied: torch.Tensor, microbatch: int, grad: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from ds_common import init_deepspeed, run_deepspeed_case, with_training_equivalence
+from ds_common import init_deepspeed, run_deepspeed_case, second_order_case, with_training_equivalence
 
 from inrun_megatron.deepspeed.model import llama_shape
 
@@ -49,7 +49,12 @@ def main() -> None:
     for case in cases:
         shape = llama_shape(**case.pop("shape"))
         results.append(with_training_equivalence(run_deepspeed_case, shape=shape, keep_gradients=True, **case))
-    torch.save({"cases": results, "rejection": rejection_on_one_rank()}, out_dir / f"rank{dist.get_rank()}.pt")
+    second_order = {
+        (1, False): second_order_case(stage=1, split=False),
+        (2, True): second_order_case(stage=2, split=True),
+    }
+    out = {"cases": results, "rejection": rejection_on_one_rank(), "second_order": second_order}
+    torch.save(out, out_dir / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 
