@@ -29,36 +29,25 @@ from megatron.core import tensor_parallel
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.utils import get_model_config
 
+from inrun_megatron.rng import RngState
 from inrun_megatron.validation import Batch
 
 
 @dataclass
-class RngState:
-    """Every random stream a megatron training pass draws from: torch's CPU and CUDA generators
-    and megatron's model-parallel RNG tracker."""
+class MegatronRngState(RngState):
+    """Every random stream a megatron training pass draws from: torch's generators
+    (:class:`inrun_megatron.rng.RngState`) and megatron's model-parallel RNG tracker."""
 
-    cpu: torch.Tensor
-    cuda: list[torch.Tensor]
     tracker: dict
 
     @classmethod
-    def capture(cls) -> RngState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        return cls(torch.get_rng_state(), cuda, tensor_parallel.get_cuda_rng_tracker().get_states())
+    def capture(cls) -> MegatronRngState:
+        torch_state = RngState.capture()
+        return cls(torch_state.cpu, torch_state.cuda, tensor_parallel.get_cuda_rng_tracker().get_states())
 
     def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda:
-            torch.cuda.set_rng_state_all(self.cuda)
+        super().restore()
         tensor_parallel.get_cuda_rng_tracker().set_states(self.tracker)
-
-    @contextlib.contextmanager
-    def restored(self):
-        """Restore this state when the block exits, however it exits."""
-        try:
-            yield
-        finally:
-            self.restore()
 
 
 class _Replay(Iterator):
@@ -168,7 +157,7 @@ def replaying(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Param
     """Around the replay of the training microbatches: zeroed gradients to accumulate into (the
     scoring of fused weight-gradient accumulation reads ``main_grad`` from zero), no data-parallel
     synchronisation or gradient finalisation. The caller sets the RNG streams to where the training
-    pass started and restores them after (:class:`RngState`)."""
+    pass started and restores them after (:class:`MegatronRngState`)."""
     config = get_model_config(chunks[0])
     saved_config = {
         name: getattr(config, name) for name in ("no_sync_func", "grad_sync_func", "finalize_model_grads_func")

@@ -29,7 +29,7 @@ from megatron.core.utils import get_model_config
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron.curvature_pass import (
-    RngState,
+    MegatronRngState,
     check_second_order_supported,
     gradients_kept,
     parameter_gathers_kept,
@@ -395,7 +395,7 @@ class MegatronScorer(Scorer):
         captured: list[list] = []
         pulled: list[list[Batch]] | None = [] if second_order else None
         training_kwargs = dict(kwargs, data_iterator=self._capture(kwargs["data_iterator"], captured, pulled))
-        rng_at_start = RngState.capture() if second_order else None  # the curvature pass replays from here
+        rng_at_start = MegatronRngState.capture() if second_order else None  # the curvature pass replays from here
         token_layout = None if self.config.document_eod is None else self._token_layout(kwargs["seq_length"])
         self.begin_scoring(n_micro, mbs, token_layout)
         completed = False
@@ -417,7 +417,7 @@ class MegatronScorer(Scorer):
         return result
 
     def curvature_pass(
-        self, forward_backward_func: Callable, kwargs: dict, pulled: list[list[Batch]], rng_at_start: RngState
+        self, forward_backward_func: Callable, kwargs: dict, pulled: list[list[Batch]], rng_at_start: MegatronRngState
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's ``<grad l_z, H_val g_t>`` per target ``[K, M, B]`` and ``<g_t, H_val g_t>``
         per target ``[K]`` (``docs/DESIGN.md`` §1.7; :mod:`inrun_megatron.megatron.curvature_pass`).
@@ -430,7 +430,7 @@ class MegatronScorer(Scorer):
         params = self.grads.params()
         loss_scale = self.loss_scale()
         device = params[0].device
-        rng_after_training = RngState.capture()
+        rng_after_training = MegatronRngState.capture()
         g = {  # a copy: the passes below start from zeroed gradient buffers
             p: (torch.zeros_like(p) if t is None else t.detach() / loss_scale)
             for p, t in training_gradients(self.chunks, params).items()
