@@ -1,13 +1,14 @@
 """The pieces of the curation loop (tools/curate_demo.py, ``make curate-demo``) on a tiny setting:
 a scored run on the demo corpus over two epochs, ``inrun-scores curate`` on the Adam-aware value,
-the corruption report of both values, and a retraining through ``data.train_ids`` that trains on
-exactly the kept sequences; the random drops keep as many; the runs go side by side; held-out
-pieces fit a sequence; steps to reach a loss and the spread of the random arm. Not the 30-minute
-demo itself."""
+the corruption report of both values (per sequence, and per document against a hand computation
+from the document rows), and a retraining through ``data.train_ids`` that trains on exactly the
+kept sequences; the random drops keep as many; the runs go side by side; held-out pieces fit a
+sequence; steps to reach a loss and the spread of the random arm. Not the 30-minute demo itself."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def test_curating_on_the_adam_value_and_retraining_on_exactly_the_kept_ids(tmp_p
         training=training,
         data={**data, "train_ids": str(tmp_path / "all.txt")},
         validation={"targets": [{"name": "heldout-a", "source": "prose", "sequences": 4}]},
+        scoring={"flush_every": 3, "document_values": True},  # as the demo's scored run
     )
     _ok(run_pretrain(scored, 1))
     with Scores(tmp_path / "scored" / "merged") as scores:
@@ -94,6 +96,18 @@ def test_curating_on_the_adam_value_and_retraining_on_exactly_the_kept_ids(tmp_p
     assert sum(d for d, _ in found["dropped_of"].values()) <= len(dropped)
     assert sum(m for _, m in found["dropped_of"].values()) <= n
 
+    # the same per document: by-document's values in the view, against the corpus's own labels
+    per_document = curate_demo.document_corruption_report(tmp_path / "scored" / "merged", "heldout-a")
+    assert list(per_document["document_auroc"]) == ["heldout-a:adam", "heldout-a"]
+    for row, cells in per_document["document_auroc"].items():
+        by_hand, documents, clean = _document_aurocs_by_hand(
+            tmp_path / "scored" / "merged", row, tmp_path / "corpus.jsonl"
+        )
+        assert not math.isnan(by_hand["all kinds"])  # both corrupted and clean documents were trained on
+        assert cells == pytest.approx(by_hand, nan_ok=True)
+        counted = per_document["documents_of"][row]
+        assert (sum(counted.values()), counted["clean"]) == (documents, clean)
+
     # retrain from scratch on the kept ids: the run sees them in increasing order, repeated to fill its steps
     retrain = tiny_config(
         data_dir,
@@ -117,6 +131,51 @@ def test_curating_on_the_adam_value_and_retraining_on_exactly_the_kept_ids(tmp_p
         assert len(np.unique(draw)) == len(kept) and draw.min() >= 0 and draw.max() < n
     np.testing.assert_array_equal(draws[0], curate_demo.random_drop(n, len(kept), seed=3))
     assert not np.array_equal(draws[0], draws[1])
+
+
+def _document_aurocs_by_hand(run_dir: Path, row: str, corpus: Path) -> tuple[dict[str, float], int, int]:
+    """The document AUROCs of the demo's report, computed from the document rows directly: each span
+    row's value over its step's mean |value| (step-scaled), averaged per (source, document id) over
+    its trained rows, labelled from the corpus file, and every (corrupted, clean) pair compared;
+    with the number of documents and of clean ones."""
+    from inrun_megatron.analysis.documents import document_rows
+    from inrun_megatron.analysis.inputs import Scores
+
+    assert curate_demo.VIEW == "step-scaled"
+    with Scores(run_dir) as scores:
+        rows = document_rows(scores, row).to_pylist()
+        samples = scores.index().lookup(np.unique([r["sample_id"] for r in rows])).to_pylist()
+    sample_of = {s["sample_id"]: s for s in samples}
+    trained = [r for r in rows if not r["skipped"]]
+    step_scale = {}
+    for step in {r["step"] for r in trained}:
+        magnitudes = [abs(r["value"]) for r in trained if r["step"] == step]
+        step_scale[step] = sum(magnitudes) / len(magnitudes)
+    scaled = {}
+    for r in rows:  # a document only in skipped rows gets the view's neutral 0
+        sample = sample_of[r["sample_id"]]
+        mine = scaled.setdefault((sample["source"], sample["document_ids"][r["span"]]), [])
+        if not r["skipped"]:  # a step of all-zero values (learning rate 0 at the first step) scales to 0
+            mine.append(r["value"] / step_scale[r["step"]] if step_scale[r["step"]] else 0.0)
+    records = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    kind = {}
+    for source in curate_demo.SOURCES:  # document ids count each source's documents in file order
+        for i, record in enumerate(r for r in records if r["source"] == source):
+            kind[(source, i)] = record["corrupted"]
+    value = {key: sum(v) / len(v) if v else 0.0 for key, v in scaled.items()}
+    clean = [v for key, v in value.items() if kind[key] is None]
+
+    def lower_is_corrupted(corrupted: list[float]) -> float:
+        if not corrupted or not clean:
+            return math.nan
+        pairs = [(c < k) + 0.5 * (c == k) for c in corrupted for k in clean]
+        return sum(pairs) / len(pairs)
+
+    kinds = sorted({k for key, k in kind.items() if key in value and k})
+    cells = {"all kinds": lower_is_corrupted([v for key, v in value.items() if kind[key]])}
+    for k in kinds:
+        cells[f"{k} vs clean"] = lower_is_corrupted([v for key, v in value.items() if kind[key] == k])
+    return cells, len(value), len(clean)
 
 
 def test_train_ids_select_sequences_of_the_dataset():

@@ -15,7 +15,9 @@
    random drop of the same size; its spread says how much one draw's luck is worth);
 5. report, on ``eval``: the steps each run needs to reach the full run's final validation loss,
    the final losses (per run, and mean and spread of the random draws), and how well the view's low
-   values find the planted corruption (AUROC), for the Adam-aware and for the SGD value.
+   values find the planted corruption (AUROC), for the Adam-aware and for the SGD value, per
+   sequence and per document (the scored run records document values, docs/DESIGN.md §2.9;
+   curate itself drops sequences).
 
 The runs go ``--parallel`` at a time (one process each). The last line is ``steps_saved=<fraction>``:
 1 - (steps of ``curated``) / (steps of ``full``) to reach the full run's final ``eval`` loss
@@ -42,6 +44,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from inrun_megatron.analysis.commands import curate
+from inrun_megatron.analysis.documents import by_document
 from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.data.demo_corpus import build_corpus
 from inrun_megatron.data.tokenizer import Tokenizer
@@ -203,13 +206,15 @@ def pretrain(
     targets: list[str],
     seed: int | None = None,
     adam_values: bool = True,
+    document_values: bool = False,
     wait: bool = True,
 ):
     """One run of launch/pretrain_gpt.py on the sample ids of ``ids`` (of the ``num_samples``-sequence
     training dataset), from scratch; its run directory, or its process when not ``wait``. ``seed``
     (default the config's) seeds the initialisation and megatron's dataset order alike, so the ids
     of one seed name other sequences under another: only a run on every id may change it. A run that
-    only measures its targets' loss records no ``adam_values`` (half the score rows)."""
+    only measures its targets' loss records no ``adam_values`` (half the score rows); only the scored
+    run records ``document_values`` (docs/DESIGN.md §2.9), for the report's document AUROC."""
     run_dir = out / name
     target_list = [{"name": t, "jsonl": str(out / "data" / f"{t}.jsonl")} for t in targets]
     overrides = [
@@ -224,6 +229,7 @@ def pretrain(
         f"validation.targets={json.dumps(target_list)}",
         *([f"training.seed={seed}"] if seed is not None else []),
         *([] if adam_values else ["scoring.optimizer_values=false"]),
+        *(["scoring.document_values=true"] if document_values else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     process = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
@@ -302,6 +308,35 @@ def corruption_report(run_dir: Path, dropped: np.ndarray, target: str = SELECT) 
     return {"auroc": aurocs, "dropped_of": counts}
 
 
+def document_corruption_report(run_dir: Path, target: str = SELECT) -> dict:
+    """AUROC of the curation view's low values for the planted corruption *per document*
+    (docs/DESIGN.md §1.7): each training document's value, as ``inrun-scores by-document`` sums the
+    scored run's document rows (docs/DESIGN.md §2.9), against the corruption the demo corpus planted
+    in it, for the Adam-aware and the SGD value; and how many documents of each kind were scored.
+    Curate itself stays per sequence (``data.train_ids`` names sequences), so this says how well
+    the values find the corrupted documents, not what the curated run dropped."""
+    aurocs, counts = {}, {}
+    with Scores(run_dir) as scores:
+        kinds = demo_report.document_kinds(scores.index())
+        for value in (VALUE, "sgd"):
+            row = scores.score_row(target, value)
+            documents = by_document(scores, target=row, view=VIEW, k=0).data["documents"]
+            values, fractions = document_fractions(documents, kinds)
+            aurocs[row] = demo_report.corruption_aurocs(values, fractions)
+            counts[row] = {kind: int(f.sum()) for kind, f in fractions.items()}
+            counts[row]["clean"] = len(documents) - sum(counts[row].values())
+    return {"document_auroc": aurocs, "documents_of": counts}
+
+
+def document_fractions(documents: list[dict], kinds: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The values of by-document's rows and, per corruption kind, 1 for each document of that kind and
+    0 for the others (a document is all of one kind): the form ``corruption_aurocs`` reads."""
+    values = np.array([d["value"] for d in documents], dtype=float)
+    labels = [kinds[d["source"]][d["document_id"]] for d in documents]
+    planted = sorted({label for label in labels if label})
+    return values, {kind: np.array([label == kind for label in labels], dtype=float) for kind in planted}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/curate-demo"))
@@ -353,7 +388,7 @@ def loop(out: Path, args: argparse.Namespace) -> None:
         return pretrain(out, name, num_samples=num_samples, steps=steps, wait=False, **job)
 
     # the second full run needs no values on select: it only measures eval, beside the scored one
-    full = {"ids": out / "all_ids.txt", "targets": [SELECT, EVAL]}
+    full = {"ids": out / "all_ids.txt", "targets": [SELECT, EVAL], "document_values": True}
     second = {"ids": out / "all_ids.txt", "targets": [EVAL], "seed": SECOND_SEED, "adam_values": False}
     run_side_by_side({"full": full, "full-seed2": second}, args.parallel, start)
     with Scores(out / "full" / "merged") as scores:
@@ -385,6 +420,7 @@ def report(out: Path) -> None:
     reach = {name: steps_to_reach(curve, level) for name, curve in curves.items()}
     final = {name: float(curve[-1]) for name, curve in curves.items()}
     found = corruption_report(out / "full" / "merged", dropped)
+    found_documents = document_corruption_report(out / "full" / "merged")
     tokenizer = Tokenizer({"type": "json", "path": str(out / "data" / "tokenizer.json")})
     texts = [json.loads(line)["text"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     eval_texts = [json.loads(line)["text"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
@@ -395,6 +431,12 @@ def report(out: Path) -> None:
     print(f"curate uses the Adam-aware value ({SELECT}{ADAM_ROW_SUFFIX}), the SGD value ({SELECT}) is shown beside it:")
     demo_report.print_table("", found["auroc"])
     print("dropped by curate: " + ", ".join(f"{d} of {n} {k}" for k, (d, n) in found["dropped_of"].items()))
+    print(f"\nthe same per training document (inrun-scores by-document, view {VIEW!r}: the mean over a document's")
+    print("span rows of each span's value as a multiple of its step's mean |span value|); a document is of one kind;")
+    print("curate above still drops whole sequences (data.train_ids names sequences):")
+    demo_report.print_table("", found_documents["document_auroc"])
+    counted = found_documents["documents_of"][f"{SELECT}{ADAM_ROW_SUFFIX}"]
+    print("documents scored: " + ", ".join(f"{n} {k}" for k, n in counted.items()))
     print(f"\nvalidation loss on '{EVAL}' (nats/token; token frequencies alone: {unigram:.3f}):")
     print(f"  {'run':<12}{'sequences':>10}{'steps':>8}{'final loss':>12}{'steps to reach full final':>28}")
     sizes = {"full": num_samples, "full-seed2": num_samples}
@@ -420,6 +462,7 @@ def report(out: Path) -> None:
         "random_arm": random_arm,
         "unigram_loss": unigram,
         **found,
+        **found_documents,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nnumbers in {out / 'summary.json'}")

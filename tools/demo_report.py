@@ -47,12 +47,19 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def corrupted_fractions(index, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Per corruption kind, per sample: the fraction of its tokens from documents of that kind."""
+def document_kinds(index) -> dict[str, list[str | None]]:
+    """Per source, per document id: the corruption the demo corpus planted in it (None: clean),
+    from the ``corrupted`` field the corpus wrote into each document's metadata."""
     kinds = {}
     for source in index.source_names:
         meta = index.documents(source).column("meta").to_pylist()
         kinds[source] = [json.loads(m).get("corrupted") if m else None for m in meta]
+    return kinds
+
+
+def corrupted_fractions(index, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Per corruption kind, per sample: the fraction of its tokens from documents of that kind."""
+    kinds = document_kinds(index)
     rows = index.lookup(sample_ids).to_pylist()
     out: dict[str, np.ndarray] = {}
     for i, row in enumerate(rows):
