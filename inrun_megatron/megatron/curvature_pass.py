@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.distributed import DistributedDataParallel
 from megatron.core.utils import get_model_config
 
+from inrun_megatron.megatron.validation_pass import ddp_chunks, gradient_sync_held_off
 from inrun_megatron.rng import RngState
 from inrun_megatron.validation import Batch
 
@@ -70,10 +70,6 @@ def replay_iterators(data_iterator: Any, pulled: list[list[Batch]]) -> Any:
     return None if data_iterator is None else _Replay(next(replays))
 
 
-def _ddp_chunks(chunks: Sequence[torch.nn.Module]) -> list[DistributedDataParallel]:
-    return [c for c in chunks if isinstance(c, DistributedDataParallel)]
-
-
 def training_gradients(
     chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Parameter]
 ) -> dict[torch.nn.Parameter, torch.Tensor | None]:
@@ -86,7 +82,7 @@ def training_gradients(
     reduce-scattered it over, into new tensors, and the buffers are not touched
     (``docs/DESIGN.md`` §2.10)."""
     grads = {p: p.main_grad if hasattr(p, "main_grad") else p.grad for p in params}
-    for ddp in _ddp_chunks(chunks):
+    for ddp in ddp_chunks(chunks):
         if not ddp.ddp_config.use_distributed_optimizer:
             continue
         for bucket_group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
@@ -112,17 +108,17 @@ def gradients_kept(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.
     back. Inside, the passes start from zeroed gradients, as the step's own validation pass does
     (it adds its gradient to the buffers before moving it into the store), and may use and clear
     them as they like."""
-    buffers = [b for ddp in _ddp_chunks(chunks) for b in ddp.buffers + ddp.expert_parallel_buffers]
+    buffers = [b for ddp in ddp_chunks(chunks) for b in ddp.buffers + ddp.expert_parallel_buffers]
     copies = [b.grad_data.clone() for b in buffers]
     plain = {p: p.grad for p in params}
     try:
-        for ddp in _ddp_chunks(chunks):
+        for ddp in ddp_chunks(chunks):
             ddp.zero_grad_buffer()
         for p in params:
             p.grad = None
         yield
     finally:
-        for ddp in _ddp_chunks(chunks):
+        for ddp in ddp_chunks(chunks):
             ddp.zero_grad_buffer()
         for b, copy in zip(buffers, copies):
             b.grad_data.copy_(copy)
@@ -140,7 +136,7 @@ def parameter_gathers_kept(chunks: Sequence[torch.nn.Module]):
     would dispatch (and finish) those gathers, and the next step would then run on stale shards of
     the other ranks' parameters. The gathers the pass runs reassemble the weights every rank holds
     already, bit for bit (the weights are moved identically on every rank, docs/DESIGN.md §2.10)."""
-    bucket_groups = [bg for ddp in _ddp_chunks(chunks) for bg in ddp.bucket_groups + ddp.expert_parallel_bucket_groups]
+    bucket_groups = [bg for ddp in ddp_chunks(chunks) for bg in ddp.bucket_groups + ddp.expert_parallel_bucket_groups]
     dispatched = [bg.param_gather_dispatched for bg in bucket_groups]
     try:
         yield
@@ -158,25 +154,12 @@ def replaying(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Param
     scoring of fused weight-gradient accumulation reads ``main_grad`` from zero), no data-parallel
     synchronisation or gradient finalisation. The caller sets the RNG streams to where the training
     pass started and restores them after (:class:`MegatronRngState`)."""
-    config = get_model_config(chunks[0])
-    saved_config = {
-        name: getattr(config, name) for name in ("no_sync_func", "grad_sync_func", "finalize_model_grads_func")
-    }
-    for ddp in _ddp_chunks(chunks):
+    for ddp in ddp_chunks(chunks):
         ddp.zero_grad_buffer()
     for p in params:
         p.grad = None
-    try:
-        config.no_sync_func = contextlib.nullcontext
-        config.grad_sync_func = None
-        config.finalize_model_grads_func = None
-        with contextlib.ExitStack() as no_sync:
-            for ddp in _ddp_chunks(chunks):
-                no_sync.enter_context(ddp.no_sync())
-            yield
-    finally:
-        for name, value in saved_config.items():
-            setattr(config, name, value)
+    with gradient_sync_held_off(chunks):
+        yield
 
 
 def check_second_order_supported(chunks: Sequence[torch.nn.Module]) -> None:

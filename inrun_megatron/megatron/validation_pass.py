@@ -81,8 +81,30 @@ def _validation_loss(output_tensor: torch.Tensor, *, mask: torch.Tensor, scale: 
     return loss_sum * scale, {"validation loss sum": loss_sum.detach()}
 
 
-def _ddp_chunks(chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
+def ddp_chunks(chunks: Sequence[torch.nn.Module]) -> list[DistributedDataParallel]:
     return [c for c in chunks if isinstance(c, DistributedDataParallel)]
+
+
+@contextlib.contextmanager
+def gradient_sync_held_off(chunks: Sequence[torch.nn.Module]):
+    """Run megatron's schedule without data-parallel gradient synchronisation or gradient
+    finalisation, as the passes that run beside training need (the validation pass, the curvature
+    pass's replay): the schedule's hooks are switched off in the model config and restored however
+    the block exits."""
+    config = get_model_config(chunks[0])
+    names = ("no_sync_func", "grad_sync_func", "finalize_model_grads_func")
+    saved_config = {name: getattr(config, name) for name in names}
+    try:
+        config.no_sync_func = contextlib.nullcontext
+        config.grad_sync_func = None
+        config.finalize_model_grads_func = None
+        with contextlib.ExitStack() as no_sync:
+            for ddp in ddp_chunks(chunks):
+                no_sync.enter_context(ddp.no_sync())
+            yield
+    finally:
+        for name, value in saved_config.items():
+            setattr(config, name, value)
 
 
 def _recompute_as_in_training(chunks: list[torch.nn.Module]) -> None:
@@ -105,28 +127,19 @@ def _isolated(chunks: list[torch.nn.Module], params: list[torch.nn.Parameter], l
     config = get_model_config(chunks[0])
     tracker = tensor_parallel.get_cuda_rng_tracker()  # megatron's model-parallel RNG streams
     tracker_states = tracker.get_states()
-    saved_config = {
-        name: getattr(config, name)
-        for name in ("no_sync_func", "grad_sync_func", "finalize_model_grads_func", "grad_scale_func")
-    }
+    saved_grad_scale_func = config.grad_scale_func
     stashed_grads = {p: p.grad for p in params}
     for p in params:
         p.grad = None
     try:
-        config.no_sync_func = contextlib.nullcontext
-        config.grad_sync_func = None
-        config.finalize_model_grads_func = None
         config.grad_scale_func = None if loss_scale == 1.0 else functools.partial(torch.mul, other=loss_scale)
-        with evaluation_state(*chunks), contextlib.ExitStack() as no_sync:
+        with evaluation_state(*chunks), gradient_sync_held_off(chunks):
             _recompute_as_in_training(chunks)
-            for ddp in _ddp_chunks(chunks):
-                no_sync.enter_context(ddp.no_sync())
             yield
     finally:
-        for name, value in saved_config.items():
-            setattr(config, name, value)
+        config.grad_scale_func = saved_grad_scale_func
         tracker.set_states(tracker_states)
-        for ddp in _ddp_chunks(chunks):
+        for ddp in ddp_chunks(chunks):
             ddp.zero_grad_buffer()
         for p, g in stashed_grads.items():
             p.grad = g
@@ -230,7 +243,7 @@ class MegatronTargetBackward:
             if grad is not None:
                 self.store[p][k].copy_(grad)
             p.grad = None
-        for ddp in _ddp_chunks(self.chunks):
+        for ddp in ddp_chunks(self.chunks):
             ddp.zero_grad_buffer()
 
     def complete_gradients(self) -> None:
