@@ -12,6 +12,19 @@ import torch
 TESTS = Path(__file__).resolve().parent
 
 
+#: What a launcher exports to a process it starts (and DeepSpeed or Accelerate export to their own).
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def plain_process_env() -> dict:
+    """The environment of a process started by hand, not by a launcher: this one's without what
+    earlier tests' process groups (DeepSpeed, Accelerate) may have exported into it, plus the
+    tests' and the repository's paths."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("ACCELERATE_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(TESTS), str(TESTS.parent)) if p)
+    return env
+
+
 def torchrun(
     script: Path, nproc: int, *args: str, timeout: int = 900, env: dict | None = None
 ) -> subprocess.CompletedProcess:

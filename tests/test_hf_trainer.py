@@ -16,6 +16,7 @@ Trainer's run of the same configuration must end with bitwise the same weights a
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 import transformers
 
 import oracle
-from launcher import launch
+from launcher import launch, plain_process_env
 
 REPO = Path(__file__).resolve().parents[1]
 DP = 2
@@ -58,15 +59,22 @@ def launched(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tests" / "workers"))
-    from hf_trainer import run_case
-
+    """The plain Trainer in one process without torch.distributed: a fresh Python process without any
+    launcher's variables (the test process may hold a process group from other tests, with which
+    Accelerate would wrap the model in DDP, and Accelerate's state would outlive the run)."""
     tmp = tmp_path_factory.mktemp("hf_trainer_single")
-    results = {}
-    for name, spec in IN_PROCESS.items():
-        saved = run_case(dict(name=name, run_dir=str(tmp / name), deepspeed=None, **spec), tmp)
-        results[name] = _case_result(tmp / name, [saved])
-    return results
+    cases = [dict(name=name, run_dir=str(tmp / name), deepspeed=None, **spec) for name, spec in IN_PROCESS.items()]
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    worker = REPO / "tests" / "workers" / "hf_trainer.py"
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tmp), str(tmp / "cases.json")],
+        env=plain_process_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    saved = torch.load(tmp / "rank0.pt", weights_only=False)
+    return {name: _case_result(tmp / name, [saved[name]]) for name in IN_PROCESS}
 
 
 def _case_result(run: Path, ranks: list) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from common import free_port
+from launcher import plain_process_env
 
 SETUP = """
 from inrun_megatron import cpu_shims
@@ -39,7 +40,9 @@ def test_readme_megatron_loop_runs():
     readme = (REPO / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "MegatronScorer(" in b)
     code = SETUP.format(port=free_port()) + block + CHECK
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=plain_process_env()
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "README loop OK" in out.stdout
 
@@ -71,7 +74,9 @@ def test_readme_register_rule_example_matches_brute_force():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- register-rule")[1].split("```python\n", 1)[1].split("```", 1)[0]
     code = RULE_SETUP + block + RULE_CHECK
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=plain_process_env()
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "README rule OK" in out.stdout, out.stdout[-2000:]
     print(out.stdout.strip().splitlines()[-1])

@@ -200,7 +200,8 @@ def run_case(case: dict, out_dir: Path) -> dict:
 def main() -> None:
     out_dir, cases = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     saved = {case["name"]: run_case(case, out_dir) for case in cases}
-    torch.save(saved, out_dir / f"rank{torch.distributed.get_rank()}.pt")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0  # one plain process: rank 0
+    torch.save(saved, out_dir / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
