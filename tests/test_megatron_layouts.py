@@ -188,6 +188,11 @@ LAYOUTS = [
            options=dict(DISTRIBUTED_ADAM, second_order=True)),
     Layout("1x1x2-distopt-second-order-overlap", 2, "layernorm-gelu-bias-untied", num_layers=2,
            options=dict(DISTRIBUTED_ADAM_OVERLAPPED, second_order=True)),
+    # ... with TP x PP on the interleaved schedule, sequence parallelism and per-token loss (docs/DESIGN.md §2.10:
+    # the replay's per-token divisor is the training pass's), the output weight tied across the first and last chunk.
+    Layout("2x2x1-vpp2-sp-fp64-second-order-pertoken", 4, "layernorm-swiglu-bias-tied-rope", tp=2, pp=2, vpp=2,
+           sequence_parallel=True, dtype=torch.float64, config=PER_TOKEN,
+           options={"ddp": MEGATRON_DDP, "n_micro": 4, "second_order": True}),
     Layout("1x1x2-bf16-second-order", 2, "layernorm-gelu-bias-untied", num_layers=2, config={"bf16": True},
            options={"ddp": {"grad_reduce_in_fp32": True}, "second_order": True},
            refused="do not support fp16/bf16 weights"),
