@@ -286,6 +286,47 @@ def test_document_values_end_to_end(data_dir, tmp_path, capsys):
     assert "the sample map gives" in capsys.readouterr().err
 
 
+def test_second_order_values_end_to_end(data_dir, tmp_path, capsys):
+    """``scoring.second_order`` (docs/DESIGN.md §1.7) at TP=2 with sequence parallelism, trained with Adam: every
+    step's dump holds each sample's curvature and second-order rows, ``inrun-scores verify`` checks their efficiency
+    identities (the curvatures sum to ``<g_t, H_val g_t>``), each second-order value is the sample's SGD value plus
+    its curvature term, and ``inrun-scores top --value second-order`` reads their sums."""
+    steps, batch = 3, 4
+    config = tiny_config(
+        data_dir,
+        tmp_path / "run",
+        parallel={"tensor_model_parallel_size": 2, "sequence_parallel": True},
+        training={"train_iters": steps, "global_batch_size": batch, "micro_batch_size": 2},
+        optimizer={"lr_warmup_iters": 0},  # a learning rate above 0 from the first step: curvature terms are not 0
+        scoring={"flush_every": 2, "second_order": True},
+        checkpoint={"save_interval": None},
+    )
+    _ok(run_pretrain(config, 2))
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["scoring"]["second_order"] is True
+    assert manifest["values"]["rows"]["heldout-a:curvature"] == {"target": "heldout-a", "value": "curvature"}
+    assert manifest["values"]["rows"]["heldout-a:second-order"] == {"target": "heldout-a", "value": "second-order"}
+    checked = verified_efficiency(run, steps=steps)
+    assert sorted(checked) == ["heldout-a", "heldout-a:adam", "heldout-a:curvature", "heldout-a:second-order"]
+
+    rows = {(r["step"], r["target"], r["sample_id"]): r for r in read_rows(run).to_pylist()}
+    second_order = {key: r for key, r in rows.items() if key[1] == "heldout-a:second-order"}
+    assert sorted(second_order) == [
+        (s, "heldout-a:second-order", i) for s in range(steps) for i in range(s * batch, (s + 1) * batch)
+    ]
+    expected: dict[int, float] = {}
+    for (step, _, sample_id), row in second_order.items():
+        first, term = rows[step, "heldout-a", sample_id], rows[step, "heldout-a:curvature", sample_id]
+        assert math.isfinite(term["raw"]) and term["value"] != 0.0
+        assert row["value"] == pytest.approx(first["value"] + term["value"], rel=1e-6, abs=1e-12)
+        expected[sample_id] = expected.get(sample_id, 0.0) + row["value"]
+    answer = scores_cli("top", run, "--value", "second-order", "-k", len(expected), capsys=capsys)
+    assert answer["target"] == "heldout-a:second-order"
+    assert {s["sample_id"]: s["value"] for s in answer["samples"]} == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert scores_cli("top", run, "-k", 1, capsys=capsys)["target"] == "heldout-a:adam"  # the default stays Adam's
+
+
 def scores_cli(*args, capsys) -> dict:
     """``inrun-scores ARGS --json`` in this process; its answer."""
     from inrun_megatron.analysis import cli

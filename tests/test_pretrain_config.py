@@ -62,6 +62,14 @@ def _raw() -> dict:
             ["training.micro_batch_size=1", "scoring.path=microbatch", "scoring.document_values=true"],
             "scoring.document_values needs each token's part of the score",
         ),
+        (
+            ["model.precision=bf16", "scoring.second_order=true"],
+            "scoring.second_order needs fp32 weights, got model.precision 'bf16'",
+        ),
+        (
+            ["scoring.second_order=true", "scoring.document_values=true"],
+            "scoring.second_order and scoring.document_values cannot both be on",
+        ),
         (["training.micro_batch_size"], "expected key=value"),
     ],
 )

@@ -133,6 +133,10 @@ class ScoringSection:
     # also record each document's part of every packed sequence's score (docs/DESIGN.md §2.9), cut at
     # the tokenizer's end-of-document token: RUN/documents/, `inrun-scores by-document`; needs the rules path
     document_values: bool = False
+    # also record each sample's curvature and second-order value (docs/DESIGN.md §1.7; rows T:curvature and
+    # T:second-order, `inrun-scores ... --value second-order`): a curvature pass per step, about two more plain
+    # steps of compute; fp32 weights only (model.precision fp32), not with document_values
+    second_order: bool = False
 
 
 @dataclass
@@ -343,6 +347,17 @@ def check_values(c: RunConfig) -> None:
         raise ConfigError(
             "scoring.document_values needs each token's part of the score, which only the per-layer rules give;"
             " scoring.path 'microbatch' sees one gradient per sequence: use 'auto' or 'rules'"
+        )
+    if c.scoring.second_order and m.precision != "fp32":
+        raise ConfigError(
+            f"scoring.second_order needs fp32 weights, got model.precision {m.precision!r}: its central difference"
+            " moves the weights by about 2.4e-4 of their norm (sqrt of fp32's unit roundoff, docs/DESIGN.md §1.7),"
+            " below bf16/fp16 resolution; set model.precision: fp32 or scoring.second_order: false"
+        )
+    if c.scoring.second_order and c.scoring.document_values:
+        raise ConfigError(
+            "scoring.second_order and scoring.document_values cannot both be on: the curvature pass scores whole"
+            " sequences, not document spans; set one of them to false"
         )
     _positive("logging.log_interval", c.logging.log_interval)
     _positive("checkpoint.save_interval", c.checkpoint.save_interval)

@@ -308,6 +308,7 @@ class Pretraining:
                 accumulate_values=False,
                 optimizer_values=c.scoring.optimizer_values,
                 document_eod=self.tokenizer.eod if c.scoring.document_values else None,
+                second_order=c.scoring.second_order,
             )
             self.scorer = MegatronScorer(
                 self.chunks, targets, scoring, micro_batch_size=t.micro_batch_size, optimizer=self.optimizer
