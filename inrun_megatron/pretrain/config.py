@@ -351,8 +351,9 @@ def check_values(c: RunConfig) -> None:
     if c.scoring.second_order and m.precision != "fp32":
         raise ConfigError(
             f"scoring.second_order needs fp32 weights, got model.precision {m.precision!r}: its central difference"
-            " moves the weights by about 2.4e-4 of their norm (sqrt of fp32's unit roundoff, docs/DESIGN.md §1.7),"
-            " below bf16/fp16 resolution; set model.precision: fp32 or scoring.second_order: false"
+            " moves the weights by about 3.5e-4 of their norm (the square root of fp32's machine epsilon,"
+            " docs/DESIGN.md §1.7), below bf16/fp16 resolution; set model.precision: fp32 or"
+            " scoring.second_order: false"
         )
     if c.scoring.second_order and c.scoring.document_values:
         raise ConfigError(
