@@ -67,14 +67,15 @@ def validation_hessian_vector_product(
 
 
 def finite_difference_step(weight_norm: float, direction_norm: float, dtype: torch.dtype) -> float:
-    """The step ``ε`` of :func:`central_difference_hvp` along ``g``: ``ε·‖g‖ = √u · ‖w‖``.
+    """The step ``ε`` of :func:`central_difference_hvp` along ``g``: ``ε·‖g‖ = √eps · ‖w‖``.
 
-    ``u`` is the unit roundoff of ``dtype`` (the dtype the validation gradient is computed in). The
+    ``eps`` is the machine epsilon of ``dtype`` (``torch.finfo(dtype).eps``, twice the unit roundoff;
+    the dtype the validation gradient is computed in). The
     central difference errs by the truncation ``(ε²/6)·D⁴L_val[g, g, g, ·]`` plus the rounding of the
-    two gradients divided by ``2ε``. The classical balance, a displacement of ``∛u·‖w‖``, assumes
+    two gradients divided by ``2ε``. The classical balance, a displacement of ``∛eps·‖w‖``, assumes
     the fourth derivative is of the order of the second on the scale of ``‖w‖``; on a transformer
-    it is not (``docs/DESIGN.md`` §1.7: on the tests' GPT ``∛u`` errs by 9·10⁻² in float32 and
-    8·10⁻⁸ in float64), so the displacement is ``√u·‖w‖``: 2.4·10⁻⁴ of ``‖w‖`` in float32,
+    it is not (``docs/DESIGN.md`` §1.7: on the tests' GPT ``∛eps`` errs by 9·10⁻² in float32 and
+    8·10⁻⁸ in float64), so the displacement is ``√eps·‖w‖``: 3.5·10⁻⁴ of ``‖w‖`` in float32,
     1.5·10⁻⁸ in float64 (there 1.4·10⁻⁴ and 1.9·10⁻¹⁰). Returns 0 when ``g`` is 0 (then ``H_val g``
     is 0 too).
     """
