@@ -19,6 +19,7 @@ from inrun_megatron.deepspeed.scorer import masked_token_mean
 from inrun_megatron.distributed import free_port
 from inrun_megatron.model_shape import ModelShape
 
+import oracle
 from common import BACKEND, DEVICE, make_data, torch_adamw
 
 
@@ -34,12 +35,15 @@ def init_deepspeed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if DEVICE.type == "cuda" else "gloo")
 
 
-def ds_config(*, stage: int, gas: int, mbs: int, clip: float, dtype: str = "fp32", fp16_scale_power: int = 8) -> dict:
+def ds_config(
+    *, stage: int, gas: int, mbs: int, clip: float, dtype: str = "fp32", fp16_scale_power: int = 8, persistence: int = 0
+) -> dict:
+    """``persistence``: ZeRO-3 keeps parameters of fewer elements gathered between forwards."""
     return {
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": clip,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persistence},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16", "initial_scale_power": fp16_scale_power, "hysteresis": 1},
@@ -76,6 +80,32 @@ def batch_dot(scorer, grads: dict, target: int = 0) -> tuple[float, float]:
     if scorer.engine.mpu is not None:
         dist.all_reduce(total, group=scorer.engine.mpu.get_model_parallel_group())
     return float(total[0]), float(total[1])
+
+
+def adam_aware_reference(engine, shape: ModelShape, validation, train, *, steps_taken: int) -> tuple[dict, float]:
+    """Brute force of the Adam-aware row (docs/DESIGN.md §1.5) of a step of the LM under DeepSpeed with
+    :func:`common.torch_adamw` (eps 1e-8): per sample ``<grad l_z, P ⊙ G>``, ``P`` from the full second
+    moment as DeepSpeed's own ``safe_get_full_optimizer_state`` gathers it (the client optimizer's state
+    without ZeRO) and ``steps_taken``, and ``<g_t, P ⊙ G>`` from DeepSpeed's full gradient. Call between
+    the step's ``forward_backward`` and ``engine.step()``."""
+    from deepspeed.utils import safe_get_full_grad, safe_get_full_optimizer_state
+
+    names = {p: n for n, p in engine.module.named_parameters()}
+    model = TransformerLM(shape).to(DEVICE)
+    weights = full_weights(engine.module)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    g_val = oracle.validation_gradient(model, validation, lm_token_losses)
+    pg = {}
+    for p in engine.module.parameters():
+        if engine.zero_optimization_stage() == 0:
+            v = engine.optimizer.state[p]["exp_avg_sq"]
+        else:
+            v = safe_get_full_optimizer_state(p, "exp_avg_sq")
+        pg[names[p]] = oracle.adam_preconditioner_of(v, steps_taken, (0.9, 0.95), 1e-8) * g_val[names[p]].double()
+    g_train = {names[p]: safe_get_full_grad(p) for p in engine.module.parameters()}
+    return oracle.per_sample_raw(model, train, lm_token_losses, pg), oracle.dot(g_train, pg)
 
 
 def validation_pass_isolation(scorer) -> dict:
@@ -249,11 +279,15 @@ def with_training_equivalence(run, **case) -> dict:
     return scored
 
 
-def second_order_case(*, stage: int, split: bool, steps: int = 2) -> list[dict]:
-    """Per step ``{row: {sample_id: raw}}`` of every rank's samples (gathered over data parallelism) and
-    ``{row: batch_dot}`` of a second-order run (docs/DESIGN.md §2.10): the LM at ``stage`` with 4
-    micro-batches of 2 per step split over the world's data-parallel ranks (the same global batch
-    at any DP size), plain SGD, no clipping."""
+def second_order_case(
+    *, stage: int, split: bool, steps: int = 2, persistence: int = 0, second_order: bool = True
+) -> dict:
+    """A run with second-order values (docs/DESIGN.md §2.10; first-order only with ``second_order``
+    False, the reference of training equivalence): the LM at ``stage`` with 4 micro-batches of 2 per
+    step split over the world's data-parallel ranks (the same global batch at any DP size), plain
+    SGD, no clipping; ``persistence``: ZeRO-3's persistence threshold. Returns ``{"steps": per step
+    ({row: {sample_id: raw}} of every rank's samples, gathered over data parallelism; {row:
+    batch_dot}), "losses": this rank's micro-batch losses, "weights": the final full weights}``."""
     import deepspeed
 
     from inrun_megatron import ScoringConfig
@@ -264,13 +298,13 @@ def second_order_case(*, stage: int, split: bool, steps: int = 2) -> list[dict]:
     shape = llama_shape()
     torch.manual_seed(0)
     model = TransformerLM(shape)
-    config = ds_config(stage=stage, gas=4 // dp, mbs=2, clip=0.0)
+    config = ds_config(stage=stage, gas=4 // dp, mbs=2, clip=0.0, persistence=persistence)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=config)
-    scoring = ScoringConfig(second_order=True, validation_split="split" if split else "replicate")
+    scoring = ScoringConfig(second_order=second_order, validation_split="split" if split else "replicate")
     scorer = DeepSpeedScorer(engine, make_data(shape, 2, 2, seed=6, first_id=10**6), lm_token_losses, scoring)
-    out = []
+    out = {"steps": [], "losses": []}
     for step in range(steps):
-        scorer.forward_backward(make_data(shape, 4, 2, seed=5 + step, first_id=100 * step)[rank::dp])
+        out["losses"] += scorer.forward_backward(make_data(shape, 4, 2, seed=5 + step, first_id=100 * step)[rank::dp])
         engine.step()
         result = scorer.end_step()
         rows: dict[str, dict[int, float]] = {}
@@ -280,7 +314,8 @@ def second_order_case(*, stage: int, split: bool, steps: int = 2) -> list[dict]:
         everyone = [None] * dp
         dist.all_gather_object(everyone, rows)
         merged = {t: {sid: r for other in everyone for sid, r in other[t].items()} for t in rows}
-        out.append((merged, dict(result.batch_dots)))
+        out["steps"].append((merged, dict(result.batch_dots)))
     scorer.detach()
+    out["weights"] = full_weights(engine.module)
     engine.destroy()
     return out

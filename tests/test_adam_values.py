@@ -15,7 +15,6 @@ import torch
 import oracle
 from common import (
     CASES,
-    DEVICE,
     load_canonical_weights,
     make_data,
     manifest_for_tests,
@@ -211,8 +210,7 @@ def test_deepspeed_adam_values_match_brute_force(deepspeed_world, stage):
     full second moment as DeepSpeed's own ``safe_get_full_optimizer_state`` gathers it and the
     number of steps taken; the efficiency identity against DeepSpeed's full gradient."""
     import deepspeed
-    from deepspeed.utils import safe_get_full_grad, safe_get_full_optimizer_state
-    from ds_common import ds_config, full_weights
+    from ds_common import adam_aware_reference, ds_config
     from test_deepspeed import MODELS
 
     from inrun_megatron.deepspeed import DeepSpeedScorer
@@ -226,29 +224,12 @@ def test_deepspeed_adam_values_match_brute_force(deepspeed_world, stage):
     validation = make_data(shape, 2, 2, seed=6, first_id=10**6)
     scorer = DeepSpeedScorer(engine, validation, lm_token_losses)
     assert scorer.score_rows == ["validation", "validation:adam"]
-    names = {p: n for n, p in engine.module.named_parameters()}
     for step in range(3):
         train = make_data(shape, 2, 2, seed=5 + step, first_id=100 * step)
         scorer.forward_backward(train)
         reference = {}
         if step > 0:
-            reference_model = TransformerLM(shape).to(DEVICE)
-            weights = full_weights(engine.module)
-            with torch.no_grad():
-                for name, p in reference_model.named_parameters():
-                    p.copy_(weights[name])
-            g_val = oracle.validation_gradient(reference_model, validation, lm_token_losses)
-            pg = {}
-            for p in engine.module.parameters():
-                v = (
-                    engine.optimizer.state[p]["exp_avg_sq"]
-                    if stage == 0
-                    else safe_get_full_optimizer_state(p, "exp_avg_sq")
-                )
-                pg[names[p]] = oracle.adam_preconditioner_of(v, step, (0.9, 0.95), 1e-8) * g_val[names[p]].double()
-            reference = oracle.per_sample_raw(reference_model, train, lm_token_losses, pg)
-            g_train = {names[p]: safe_get_full_grad(p) for p in engine.module.parameters()}
-            batch_dot = oracle.dot(g_train, pg)
+            reference, batch_dot = adam_aware_reference(engine, shape, validation, train, steps_taken=step)
         engine.step()
         result = scorer.end_step()
         records = result.records

@@ -114,12 +114,12 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
     # Bad input on one rank is refused on every rank before any collective work (no hang).
     assert "rank(s) [1] rejected their input" in outputs[0]["rejection"], outputs[0]["rejection"]
     assert "has no 'sample_ids'" in outputs[1]["rejection"], outputs[1]["rejection"]
-    # Second-order values (docs/DESIGN.md §2.10) at DP=2, ZeRO-1 replicated and ZeRO-2 split validation: per
-    # sample id the single process's (the curvature is a central difference over ε·‖g‖ = 2.4e-4·‖w‖ in fp32, so
-    # the layouts' rounding of G, divided by 2ε, moves it by up to ~1e-4 of the largest), and efficient.
+    # Second-order values (docs/DESIGN.md §2.10) at DP=2, ZeRO-1 replicated, ZeRO-2 and ZeRO-3 split validation:
+    # per sample id the single process's (the curvature is a central difference over ε·‖g‖ = 2.4e-4·‖w‖ in fp32,
+    # so the layouts' rounding of G, divided by 2ε, moves it by up to ~1e-4 of the largest), and efficient.
     single = second_order_case(stage=0, split=False)
     for (stage, split), got in outputs[0]["second_order"].items():
-        for step, ((rows, dots), (reference, _)) in enumerate(zip(got, single)):
+        for step, ((rows, dots), (reference, _)) in enumerate(zip(got["steps"], single["steps"])):
             for row, expected in reference.items():
                 assert sorted(rows[row]) == sorted(expected)
                 scale = max(abs(v) for v in expected.values())
@@ -128,6 +128,13 @@ def test_zero_stages_equal_single_process(deepspeed_world, tmp_path):
                 print(f"second order ZeRO-{stage} split={split} step {step} {row}: {error:.1e} from single process")
                 assert error <= (1e-3 if row.endswith(":curvature") else 1e-4), (stage, split, step, row, error)
                 assert residual <= 1e-5, (stage, split, step, row, residual)
+    # ZeRO-3's curvature pass moves and restores every rank's partitions and the gathered persistent parameters:
+    # training bitwise as with first-order scoring (itself the unscored training: changed_by_scoring above)
+    for out in outputs:
+        second, first = out["second_order"][(3, True)], out["zero3_first_order"]
+        assert second["losses"] == first["losses"]
+        for name, w in first["weights"].items():
+            assert torch.equal(second["weights"][name], w), name
     keys = {(c["model"], tuple(sorted(_run(c).items()))) for c in CASES}
     references = {key: _reference(key[0], dict(key[1])) for key in keys}
     for (_, run), ref in references.items():  # the reference itself satisfies the identities

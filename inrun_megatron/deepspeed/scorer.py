@@ -62,7 +62,8 @@ from inrun_megatron.config import ScoringConfig
 from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
 from inrun_megatron.deepspeed.optimizer_state import adam_preconditioners, is_adam_engine
-from inrun_megatron.deepspeed.validation_pass import DeepSpeedTargetBackward, TokenLosses
+from inrun_megatron.deepspeed.partitioned_weights import PartitionedDisplacement
+from inrun_megatron.deepspeed.validation_pass import DeepSpeedTargetBackward, TokenLosses, gradients_discarded
 from inrun_megatron.hf_rules import registered_builders
 from inrun_megatron.optimizer_values import ADAM, CURVATURE
 from inrun_megatron.rng import RngState
@@ -398,26 +399,37 @@ class DeepSpeedScorer(Scorer):
 
         Runs after the boundary micro-step's backward (``g_t`` reduced where DeepSpeed keeps it) and
         before ``engine.step()``. ``g_t`` is read whole with ``safe_get_full_grad`` (ZeRO-1/2: the
-        owned fragments summed over the data-parallel ranks); the validation passes at ``w ± εg_t``
-        and the replay backward through ``torch.autograd.grad``, so no ``.grad``, ZeRO hook, bucket
-        or partition is touched; the weights are restored bitwise and the RNG streams left where
-        the training pass left them. The replay runs each micro-batch through ``loss_fn`` on the
-        bare module (as the validation pass does: the engine's forward would arm its backward
-        prologue) in training mode, from the RNG state the training pass started from, and scales
-        its loss by the factor the training backward applied to it."""
+        owned fragments summed over the data-parallel ranks); under ZeRO-3 each rank reads and moves
+        only its partitions (:class:`~inrun_megatron.deepspeed.partitioned_weights.PartitionedDisplacement`).
+        The validation passes at ``w ± εg_t`` and the replay backward through ``torch.autograd.grad``,
+        so no ``.grad``, ZeRO hook, bucket or gradient partition is touched; the weights are restored
+        bitwise and the RNG streams left where the training pass left them. The replay runs each
+        micro-batch through ``loss_fn`` on the bare module (as the validation pass does: the
+        engine's forward would arm its backward prologue) in training mode, from the RNG state the
+        training pass started from, and scales its loss by the factor the training backward
+        applied to it; as in the validation pass, autograd's gradients are dropped the moment each
+        is scored, and ZeRO-3 parameters left gathered are re-partitioned afterwards."""
         from deepspeed.utils import safe_get_full_grad
 
         engine = self.engine
         n_targets, (n_micro, mbs) = len(self.targets), (len(micro_batches), self.micro_batch_size)
         params = self.grads.params()
         rng_after_training = RngState.capture()
-        g = {}
-        for p in params:  # collective under ZeRO-1/2: every rank reads every parameter, in order
-            full = safe_get_full_grad(p)
-            g[p] = torch.zeros_like(p) if full is None else full.detach().to(p.dtype)
+        partitions = PartitionedDisplacement(params, self.dp_group) if self.zero_stage == 3 else None
+        if partitions is not None:  # each rank moves its partitions of the weights (docs/DESIGN.md §2.10)
+            moved, direction = partitions.weights, partitions.direction
+        else:
+            g = {}
+            for p in params:  # collective under ZeRO-1/2: every rank reads every parameter, in order
+                full = safe_get_full_grad(p)
+                g[p] = torch.zeros_like(p) if full is None else full.detach().to(p.dtype)
+            moved, direction = params, [g[p] for p in params]
         with rng_after_training.restored():
-            weight_norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
-            g_norm = math.sqrt(sum(float(t.double().square().sum()) for t in g.values()))
+            if partitions is not None:
+                weight_norm, g_norm = partitions.norms()
+            else:
+                weight_norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+                g_norm = math.sqrt(sum(float(t.double().square().sum()) for t in g.values()))
             if not math.isfinite(g_norm):
                 nan = torch.full((n_targets, n_micro, mbs), float("nan"), dtype=torch.float64, device=engine.device)
                 return nan, torch.full((n_targets,), float("nan"), dtype=torch.float64, device=engine.device)
@@ -427,19 +439,26 @@ class DeepSpeedScorer(Scorer):
             shifted = self.make_curvature_store(params)  # G at w ± εg; the store keeps the step's own G
 
             def validation_gradients() -> list[torch.Tensor]:
+                if partitions is not None:
+                    partitions.refresh_gathered()
                 self.validation_pass(into=shifted)
                 return shifted.values()
 
-            central_difference_hvp(params, [g[p] for p in params], step, validation_gradients, hvp.values())
+            try:
+                central_difference_hvp(moved, direction, step, validation_gradients, hvp.values())
+            finally:
+                if partitions is not None:
+                    partitions.refresh_gathered()
             store, self.grads = self.grads, hvp
             try:
                 rng_at_start.restore()
                 self.begin_scoring(n_micro, mbs)
                 completed = False
                 try:
-                    for m, batch in enumerate(micro_batches):
-                        loss = loss_fn(engine.module, batch)
-                        torch.autograd.grad(loss * float(applied[m]), params, allow_unused=True)
+                    with gradients_discarded(params, self.release_gathered_parameters):
+                        for m, batch in enumerate(micro_batches):
+                            loss = loss_fn(engine.module, batch)
+                            torch.autograd.grad(loss * float(applied[m]), params, allow_unused=True)
                     completed = True
                 finally:
                     curvature = self.end_scoring(completed)
@@ -451,9 +470,12 @@ class DeepSpeedScorer(Scorer):
         dots = optimizer_gradient_dot(engine, hvp, self.counts).dot / self.fp16_loss_scale()
         return curvature, dots
 
-    def make_curvature_store(self, params: list[torch.nn.Parameter]) -> DenseGradientStore:
-        """A dense store of one row per target: ``H_val g_t``, or ``G`` at ``w ± εg_t``."""
+    def make_curvature_store(self, params: list[torch.nn.Parameter]) -> ValidationGradients:
+        """A store of one row per target, laid out as the store of ``G`` (partitioned under ZeRO-3):
+        ``H_val g_t``, or ``G`` at ``w ± εg_t``."""
         split = self.config.validation_split == "split"
+        if self.zero_stage == 3:
+            return PartitionedGradientStore(params, len(self.targets), sum_over_ranks=split)
         return DenseGradientStore(params, len(self.targets), dp_group=self.dp_group, sum_over_ranks=split)
 
     def _check_step_input(self, micro_batches: list[Batch]) -> torch.Tensor:
@@ -548,9 +570,6 @@ class DeepSpeedScorer(Scorer):
 def check_second_order_supported(engine) -> None:
     """Refuse, at attach, the engines the curvature pass cannot serve (``docs/DESIGN.md`` §2.10), naming them."""
     refused = {
-        "ZeRO stage 3 (the perturbation w ± εg_t would go through DeepSpeed's partitioned parameters)": (
-            engine.zero_optimization_stage() == 3
-        ),
         "fp16/bf16 (a perturbation of √u_fp32·‖w‖ along g is below half precision's resolution)": (
             engine.fp16_enabled() or engine.bfloat16_enabled()
         ),
@@ -560,8 +579,8 @@ def check_second_order_supported(engine) -> None:
         if present:
             raise NotImplementedError(
                 f"second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) in the DeepSpeed adapter"
-                f" do not support {what} yet; switch second_order off, or train with fp32 weights at ZeRO stage 0,"
-                " 1 or 2 on plain-PyTorch layers"
+                f" do not support {what} yet; switch second_order off, or train with fp32 weights on plain-PyTorch"
+                " layers"
             )
 
 

@@ -32,6 +32,21 @@ def _placeholder(grad: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
 
+@contextlib.contextmanager
+def gradients_discarded(params: Sequence[torch.nn.Parameter], release_parameters: Callable[[], None]) -> Iterator[None]:
+    """A backward through ``torch.autograd.grad`` that scores but keeps no gradient: each parameter's
+    gradient is replaced by a placeholder once the hooks registered before (the scorer's) have seen
+    it, so autograd never holds a complete set of full gradients; ``release_parameters`` runs
+    afterwards (the curvature pass's replay, ``docs/DESIGN.md`` §2.10)."""
+    handles = [p.register_hook(_placeholder) for p in params]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        release_parameters()
+
+
 class DeepSpeedTargetBackward:
     """One target's validation backward through the bare module (a
     :class:`~inrun_megatron.validation_pass.TargetBackward`).

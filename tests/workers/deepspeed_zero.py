@@ -49,11 +49,19 @@ def main() -> None:
     for case in cases:
         shape = llama_shape(**case.pop("shape"))
         results.append(with_training_equivalence(run_deepspeed_case, shape=shape, keep_gradients=True, **case))
+    # ZeRO-3 persistence 1100: the norms and attention projections stay gathered between forwards
+    zero3 = dict(stage=3, split=True, persistence=1100)
     second_order = {
         (1, False): second_order_case(stage=1, split=False),
         (2, True): second_order_case(stage=2, split=True),
+        (3, True): second_order_case(**zero3),
     }
-    out = {"cases": results, "rejection": rejection_on_one_rank(), "second_order": second_order}
+    out = {
+        "cases": results,
+        "rejection": rejection_on_one_rank(),
+        "second_order": second_order,
+        "zero3_first_order": second_order_case(**zero3, second_order=False),
+    }
     torch.save(out, out_dir / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
