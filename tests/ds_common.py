@@ -142,7 +142,10 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
     and target under plain SGD only (efficiency and ``abs_raw`` only for applied steps: a skipped
     step's raw is NaN), sums over the global batch; ``path``: the scoring path the scorer chose.
     ZeRO-3 adds the store's memory counts; ``keep_gradients`` adds step 0's ``G`` as
-    ``{(target, parameter name): G}``. Plain SGD makes the SGD identity exact.
+    ``{(target, parameter name): G}``. Plain SGD makes the SGD identity exact. With second-order
+    values (docs/DESIGN.md §1.7) ``raw`` also holds the ``name:curvature`` and ``name:second-order``
+    rows, and ``efficiency_curvature`` has per applied step and target (sum of curvatures over the
+    global batch, the scorer's <g, H_val g>, sum of |curvature|).
     """
     from deepspeed.utils import safe_get_full_grad
 
@@ -150,6 +153,7 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
     names = {p: n for n, p in engine.module.named_parameters()}
     plain_sgd = type(getattr(engine.optimizer, "optimizer", engine.optimizer)) is torch.optim.SGD
     out = {"raw": [], "efficiency": [], "abs_raw": [], "sgd": [], "clip": [], "skipped": [], "losses": []}
+    out["efficiency_curvature"] = []
     for step in range(steps):
         data = batches_of_step(step)
         if scorer is None:
@@ -176,7 +180,7 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
                 out["G"].update({(t, names[p]): g[k].clone() for k, t in enumerate(targets)})
         loss_scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0  # ZeRO keeps grads scaled
         g = {p: safe_get_full_grad(p).double() / loss_scale for p in scorer.grads.params()}
-        rows = scorer.score_rows  # row k of the store of G is score row k
+        rows = scorer.score_rows[: scorer.n_store_rows]  # row k of the store of G is score row k
         dots = [batch_dot(scorer, g, k) for k in range(len(rows))]
         before = full_weights(engine.module)
         engine.step()
@@ -209,6 +213,10 @@ def train(engine, scorer, batches_of_step, steps: int, loss_fn, *, keep_gradient
                 out["abs_raw"].append(sum(sum(abs(x) for x in r[t].values()) for r, _ in everyone))
             if plain_sgd and t in targets:
                 out["sgd"].append((sum(v[t] for _, v in everyone), batch_dot(scorer, moved, k)[0]))
+        for t in (f"{target}:curvature" for target in targets):  # scored against H_val g_t, not a row of G
+            if t in raw and not skipped:
+                curvatures = [x for r, _ in everyone for x in r[t].values()]
+                out["efficiency_curvature"].append((sum(curvatures), recorded[t], sum(map(abs, curvatures))))
     out["weights"] = full_weights(engine.module)
     if scorer is not None:
         out["values"] = scorer.values()

@@ -70,7 +70,7 @@ def _residuals(got: dict, lr: float) -> tuple[float, float]:
     """Largest efficiency and SGD identity residuals, relative to the size of what is summed
     (sum of |raw| over the global batch; times lr * clip for the SGD identity): sums of scores of
     either sign can cancel, so relative to the sum itself a residual says nothing."""
-    per_step = len(got["raw"][0])  # one entry per step and target
+    per_step = len(got["sgd"]) // len(got["clip"])  # one entry per step and target
     efficiency = max(abs(t - d) / a for (t, d), a in zip(got["efficiency"], got["abs_raw"]))
     sgd = max(
         abs(t - d) / (lr * got["clip"][j // per_step] * a)
@@ -189,7 +189,11 @@ def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, 
     """megatron-core TP=2 layers in DeepSpeed engines at DP=2, every ZeRO stage, against the
     single-process Megatron adapter on the same global batches (no clipping: plain SGD). At
     micro-batch size 1 (ZeRO-1 and ZeRO-3) the microbatch-gradient path scores: tensor-parallel
-    shards summed over TP, TP duplicates (norms) counted on one TP rank."""
+    shards summed over TP, TP duplicates (norms) counted on one TP rank. Second-order values
+    (docs/DESIGN.md §2.10) at ZeRO-0/1/2/3, both paths: per sample id the single process's curvature
+    (the reference's curvature pass is the Megatron adapter's; both are central differences in
+    fp32, so the layouts' rounding of G divided by 2ε moves it, within 10⁻³ of the largest as in
+    the other DeepSpeed second-order tests), its efficiency identity, training bitwise unchanged."""
     from inrun_megatron.megatron.model import GPTShape
 
     from common import CASES as GPT_CASES
@@ -199,14 +203,19 @@ def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, 
     run = dict(gas=2, mbs=2, steps=2, lr=0.5, seed=21)
     cases = [dict(shape=shape_to_json(shape), stage=s, **run) for s in (0, 1, 2, 3)]
     cases += [dict(shape=shape_to_json(shape), stage=s, **dict(run, mbs=1)) for s in (1, 3)]
+    cases += [dict(shape=shape_to_json(shape), stage=s, second_order=True, **run) for s in (0, 2)]
+    cases += [dict(shape=shape_to_json(shape), stage=s, second_order=True, **dict(run, mbs=1)) for s in (1, 3)]
     ranks = launch("deepspeed_tp.py", 4, tmp_path, json.dumps(dict(tp=2, cases=cases)))
+    # with the curvature rows; its first-order scores are bitwise those of an unscored-curvature run (§2.10)
     references = {
-        mbs: run_case(shape, n_micro=run["gas"] * DP, mbs=mbs, steps=run["steps"], lr=run["lr"], seed=21)
+        mbs: run_case(
+            shape, n_micro=run["gas"] * DP, mbs=mbs, steps=run["steps"], lr=run["lr"], seed=21, second_order=True
+        )
         for mbs in (1, run["mbs"])
     }
     for i, case in enumerate(cases):
         path = "microbatch" if case["mbs"] == 1 else "rules"
-        name = f"TP=2 x DP=2 ZeRO-{case['stage']}, {path}"
+        name = f"TP=2 x DP=2 ZeRO-{case['stage']}, {path}{', second order' if case.get('second_order') else ''}"
         reference = references[case["mbs"]]
         residuals = [_assert_rank_result(name, rank[i], case["stage"], run["lr"]) for rank in ranks]
         assert all(rank[i]["path"] == path for rank in ranks), f"{name}: scored by {ranks[0][i]['path']}"
@@ -217,3 +226,19 @@ def test_tensor_parallel_inside_deepspeed_equals_single_process(megatron_world, 
             errors.append(_relative_error(ranks, i, step, {"validation": reference["raw"][step]}))
             assert errors[-1] <= 1e-4, f"{name} step {step}: {errors[-1]:.2e} from the single-process scores"
         print(f"{name}: max relative error vs single process {max(errors):.2e}, {residuals[0]}")
+        if not case.get("second_order"):
+            continue
+        curvature_errors = []
+        for step in range(run["steps"]):
+            curvature_errors.append(
+                _relative_error(ranks, i, step, {"validation:curvature": reference["raw_curvature"][step]})
+            )
+            assert curvature_errors[-1] <= 1e-3, f"{name} step {step}: curvature {curvature_errors[-1]:.2e} off"
+        got = ranks[0][i]["efficiency_curvature"]
+        assert len(got) == run["steps"]
+        efficiency = max(abs(total - batch_dot) / abs_sum for total, batch_dot, abs_sum in got)
+        assert efficiency <= 1e-5, f"{name}: curvature efficiency identity off by {efficiency:.1e}"
+        curvature_error = max(curvature_errors)
+        print(
+            f"{name}: curvature max relative error vs single process {curvature_error:.2e}, efficiency {efficiency:.1e}"
+        )

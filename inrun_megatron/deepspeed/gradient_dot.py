@@ -13,12 +13,14 @@ clips and applies it. Where it keeps it depends on the stage and precision, in t
 
 Each rank dots only what it owns (a replicated whole gradient on data-parallel rank 0 only),
 with no gathering, and the pieces are summed over the data-parallel and then the model-parallel
-group: the gradient never moves, only ``2 K`` numbers.
+group: the gradient never moves, only ``2 K`` numbers. :func:`model_norm` counts a model-wide norm
+the same way (the curvature pass's ``ε``, ``docs/DESIGN.md`` §2.10).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -74,5 +76,26 @@ def optimizer_gradient_dot(
         if owned is not None:
             fragment, start = owned
             total.add(fragment, grads[p].reshape(-1, p.numel())[:, start : start + fragment.numel()])
-    mp_group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
-    return total.reduce(dp_group, mp_group)
+    return total.reduce(dp_group, model_parallel_group(engine))
+
+
+def model_parallel_group(engine) -> dist.ProcessGroup | None:
+    """The group tensor-parallel shards are summed over (``engine.mpu``'s model-parallel group;
+    None without an mpu)."""
+    return engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
+
+
+def model_norm(
+    engine, tensors: Mapping[torch.nn.Parameter, torch.Tensor], counted: Callable[[torch.nn.Parameter], bool]
+) -> float:
+    """``‖t‖`` over the whole model of tensors held whole on this rank (``tensors[p]`` of ``p``'s
+    shape: the weights, or ``g_t`` read whole under ZeRO-0/1/2), each weight once as
+    :func:`optimizer_gradient_dot` counts ``<g, G>``: the parameters ``counted`` accepts (a
+    tensor-parallel duplicate on one rank), summed over the model-parallel group, so every rank
+    gets the same norm (``docs/DESIGN.md`` §2.4, §2.10). Replicated over data parallelism: no
+    data-parallel reduction."""
+    total = DotAccumulator(1, engine.device)
+    for p, t in tensors.items():
+        if counted(p):
+            total.add(t, t)
+    return math.sqrt(float(total.reduce(model_parallel_group(engine)).dot[0]))

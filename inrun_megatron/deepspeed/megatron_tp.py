@@ -7,13 +7,19 @@ the same unit the Megatron adapter uses: linear layers are scored inside megatro
 backward, tensor-parallel shards are summed over the TP group and TP duplicates counted once
 (``docs/DESIGN.md`` §2.4). This module adds what is DeepSpeed's: the layouts it refuses, and the
 model-parallel unit DeepSpeed must be told the layout with,
-``deepspeed.initialize(..., mpu=MegatronMPU())``.
+``deepspeed.initialize(..., mpu=MegatronMPU())``, and activation recomputation held off in the
+curvature pass's replay (:func:`reentrant_recomputation_off`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer import TransformerConfig
 
 from inrun_megatron.config import ScoringConfig
 from inrun_megatron.megatron_core_layers import MegatronCoreLayers
@@ -68,3 +74,42 @@ def megatron_core_layers(engine, config: ScoringConfig) -> MegatronCoreLayers:
             " deepspeed.initialize(..., mpu=inrun_megatron.deepspeed.MegatronMPU())"
         )
     return layers
+
+
+#: megatron-core's per-module switches of selective recomputation through its reentrant checkpoint
+#: (``tensor_parallel.checkpoint``): core attention and the MLP. (Full recomputation is switched by
+#: ``TransformerConfig.recompute_granularity``; the norms' selective recomputation does not re-enter
+#: autograd.)
+REENTRANT_RECOMPUTATION_SWITCHES = ("checkpoint_core_attention", "recompute_mlp")
+
+
+@contextlib.contextmanager
+def reentrant_recomputation_off(module: torch.nn.Module) -> Iterator[None]:
+    """Inside: ``module``'s megatron-core layers keep their activations instead of recomputing them
+    through megatron's reentrant checkpoint (``docs/DESIGN.md`` §2.10).
+
+    The curvature pass's replay backwards with ``torch.autograd.grad`` so that no ``.grad`` is written
+    and no ZeRO gradient hook fires; megatron's checkpoint refuses that (its backward runs a nested
+    backward that accumulates into ``.grad``). The replay computes the same thing without
+    recomputation: the checkpointed forward draws the same random numbers as a plain one, and the
+    recomputation only repeats it. Its activations then stay alive like the validation pass's
+    (which runs in eval mode, where megatron never recomputes). The switches are restored on exit.
+    """
+    configs = {
+        id(m.config): m.config for m in module.modules() if isinstance(getattr(m, "config", None), TransformerConfig)
+    }
+    full = [c for c in configs.values() if c.recompute_granularity == "full"]
+    switched = [
+        (m, s) for m in module.modules() for s in REENTRANT_RECOMPUTATION_SWITCHES if getattr(m, s, False) is True
+    ]
+    try:
+        for config in full:
+            config.recompute_granularity = None
+        for m, switch in switched:
+            setattr(m, switch, False)
+        yield
+    finally:
+        for config in full:
+            config.recompute_granularity = "full"
+        for m, switch in switched:
+            setattr(m, switch, True)

@@ -20,6 +20,7 @@ care:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,7 @@ class PartitionedDisplacement:
         from deepspeed.utils import safe_get_local_grad
 
         self.dp_group = dp_group
+        self.params = params
         self.weights: list[torch.Tensor] = []
         self.direction: list[torch.Tensor] = []
         for p in params:
@@ -57,14 +59,20 @@ class PartitionedDisplacement:
         # the same parameters on every rank (persistence is decided by size), so the collectives match
         self.gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
 
-    def norms(self) -> tuple[float, float]:
-        """``(‖w_t‖, ‖g_t‖)`` over the whole model: each element counted once, on the rank that owns it."""
+    def norms(
+        self, counted: Callable[[torch.nn.Parameter], bool], model_parallel_group: dist.ProcessGroup | None
+    ) -> tuple[float, float]:
+        """``(‖w_t‖, ‖g_t‖)`` over the whole model: each element counted once, on the rank that owns
+        it, of the parameters ``counted`` accepts (a megatron-core tensor-parallel duplicate on one
+        rank), summed over data parallelism and the model-parallel group (``docs/DESIGN.md`` §2.10)."""
         squares = torch.zeros(2, dtype=torch.float64, device=self.weights[0].device)
-        for w, g in zip(self.weights, self.direction):
-            squares[0] += w.double().square().sum()
-            squares[1] += g.double().square().sum()
-        if dist.get_world_size(self.dp_group) > 1:
-            dist.all_reduce(squares, group=self.dp_group)
+        for p, w, g in zip(self.params, self.weights, self.direction):
+            if counted(p):
+                squares[0] += w.double().square().sum()
+                squares[1] += g.double().square().sum()
+        for group in (self.dp_group, model_parallel_group):
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(squares, group=group)
         weight_square, g_square = squares.tolist()
         return math.sqrt(weight_square), math.sqrt(g_square)
 

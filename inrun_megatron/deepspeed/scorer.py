@@ -48,6 +48,7 @@ applied to its loss (measured, not assumed) times GAS and by the data-parallel s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -59,7 +60,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from inrun_megatron.config import ScoringConfig
-from inrun_megatron.deepspeed.gradient_dot import optimizer_gradient_dot
+from inrun_megatron.deepspeed.gradient_dot import model_norm, model_parallel_group, optimizer_gradient_dot
 from inrun_megatron.deepspeed.gradients import DenseGradientStore, PartitionedGradientStore, ValidationGradients
 from inrun_megatron.deepspeed.optimizer_state import adam_preconditioners, is_adam_engine
 from inrun_megatron.deepspeed.partitioned_weights import PartitionedDisplacement
@@ -372,7 +373,7 @@ class DeepSpeedScorer(Scorer):
         stopwatch.lap()
         if (applied == 0).any():
             raise RuntimeError("the training loss did not reach the model's backward; check loss_fn")
-        mp_group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
+        mp_group = model_parallel_group(engine)
         if mp_group is not None and dist.get_world_size(group=mp_group) > 1:
             dist.all_reduce(raw, group=mp_group)
         # Per micro-step: undo the factor the backward applied (loss scale / GAS, or the loss scale
@@ -408,7 +409,11 @@ class DeepSpeedScorer(Scorer):
         engine's forward would arm its backward prologue) in training mode, from the RNG state the
         training pass started from, and scales its loss by the factor the training backward
         applied to it; as in the validation pass, autograd's gradients are dropped the moment each
-        is scored, and ZeRO-3 parameters left gathered are re-partitioned afterwards."""
+        is scored, and ZeRO-3 parameters left gathered are re-partitioned afterwards. With megatron-core
+        tensor-parallel layers each rank holds its shard of a split weight's ``g_t`` (a replicated
+        weight's whole): ``ε`` comes from norms that count each weight once over the model-parallel
+        group, the validation passes run megatron's own tensor-parallel reductions, and the
+        replay's partials are summed over the model-parallel group as the raw scores are."""
         from deepspeed.utils import safe_get_full_grad
 
         engine = self.engine
@@ -424,12 +429,12 @@ class DeepSpeedScorer(Scorer):
                 full = safe_get_full_grad(p)
                 g[p] = torch.zeros_like(p) if full is None else full.detach().to(p.dtype)
             moved, direction = params, [g[p] for p in params]
-        with rng_after_training.restored():
+        with rng_after_training.restored(), self._recomputation_held_off():
             if partitions is not None:
-                weight_norm, g_norm = partitions.norms()
-            else:
-                weight_norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
-                g_norm = math.sqrt(sum(float(t.double().square().sum()) for t in g.values()))
+                weight_norm, g_norm = partitions.norms(self.counts, model_parallel_group(engine))
+            else:  # each weight once over the model: ε is the same on every rank (tensor parallelism: §2.10)
+                weight_norm = model_norm(engine, {p: p.detach() for p in params}, self.counts)
+                g_norm = model_norm(engine, g, self.counts)
             if not math.isfinite(g_norm):
                 nan = torch.full((n_targets, n_micro, mbs), float("nan"), dtype=torch.float64, device=engine.device)
                 return nan, torch.full((n_targets,), float("nan"), dtype=torch.float64, device=engine.device)
@@ -464,11 +469,20 @@ class DeepSpeedScorer(Scorer):
                     curvature = self.end_scoring(completed)
             finally:
                 self.grads = store
-        mp_group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
+        mp_group = model_parallel_group(engine)
         if mp_group is not None and dist.get_world_size(group=mp_group) > 1:
             dist.all_reduce(curvature, group=mp_group)
         dots = optimizer_gradient_dot(engine, hvp, self.counts).dot / self.fp16_loss_scale()
         return curvature, dots
+
+    def _recomputation_held_off(self) -> contextlib.AbstractContextManager:
+        """megatron-core layers' reentrant activation recomputation off for the curvature pass
+        (its replay backwards with ``torch.autograd.grad``, which megatron's checkpoint refuses)."""
+        if self.megatron_layers is None:
+            return contextlib.nullcontext()
+        from inrun_megatron.deepspeed.megatron_tp import reentrant_recomputation_off
+
+        return reentrant_recomputation_off(self.engine.module)
 
     def make_curvature_store(self, params: list[torch.nn.Parameter]) -> ValidationGradients:
         """A store of one row per target, laid out as the store of ``G`` (partitioned under ZeRO-3):
@@ -570,17 +584,15 @@ class DeepSpeedScorer(Scorer):
 def check_second_order_supported(engine) -> None:
     """Refuse, at attach, the engines the curvature pass cannot serve (``docs/DESIGN.md`` §2.10), naming them."""
     refused = {
-        "fp16/bf16 (a perturbation of √u_fp32·‖w‖ along g is below half precision's resolution)": (
+        "fp16/bf16 (a perturbation of √eps_fp32·‖w‖ along g is below half precision's resolution)": (
             engine.fp16_enabled() or engine.bfloat16_enabled()
         ),
-        "megatron-core tensor-parallel layers": _is_megatron_model(engine.module),
     }
     for what, present in refused.items():
         if present:
             raise NotImplementedError(
                 f"second-order values (ScoringConfig(second_order=True), docs/DESIGN.md §1.7) in the DeepSpeed adapter"
-                f" do not support {what} yet; switch second_order off, or train with fp32 weights on plain-PyTorch"
-                " layers"
+                f" do not support {what} yet; switch second_order off, or train with fp32 weights"
             )
 
 

@@ -166,7 +166,7 @@ def check_second_order_supported(chunks: Sequence[torch.nn.Module]) -> None:
     """Refuse, at attach, the setups the curvature pass cannot serve, naming them."""
     config = get_model_config(chunks[0])
     refused = {
-        "fp16/bf16 weights (a perturbation of √u_fp32·‖w‖ along g is below half precision's resolution)": bool(
+        "fp16/bf16 weights (a perturbation of √eps_fp32·‖w‖ along g is below half precision's resolution)": bool(
             config.fp16
             or config.bf16
             or any(p.dtype in (torch.float16, torch.bfloat16) for c in chunks for p in c.parameters())

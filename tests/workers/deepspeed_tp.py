@@ -23,7 +23,10 @@ from megatron.core import parallel_state  # noqa: E402
 from common import load_canonical_weights, make_data, shape_from_json, token_losses  # noqa: E402
 
 
-def run(shape, *, stage: int, gas: int, mbs: int, steps: int, lr: float, seed: int, scored: bool) -> dict:
+def run(
+    shape, *, stage: int, gas: int, mbs: int, steps: int, lr: float, seed: int, scored: bool, second_order: bool = False
+) -> dict:
+    """Train the case; ``second_order`` also scores the curvature rows (docs/DESIGN.md §2.10)."""
     import deepspeed
 
     from inrun_megatron import ScoringConfig
@@ -42,7 +45,7 @@ def run(shape, *, stage: int, gas: int, mbs: int, steps: int, lr: float, seed: i
         config=ds_config(stage=stage, gas=gas, mbs=mbs, clip=0.0),
         mpu=MegatronMPU(),
     )
-    in_memory = ScoringConfig(accumulate_values=True)  # train() reads scorer.values()
+    in_memory = ScoringConfig(accumulate_values=True, second_order=second_order)  # train() reads scorer.values()
     validation = make_data(shape, 2, 2, seed + 1, first_id=10**6)
     scorer = DeepSpeedScorer(engine, validation, token_losses, in_memory) if scored else None
 
