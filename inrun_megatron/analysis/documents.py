@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from inrun_megatron.analysis.dump import DumpError, _stream_parts
+from inrun_megatron.analysis.dump import DumpError, stream_parts
 from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.analysis.report import Report, Table
 from inrun_megatron.analysis.views import DEFAULT_VIEW, check_view, per_step_view
@@ -45,7 +45,7 @@ def document_rows(scores: Scores, target: str) -> pa.Table:
         raise DumpError(f"{directory}: missing; the manifest says the run recorded document values")
     problems, parts = [], []
     for replica in replicas:  # each part's footer names the run and the schema, as the score parts' do
-        parts += _stream_parts(replica, replica.name, DOCUMENT_SCHEMA, scores.manifest.run_id, problems, [])
+        parts += stream_parts(replica, replica.name, DOCUMENT_SCHEMA, scores.manifest.run_id, problems, [])
     if problems:
         raise DumpError(f"{problems[0].path}: {problems[0].message}")
     table = ds.dataset([str(p.path) for p in parts], format="parquet").to_table(columns=["target", *ROW_COLUMNS])
