@@ -13,7 +13,15 @@ import pytest
 import torch
 
 import oracle
-from common import CASES, load_canonical_weights, make_data, scored_forward_backward, token_losses
+from common import (
+    CASES,
+    load_canonical_weights,
+    make_data,
+    manifest_for_tests,
+    run_case,
+    scored_forward_backward,
+    token_losses,
+)
 
 pytestmark = pytest.mark.megatron
 
@@ -110,6 +118,45 @@ def test_document_partials_sum_to_the_sequence_score(megatron_world, case, mbs):
     assert max(abs(sequences[s] - reference[s]) for s in reference) <= 1e-12 * scale
     values = result.documents.values
     assert np.array_equal(values, result.documents.columns["raw"])  # lr 1, no clipping
+
+
+def test_verify_reports_span_rows_that_do_not_sum_to_their_sequence(megatron_world, tmp_path):
+    """``inrun-scores verify`` checks that the document spans of each sequence sum to its raw score row
+    (docs/DESIGN.md §1.8): the dump of a scored run passes, and the same dump with one span row altered
+    on disk fails, naming the step and the sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from inrun_megatron.analysis.commands import verify
+    from inrun_megatron.records import ScoreWriter, part_steps, write_manifest
+
+    run, eod, steps = tmp_path / "run", 0, 3
+    write_manifest(run, manifest_for_tests(scoring={"document_eod": eod}))
+    writer = ScoreWriter(run, dp_rank=0, flush_every=2)
+    shape = _shape("layernorm-gelu-bias-untied", torch.float64)
+    run_case(shape, n_micro=2, mbs=2, steps=steps, lr=0.1, seed=4, writer=writer, document_eod=eod)
+    writer.close()
+    report = verify(run)
+    assert report.ok, report.data["problems"]
+    checked = report.data["checked"]["documents"]["validation"]
+    assert checked["sequences"] == steps * 4 and checked["max_rel_error"] <= 1e-12
+
+    part = next(
+        p for p in sorted((run / "documents").rglob("part-*.parquet")) if part_steps(p)[0] <= 1 <= part_steps(p)[1]
+    )
+    table = pq.read_table(part)
+    raw = table.column("raw").to_numpy().copy()
+    in_step = np.flatnonzero(table.column("step").to_numpy() == 1)
+    row = int(in_step[np.argmax(np.abs(raw[in_step]))])
+    raw[row] = -raw[row]  # the sequence's spans now sum to its raw score less twice this span's
+    altered = table.set_column(table.schema.get_field_index("raw"), "raw", pa.array(raw))
+    pq.write_table(altered.replace_schema_metadata(table.schema.metadata), part)  # the run id stays
+    report = verify(run)
+    sample = table.column("sample_id")[row].as_py()
+    assert not report.ok and len(report.data["problems"]) == 1, report.data["problems"]
+    problem = report.data["problems"][0]
+    assert "document spans do not sum to the sequence's raw score for target 'validation' at steps 1 " in problem
+    assert "(failing sequences: 1; worst relative error" in problem and f"at step 1, sample {sample};" in problem
 
 
 def test_document_values_refuse_the_microbatch_path_second_order_and_other_adapters():
