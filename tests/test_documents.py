@@ -15,10 +15,10 @@ import torch
 import oracle
 from common import (
     CASES,
+    dumped_run_case,
     load_canonical_weights,
     make_data,
     manifest_for_tests,
-    run_case,
     scored_forward_backward,
     token_losses,
 )
@@ -128,14 +128,12 @@ def test_verify_reports_span_rows_that_do_not_sum_to_their_sequence(megatron_wor
     import pyarrow.parquet as pq
 
     from inrun_megatron.analysis.commands import verify
-    from inrun_megatron.records import ScoreWriter, part_steps, write_manifest
+    from inrun_megatron.records import part_steps
 
     run, eod, steps = tmp_path / "run", 0, 3
-    write_manifest(run, manifest_for_tests(scoring={"document_eod": eod}))
-    writer = ScoreWriter(run, dp_rank=0, flush_every=2)
+    manifest = manifest_for_tests(scoring={"document_eod": eod})
     shape = _shape("layernorm-gelu-bias-untied", torch.float64)
-    run_case(shape, n_micro=2, mbs=2, steps=steps, lr=0.1, seed=4, writer=writer, document_eod=eod)
-    writer.close()
+    dumped_run_case(run, shape, manifest, n_micro=2, mbs=2, steps=steps, lr=0.1, seed=4, document_eod=eod)
     report = verify(run)
     assert report.ok, report.data["problems"]
     checked = report.data["checked"]["documents"]["validation"]
