@@ -44,6 +44,15 @@ CASES = {
     "rmsnorm-gelu-bias-untied-recompute": dict(normalization="RMSNorm", recompute=True),
 }
 
+#: The exactness identity's tolerance (docs/DESIGN.md §1.3): a score's distance from its brute-force
+#: value, relative to the largest brute-force score, in fp32 and float64.
+EXACTNESS = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def case_shape(case: str, dtype: torch.dtype = torch.float64) -> GPTShape:
+    """The two-layer GPT of ``CASES[case]`` with parameters in ``dtype``."""
+    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
+
 
 #: Unit roundoff of megatron's half-precision compute dtypes: rounding moves x by at most u*|x|.
 UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}

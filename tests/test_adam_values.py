@@ -14,7 +14,7 @@ import torch
 
 import oracle
 from common import (
-    CASES,
+    case_shape,
     dumped_run_case,
     load_canonical_weights,
     make_data,
@@ -27,12 +27,6 @@ from common import (
 )
 
 LR = 1e-3
-
-
-def _shape(case: str, dtype: torch.dtype = torch.float64):
-    from inrun_megatron.megatron.model import GPTShape
-
-    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
 
 
 def test_preconditioner_is_undefined_before_the_first_step_and_follows_adams_state():
@@ -65,7 +59,7 @@ def test_adam_values_match_brute_force_and_efficiency(megatron_world, case, mbs)
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape(case)
+    shape = case_shape(case)
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
     optimizer = torch_adamw(list(model.parameters()), LR)
@@ -119,7 +113,7 @@ def test_sgd_value_is_the_optimizer_aware_value_under_sgd(megatron_world):
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape("layernorm-gelu-bias-untied", torch.float32)
+    shape = case_shape("layernorm-gelu-bias-untied", torch.float32)
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
     train = make_data(shape, 2, 2, seed=5)
@@ -156,7 +150,7 @@ def test_dump_holds_both_values_and_the_analysis_reads_either(megatron_world, tm
     run = tmp_path / "run"
     kinds = [SGD, ADAM] if optimizer == "adam" else [SGD]
     manifest = manifest_for_tests(values=values_manifest(["validation"], kinds))
-    shape = _shape("layernorm-gelu-bias-untied")
+    shape = case_shape("layernorm-gelu-bias-untied")
     result = dumped_run_case(run, shape, manifest, n_micro=2, mbs=2, steps=3, lr=LR, seed=4, optimizer=optimizer)
     report = verify(run)
     assert report.ok, report.data["problems"]

@@ -14,7 +14,8 @@ import torch
 
 import oracle
 from common import (
-    CASES,
+    EXACTNESS,
+    case_shape,
     dumped_run_case,
     load_canonical_weights,
     make_data,
@@ -24,14 +25,6 @@ from common import (
 )
 
 pytestmark = pytest.mark.megatron
-
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
-
-
-def _shape(case: str, dtype: torch.dtype):
-    from inrun_megatron.megatron.model import GPTShape
-
-    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
 
 
 def _score(model, shape, train, validation, eod: int | None):
@@ -63,7 +56,7 @@ def _sequences(result) -> dict[int, float]:
 def test_with_reset_masks_each_document_is_its_brute_force_value(megatron_world, case, dtype):
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape(case, dtype)
+    shape = case_shape(case, dtype)
     eod = shape.vocab_size - 1
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
@@ -79,7 +72,7 @@ def test_with_reset_masks_each_document_is_its_brute_force_value(megatron_world,
     scale = max(abs(v) for v in reference.values())
     error = max(abs(ours[key] - reference[key]) for key in reference) / scale
     print(f"{case} {dtype}: max relative error per document vs brute force {error:.2e}")
-    assert error <= TOLERANCE[dtype]
+    assert error <= EXACTNESS[dtype]
     # Documents differ (the comparison is per document, not only of sums); a document whose loss tokens
     # are all masked has no loss term and is 0.
     learned = [v for v in reference.values() if v != 0.0]
@@ -99,7 +92,7 @@ def test_document_partials_sum_to_the_sequence_score(megatron_world, case, mbs):
     rules path even at micro-batch size 1 (``path="auto"``)."""
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape(case, torch.float64)
+    shape = case_shape(case, torch.float64)
     eod = 0
     model = build_gpt(shape)
     load_canonical_weights(model, seed=4)
@@ -132,7 +125,7 @@ def test_verify_reports_span_rows_that_do_not_sum_to_their_sequence(megatron_wor
 
     run, eod, steps = tmp_path / "run", 0, 3
     manifest = manifest_for_tests(scoring={"document_eod": eod})
-    shape = _shape("layernorm-gelu-bias-untied", torch.float64)
+    shape = case_shape("layernorm-gelu-bias-untied", torch.float64)
     dumped_run_case(run, shape, manifest, n_micro=2, mbs=2, steps=steps, lr=0.1, seed=4, document_eod=eod)
     report = verify(run)
     assert report.ok, report.data["problems"]
