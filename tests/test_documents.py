@@ -116,7 +116,7 @@ def test_document_partials_sum_to_the_sequence_score(megatron_world, case, mbs):
 def test_verify_reports_span_rows_that_do_not_sum_to_their_sequence(megatron_world, tmp_path):
     """``inrun-scores verify`` checks that the document spans of each sequence sum to its raw score row
     (docs/DESIGN.md §1.8): the dump of a scored run passes, and the same dump with one span row altered
-    on disk fails, naming the step and the sample."""
+    on disk fails, naming the step and the sample; so does a missing span row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -132,22 +132,36 @@ def test_verify_reports_span_rows_that_do_not_sum_to_their_sequence(megatron_wor
     checked = report.data["checked"]["documents"]["validation"]
     assert checked["sequences"] == steps * 4 and checked["max_rel_error"] <= 1e-12
 
-    part = next(
-        p for p in sorted((run / "documents").rglob("part-*.parquet")) if part_steps(p)[0] <= 1 <= part_steps(p)[1]
-    )
-    table = pq.read_table(part)
-    raw = table.column("raw").to_numpy().copy()
-    in_step = np.flatnonzero(table.column("step").to_numpy() == 1)
-    row = int(in_step[np.argmax(np.abs(raw[in_step]))])
-    raw[row] = -raw[row]  # the sequence's spans now sum to its raw score less twice this span's
-    altered = table.set_column(table.schema.get_field_index("raw"), "raw", pa.array(raw))
-    pq.write_table(altered.replace_schema_metadata(table.schema.metadata), part)  # the run id stays
+    def edit_largest_span(step: int, drop: bool) -> int:
+        """Negate (or drop) the span row of ``step`` with the largest |raw| on disk; its sample id."""
+        part = next(
+            p
+            for p in sorted((run / "documents").rglob("part-*.parquet"))
+            if part_steps(p)[0] <= step <= part_steps(p)[1]
+        )
+        table = pq.read_table(part)
+        raw = table.column("raw").to_numpy().copy()
+        in_step = np.flatnonzero(table.column("step").to_numpy() == step)
+        row = int(in_step[np.argmax(np.abs(raw[in_step]))])
+        sample = table.column("sample_id")[row].as_py()
+        if drop:
+            edited = table.filter(pa.array(np.arange(table.num_rows) != row))
+        else:
+            raw[row] = -raw[row]  # the sequence's spans now sum to its raw score less twice this span's
+            edited = table.set_column(table.schema.get_field_index("raw"), "raw", pa.array(raw))
+        pq.write_table(edited.replace_schema_metadata(table.schema.metadata), part)  # the run id stays
+        return sample
+
+    altered = edit_largest_span(1, drop=False)
     report = verify(run)
-    sample = table.column("sample_id")[row].as_py()
     assert not report.ok and len(report.data["problems"]) == 1, report.data["problems"]
     problem = report.data["problems"][0]
     assert "document spans do not sum to the sequence's raw score for target 'validation' at steps 1 " in problem
-    assert "(failing sequences: 1; worst relative error" in problem and f"at step 1, sample {sample};" in problem
+    assert "(failing sequences: 1; worst relative error" in problem and f"at step 1, sample {altered};" in problem
+    missing = edit_largest_span(2, drop=True)
+    problem = verify(run).data["problems"][0]
+    assert "at steps 1, 2 (failing sequences: 2;" in problem
+    assert f"at step 1, sample {altered};" in problem or f"at step 2, sample {missing};" in problem
 
 
 def test_document_values_refuse_the_microbatch_path_second_order_and_other_adapters():
