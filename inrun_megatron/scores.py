@@ -2,8 +2,8 @@
 
 Framework independent. An adapter calls :meth:`StepScores.add` from layer backward hooks
 with ``[K, T, B]`` per-token partials (rules.py) or ``[K, B]`` per-sample ones, reduces the step
-tensor over its model-parallel groups, then turns it into records with :func:`make_step_records`
-(and, with document values on, :func:`document_partials` and :func:`make_document_records`).
+tensor over its model-parallel groups, then turns it into records with :meth:`StepFacts.records`
+(and, with document values on, :func:`document_partials` and :meth:`StepFacts.document_records`).
 :func:`step_values` is the one place the value of a row is computed (records, dumps, the optional
 in-memory :class:`ValueAccumulator` and the offline merge all call it). The meaning of every number is
 ``docs/DESIGN.md`` §1; :data:`SCORE_CONTRACT` is what dumps and docs repeat.
@@ -227,6 +227,62 @@ class StepRecords:
         return row_values(c["target"], c["raw"], c["lr"], c["clip_coef"], c["skipped"])
 
 
+@dataclass(frozen=True)
+class StepFacts:
+    """What every row of one step on one data-parallel replica shares, given once so that the step's
+    sample rows and document rows (``docs/DESIGN.md`` §2.8, §2.9) are built from the same facts.
+
+    ``targets`` are the step's score rows, in the order of the first dimension of its raw tensors.
+    """
+
+    step: int
+    targets: list[str]
+    lr: float
+    clip_coef: float
+    skipped: bool
+    dp_rank: int
+
+    def records(self, raw: torch.Tensor, sample_ids: torch.Tensor, n_tokens: torch.Tensor) -> StepRecords:
+        """Flatten a reduced ``[K, M, B]`` raw tensor into one row per (score row, sample)."""
+        k, m, b = raw.shape
+        n = m * b
+        columns = self._shared_columns(raw.detach().cpu().numpy().reshape(k, n))
+        columns["sample_id"] = np.tile(sample_ids.cpu().numpy().reshape(n).astype(np.int64), k)
+        columns["n_tokens"] = np.tile(n_tokens.cpu().numpy().reshape(n).astype(np.int64), k)
+        columns["microbatch"] = np.tile(np.repeat(np.arange(m, dtype=np.int32), b), k)
+        columns["position"] = np.tile(np.tile(np.arange(b, dtype=np.int32), m), k)
+        return StepRecords(columns)
+
+    def document_records(self, documents: DocumentPartials, sample_ids: torch.Tensor) -> StepRecords:
+        """One row per (score row, sample, document span) of the step."""
+        k = documents.raw.shape[0]
+        n_spans = documents.n_spans.cpu().numpy().reshape(-1)
+        width = documents.raw.shape[-1]
+        keep = (np.arange(width)[None, :] < n_spans[:, None]).reshape(-1)  # spans that exist, [M*B*D]
+        columns = self._shared_columns(documents.raw.detach().cpu().numpy().reshape(k, -1)[:, keep])
+        ids = np.repeat(sample_ids.cpu().numpy().reshape(-1).astype(np.int64), width)[keep]
+        columns["sample_id"] = np.tile(ids, k)
+        columns["span"] = np.tile(np.tile(np.arange(width, dtype=np.int32), len(n_spans))[keep], k)
+        columns["span_tokens"] = np.tile(documents.span_tokens.cpu().numpy().reshape(-1)[keep].astype(np.int64), k)
+        return StepRecords(columns)
+
+    def _shared_columns(self, raw: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns of ``K * N`` rows from their ``[K, N]`` raw scores (score row major) that every
+        kind of row has; a skipped step stores NaN raw."""
+        k, n = raw.shape
+        if self.skipped:
+            raw = np.full_like(raw, np.nan)
+        return {
+            "step": np.full(k * n, self.step, dtype=np.int64),
+            "target": np.repeat(np.array(self.targets, dtype=object), n),
+            "raw": raw.reshape(k * n).astype(np.float64),
+            "lr": np.full(k * n, self.lr, dtype=np.float64),
+            "clip_coef": np.full(k * n, self.clip_coef, dtype=np.float64),
+            "skipped": np.full(k * n, self.skipped, dtype=np.bool_),
+            "dp_rank": np.full(k * n, self.dp_rank, dtype=np.int32),
+        }
+
+
 def make_step_records(
     *,
     step: int,
@@ -239,68 +295,8 @@ def make_step_records(
     skipped: bool,
     dp_rank: int,
 ) -> StepRecords:
-    """Flatten a reduced ``[K, M, B]`` raw tensor into rows. Skipped steps store NaN raw."""
-    k, m, b = raw.shape
-    raw_np = raw.detach().cpu().numpy().reshape(k, m * b)
-    if skipped:
-        raw_np = np.full_like(raw_np, np.nan)
-    ids = sample_ids.cpu().numpy().reshape(m * b)
-    toks = n_tokens.cpu().numpy().reshape(m * b)
-    mb = np.repeat(np.arange(m, dtype=np.int32), b)
-    pos = np.tile(np.arange(b, dtype=np.int32), m)
-    n = m * b
-    columns = {
-        "step": np.full(k * n, step, dtype=np.int64),
-        "sample_id": np.tile(ids.astype(np.int64), k),
-        "target": np.repeat(np.array(targets, dtype=object), n),
-        "raw": raw_np.reshape(k * n).astype(np.float64),
-        "lr": np.full(k * n, lr, dtype=np.float64),
-        "clip_coef": np.full(k * n, clip_coef, dtype=np.float64),
-        "n_tokens": np.tile(toks.astype(np.int64), k),
-        "skipped": np.full(k * n, skipped, dtype=np.bool_),
-        "microbatch": np.tile(mb, k),
-        "position": np.tile(pos, k),
-        "dp_rank": np.full(k * n, dp_rank, dtype=np.int32),
-    }
-    return StepRecords(columns)
-
-
-def make_document_records(
-    *,
-    step: int,
-    targets: list[str],
-    documents: DocumentPartials,
-    sample_ids: torch.Tensor,
-    lr: float,
-    clip_coef: float,
-    skipped: bool,
-    dp_rank: int,
-) -> StepRecords:
-    """One row per (score row, sample, document span) of a step; skipped steps store NaN raw."""
-    k = documents.raw.shape[0]
-    n_spans = documents.n_spans.cpu().numpy().reshape(-1)
-    width = documents.raw.shape[-1]
-    keep = (np.arange(width)[None, :] < n_spans[:, None]).reshape(-1)  # spans that exist, [M*B*D]
-    raw = documents.raw.detach().cpu().numpy().reshape(k, -1)[:, keep]
-    if skipped:
-        raw = np.full_like(raw, np.nan)
-    n = int(keep.sum())
-    ids = np.repeat(sample_ids.cpu().numpy().reshape(-1).astype(np.int64), width)[keep]
-    spans = np.tile(np.arange(width, dtype=np.int32), len(n_spans))[keep]
-    toks = documents.span_tokens.cpu().numpy().reshape(-1)[keep]
-    columns = {
-        "step": np.full(k * n, step, dtype=np.int64),
-        "sample_id": np.tile(ids, k),
-        "span": np.tile(spans, k),
-        "target": np.repeat(np.array(targets, dtype=object), n),
-        "raw": raw.reshape(-1).astype(np.float64),
-        "lr": np.full(k * n, lr, dtype=np.float64),
-        "clip_coef": np.full(k * n, clip_coef, dtype=np.float64),
-        "span_tokens": np.tile(toks.astype(np.int64), k),
-        "skipped": np.full(k * n, skipped, dtype=np.bool_),
-        "dp_rank": np.full(k * n, dp_rank, dtype=np.int32),
-    }
-    return StepRecords(columns)
+    """:meth:`StepFacts.records` for a caller that holds the step's facts one by one. Skipped steps store NaN raw."""
+    return StepFacts(step, targets, lr, clip_coef, skipped, dp_rank).records(raw, sample_ids, n_tokens)
 
 
 @dataclass

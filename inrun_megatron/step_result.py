@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from inrun_megatron.optimizer_values import ADAM, CURVATURE, SECOND_ORDER, row_names
-from inrun_megatron.scores import DocumentPartials, StepRecords, make_document_records, make_step_records
+from inrun_megatron.scores import DocumentPartials, StepFacts, StepRecords
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def make_step_result(
     documents: DocumentPartials | None = None,
 ) -> StepResult:
     """The result of a step from its reduced ``[K, M, B]`` raw scores and its facts: the rows
-    (:func:`~inrun_megatron.scores.make_step_records`, one score row per key of ``batch_dots``,
+    (:meth:`~inrun_megatron.scores.StepFacts.records`, one score row per key of ``batch_dots``,
     in that order: the targets of ``validation_losses`` in their order, then possibly their
     Adam-aware rows) and the facts come from the same arguments, so they always agree."""
     targets = list(validation_losses)
@@ -107,32 +107,11 @@ def make_step_result(
         )
     if raw.shape[0] != len(rows):
         raise ValueError(f"raw scores have {raw.shape[0]} rows, batch_dots {len(rows)} score rows {rows}")
-    records = make_step_records(
-        step=step,
-        targets=rows,
-        raw=raw,
-        sample_ids=sample_ids,
-        n_tokens=n_tokens,
-        lr=lr,
-        clip_coef=clip_coef,
-        skipped=skipped,
-        dp_rank=dp_rank,
-    )
-    document_records = None
-    if documents is not None:
-        document_records = make_document_records(
-            step=step,
-            targets=rows,
-            documents=documents,
-            sample_ids=sample_ids,
-            lr=lr,
-            clip_coef=clip_coef,
-            skipped=skipped,
-            dp_rank=dp_rank,
-        )
+    facts = StepFacts(step=step, targets=rows, lr=lr, clip_coef=clip_coef, skipped=skipped, dp_rank=dp_rank)
+    document_records = None if documents is None else facts.document_records(documents, sample_ids)
     return StepResult(
         step=step,
-        records=records,
+        records=facts.records(raw, sample_ids, n_tokens),
         lr=float(lr),
         clip_coef=float(clip_coef),
         skipped=bool(skipped),

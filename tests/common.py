@@ -44,6 +44,15 @@ CASES = {
     "rmsnorm-gelu-bias-untied-recompute": dict(normalization="RMSNorm", recompute=True),
 }
 
+#: The exactness identity's tolerance (docs/DESIGN.md §1.3): a score's distance from its brute-force
+#: value, relative to the largest brute-force score, in fp32 and float64.
+EXACTNESS = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def case_shape(case: str, dtype: torch.dtype = torch.float64) -> GPTShape:
+    """The two-layer GPT of ``CASES[case]`` with parameters in ``dtype``."""
+    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
+
 
 #: Unit roundoff of megatron's half-precision compute dtypes: rounding moves x by at most u*|x|.
 UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
@@ -579,6 +588,36 @@ def run_case(
         out["values"] = scorer.values()
         scorer.detach()
     return out
+
+
+def dumped_run_case(run_dir: Path, shape: GPTShape, manifest, **options) -> dict:
+    """:func:`run_case` (single replica, ``options``) with a ``ScoreWriter`` as the scorer's sink, into a new
+    dump at ``run_dir`` with ``manifest`` (parts of two steps); returns the run's result."""
+    from inrun_megatron.records import ScoreWriter, write_manifest
+
+    write_manifest(run_dir, manifest)
+    writer = ScoreWriter(run_dir, dp_rank=0, flush_every=2)
+    result = run_case(shape, writer=writer, **options)
+    writer.close()
+    return result
+
+
+def top_answer(capsys, run_dir: Path, *options: str) -> dict:
+    """``inrun-scores top RUN --json`` of up to 100 samples with ``options``, as its JSON answer (``capsys``:
+    pytest's fixture, which the command's output is read from)."""
+    import json
+
+    from inrun_megatron.analysis.cli import main
+
+    assert main(["top", str(run_dir), "--json", "--quiet", "-k", "100", *options]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def raw_by_sample(records, row: str) -> dict[int, float]:
+    """``{sample_id: raw}`` of one score row (``target`` column) of a step's records."""
+    c = records.columns
+    mine = c["target"] == row
+    return dict(zip(c["sample_id"][mine].tolist(), c["raw"][mine].tolist()))
 
 
 def canonical_weights(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:

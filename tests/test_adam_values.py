@@ -14,29 +14,19 @@ import torch
 
 import oracle
 from common import (
-    CASES,
+    case_shape,
+    dumped_run_case,
     load_canonical_weights,
     make_data,
     manifest_for_tests,
-    run_case,
+    raw_by_sample,
     scored_forward_backward,
     token_losses,
+    top_answer,
     torch_adamw,
 )
 
 LR = 1e-3
-
-
-def _shape(case: str, dtype: torch.dtype = torch.float64):
-    from inrun_megatron.megatron.model import GPTShape
-
-    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
-
-
-def _rows(records, name: str) -> dict[int, float]:
-    c = records.columns
-    mine = c["target"] == name
-    return dict(zip(c["sample_id"][mine].tolist(), c["raw"][mine].tolist()))
 
 
 def test_preconditioner_is_undefined_before_the_first_step_and_follows_adams_state():
@@ -69,7 +59,7 @@ def test_adam_values_match_brute_force_and_efficiency(megatron_world, case, mbs)
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape(case)
+    shape = case_shape(case)
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
     optimizer = torch_adamw(list(model.parameters()), LR)
@@ -97,7 +87,7 @@ def test_adam_values_match_brute_force_and_efficiency(megatron_world, case, mbs)
         # a sample's Adam-aware values skips it), every later step both kinds.
         assert set(records.columns["target"]) == set(reference)
         for name, ref in reference.items():
-            ours = _rows(records, name)
+            ours = raw_by_sample(records, name)
             assert sorted(ours) == sorted(ref)
             scale = max(abs(v) for v in ref.values())
             error = max(abs(ours[sid] - ref[sid]) for sid in ref) / scale
@@ -109,7 +99,7 @@ def test_adam_values_match_brute_force_and_efficiency(megatron_world, case, mbs)
         mine = records.columns["target"] == "validation:adam"
         assert np.array_equal(records.values[mine], LR * records.columns["raw"][mine])
     if mbs == 3:  # the preconditioned score is not the SGD score rescaled: it ranks samples differently
-        sgd, adam = _rows(records, "validation"), _rows(records, "validation:adam")
+        sgd, adam = raw_by_sample(records, "validation"), raw_by_sample(records, "validation:adam")
         ids = sorted(sgd)
         assert np.argsort([sgd[i] for i in ids]).tolist() != np.argsort([adam[i] for i in ids]).tolist()
     scorer.detach()
@@ -123,7 +113,7 @@ def test_sgd_value_is_the_optimizer_aware_value_under_sgd(megatron_world):
     from inrun_megatron.megatron import MegatronScorer
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape("layernorm-gelu-bias-untied", torch.float32)
+    shape = case_shape("layernorm-gelu-bias-untied", torch.float32)
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
     train = make_data(shape, 2, 2, seed=5)
@@ -153,20 +143,15 @@ def test_sgd_value_is_the_optimizer_aware_value_under_sgd(megatron_world):
 def test_dump_holds_both_values_and_the_analysis_reads_either(megatron_world, tmp_path, capsys, optimizer):
     """Rows ``validation`` (SGD value) and ``validation:adam``; ``inrun-scores verify`` checks the
     efficiency identity of both; commands read the Adam-aware value by default where recorded."""
-    import json
-
     from inrun_megatron.analysis.cli import main
     from inrun_megatron.analysis.commands import verify
     from inrun_megatron.optimizer_values import ADAM, SGD, values_manifest
-    from inrun_megatron.records import ScoreWriter, write_manifest
 
     run = tmp_path / "run"
     kinds = [SGD, ADAM] if optimizer == "adam" else [SGD]
-    write_manifest(run, manifest_for_tests(values=values_manifest(["validation"], kinds)))
-    writer = ScoreWriter(run, dp_rank=0, flush_every=2)
-    result = run_case(_shape("layernorm-gelu-bias-untied"), n_micro=2, mbs=2, steps=3, lr=LR, seed=4,
-                      optimizer=optimizer, writer=writer)  # fmt: skip
-    writer.close()
+    manifest = manifest_for_tests(values=values_manifest(["validation"], kinds))
+    shape = case_shape("layernorm-gelu-bias-untied")
+    result = dumped_run_case(run, shape, manifest, n_micro=2, mbs=2, steps=3, lr=LR, seed=4, optimizer=optimizer)
     report = verify(run)
     assert report.ok, report.data["problems"]
     checked = report.data["checked"]["efficiency"]
@@ -178,15 +163,11 @@ def test_dump_holds_both_values_and_the_analysis_reads_either(megatron_world, tm
         assert checked[row]["steps_measured"] == (3 if row == "validation" else 2)
         assert checked[row]["max_rel_error"] <= 1e-9
 
-    def top(*options: str) -> dict:
-        assert main(["top", str(run), "--json", "--quiet", "-k", "100", *options]) == 0
-        return json.loads(capsys.readouterr().out)
-
     for options, row in [
         ((), "validation:adam" if optimizer == "adam" else "validation"),
         (("--value", "sgd"), "validation"),
     ]:
-        answer = top(*options)
+        answer = top_answer(capsys, run, *options)
         assert answer["target"] == row
         values = {s["sample_id"]: s["value"] for s in answer["samples"]}
         steps = [raw for raw in expected[row] if raw is not None]
@@ -194,7 +175,7 @@ def test_dump_holds_both_values_and_the_analysis_reads_either(megatron_world, tm
     # --value and --view compose: the step-scaled view of the chosen value (docs/DESIGN.md §1.6),
     # each sample seen once, so its view is its raw score over the mean |raw| of its step's rows
     for row in expected:
-        answer = top("--value", "adam" if row.endswith(":adam") else "sgd", "--view", "step-scaled")
+        answer = top_answer(capsys, run, "--value", "adam" if row.endswith(":adam") else "sgd", "--view", "step-scaled")
         assert answer["target"] == row
         steps = [raw for raw in expected[row] if raw is not None]
         reference = {sid: raw[sid] / np.mean(np.abs(list(raw.values()))) for raw in steps for sid in raw}
@@ -233,7 +214,7 @@ def test_deepspeed_adam_values_match_brute_force(deepspeed_world, stage):
         engine.step()
         result = scorer.end_step()
         records = result.records
-        ours = _rows(records, "validation:adam")
+        ours = raw_by_sample(records, "validation:adam")
         assert sorted(ours) == sorted(reference)  # none at the first step
         if step > 0:
             scale = max(abs(v) for v in reference.values())

@@ -13,17 +13,18 @@ import pytest
 import torch
 
 import oracle
-from common import CASES, load_canonical_weights, make_data, scored_forward_backward, token_losses
+from common import (
+    EXACTNESS,
+    case_shape,
+    dumped_run_case,
+    load_canonical_weights,
+    make_data,
+    manifest_for_tests,
+    scored_forward_backward,
+    token_losses,
+)
 
 pytestmark = pytest.mark.megatron
-
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
-
-
-def _shape(case: str, dtype: torch.dtype):
-    from inrun_megatron.megatron.model import GPTShape
-
-    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
 
 
 def _score(model, shape, train, validation, eod: int | None):
@@ -55,7 +56,7 @@ def _sequences(result) -> dict[int, float]:
 def test_with_reset_masks_each_document_is_its_brute_force_value(megatron_world, case, dtype):
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape(case, dtype)
+    shape = case_shape(case, dtype)
     eod = shape.vocab_size - 1
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
@@ -71,7 +72,7 @@ def test_with_reset_masks_each_document_is_its_brute_force_value(megatron_world,
     scale = max(abs(v) for v in reference.values())
     error = max(abs(ours[key] - reference[key]) for key in reference) / scale
     print(f"{case} {dtype}: max relative error per document vs brute force {error:.2e}")
-    assert error <= TOLERANCE[dtype]
+    assert error <= EXACTNESS[dtype]
     # Documents differ (the comparison is per document, not only of sums); a document whose loss tokens
     # are all masked has no loss term and is 0.
     learned = [v for v in reference.values() if v != 0.0]
@@ -91,7 +92,7 @@ def test_document_partials_sum_to_the_sequence_score(megatron_world, case, mbs):
     rules path even at micro-batch size 1 (``path="auto"``)."""
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape(case, torch.float64)
+    shape = case_shape(case, torch.float64)
     eod = 0
     model = build_gpt(shape)
     load_canonical_weights(model, seed=4)
@@ -110,6 +111,57 @@ def test_document_partials_sum_to_the_sequence_score(megatron_world, case, mbs):
     assert max(abs(sequences[s] - reference[s]) for s in reference) <= 1e-12 * scale
     values = result.documents.values
     assert np.array_equal(values, result.documents.columns["raw"])  # lr 1, no clipping
+
+
+def test_verify_reports_span_rows_that_do_not_sum_to_their_sequence(megatron_world, tmp_path):
+    """``inrun-scores verify`` checks that the document spans of each sequence sum to its raw score row
+    (docs/DESIGN.md §1.8): the dump of a scored run passes, and the same dump with one span row altered
+    on disk fails, naming the step and the sample; so does a missing span row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from inrun_megatron.analysis.commands import verify
+    from inrun_megatron.records import part_steps
+
+    run, eod, steps = tmp_path / "run", 0, 3
+    manifest = manifest_for_tests(scoring={"document_eod": eod})
+    shape = case_shape("layernorm-gelu-bias-untied", torch.float64)
+    dumped_run_case(run, shape, manifest, n_micro=2, mbs=2, steps=steps, lr=0.1, seed=4, document_eod=eod)
+    report = verify(run)
+    assert report.ok, report.data["problems"]
+    checked = report.data["checked"]["documents"]["validation"]
+    assert checked["sequences"] == steps * 4 and checked["max_rel_error"] <= 1e-12
+
+    def edit_largest_span(step: int, drop: bool) -> int:
+        """Negate (or drop) the span row of ``step`` with the largest |raw| on disk; its sample id."""
+        part = next(
+            p
+            for p in sorted((run / "documents").rglob("part-*.parquet"))
+            if part_steps(p)[0] <= step <= part_steps(p)[1]
+        )
+        table = pq.read_table(part)
+        raw = table.column("raw").to_numpy().copy()
+        in_step = np.flatnonzero(table.column("step").to_numpy() == step)
+        row = int(in_step[np.argmax(np.abs(raw[in_step]))])
+        sample = table.column("sample_id")[row].as_py()
+        if drop:
+            edited = table.filter(pa.array(np.arange(table.num_rows) != row))
+        else:
+            raw[row] = -raw[row]  # the sequence's spans now sum to its raw score less twice this span's
+            edited = table.set_column(table.schema.get_field_index("raw"), "raw", pa.array(raw))
+        pq.write_table(edited.replace_schema_metadata(table.schema.metadata), part)  # the run id stays
+        return sample
+
+    altered = edit_largest_span(1, drop=False)
+    report = verify(run)
+    assert not report.ok and len(report.data["problems"]) == 1, report.data["problems"]
+    problem = report.data["problems"][0]
+    assert "document spans do not sum to the sequence's raw score for target 'validation' at steps 1 " in problem
+    assert "(failing sequences: 1; worst relative error" in problem and f"at step 1, sample {altered};" in problem
+    missing = edit_largest_span(2, drop=True)
+    problem = verify(run).data["problems"][0]
+    assert "at steps 1, 2 (failing sequences: 2;" in problem
+    assert f"at step 1, sample {altered};" in problem or f"at step 2, sample {missing};" in problem
 
 
 def test_document_values_refuse_the_microbatch_path_second_order_and_other_adapters():

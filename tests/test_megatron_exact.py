@@ -12,7 +12,9 @@ import torch
 import oracle
 from common import (
     CASES,
+    EXACTNESS,
     brute_force_scores,
+    case_shape,
     forward_step,
     load_canonical_weights,
     make_data,
@@ -22,14 +24,6 @@ from common import (
 )
 
 pytestmark = pytest.mark.megatron
-
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
-
-
-def _shape(case: str, dtype: torch.dtype):
-    from inrun_megatron.megatron.model import GPTShape
-
-    return GPTShape(num_layers=2, params_dtype=dtype, **CASES[case])
 
 
 def _raw(records) -> dict[int, float]:
@@ -43,7 +37,7 @@ def _raw(records) -> dict[int, float]:
 def test_scores_match_brute_force(megatron_world, case, mbs, dtype, n_micro):
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape(case, dtype)
+    shape = case_shape(case, dtype)
     model = build_gpt(shape)
     load_canonical_weights(model, seed=3)
     train = make_data(shape, n_micro, mbs, seed=5)
@@ -56,12 +50,12 @@ def test_scores_match_brute_force(megatron_world, case, mbs, dtype, n_micro):
         rules = _raw(score_one_step(model, shape, train, validation, path="rules")[1])
         assert sorted(rules) == sorted(ours)
         rules_scale = max(abs(v) for v in rules.values())
-        assert max(abs(ours[sid] - rules[sid]) for sid in rules) <= TOLERANCE[dtype] * rules_scale
+        assert max(abs(ours[sid] - rules[sid]) for sid in rules) <= EXACTNESS[dtype] * rules_scale
 
     g_val = oracle.validation_gradient(model, validation, token_losses)
     store = {name: scorer.grads[p][0] for name, p in model.named_parameters()}
     for name, g in g_val.items():
-        assert torch.allclose(store[name].to(g), g, rtol=0, atol=TOLERANCE[dtype] * float(g.abs().max())), name
+        assert torch.allclose(store[name].to(g), g, rtol=0, atol=EXACTNESS[dtype] * float(g.abs().max())), name
 
     for p in model.parameters():
         p.grad = None
@@ -70,7 +64,7 @@ def test_scores_match_brute_force(megatron_world, case, mbs, dtype, n_micro):
     scale = max(abs(v) for v in reference.values())
     errors = {sid: abs(ours[sid] - reference[sid]) / scale for sid in reference}
     print(f"{case} {dtype} {n_micro}x{mbs}: max relative error vs brute force {max(errors.values()):.2e}")
-    assert max(errors.values()) <= TOLERANCE[dtype], errors
+    assert max(errors.values()) <= EXACTNESS[dtype], errors
     # Scores of different samples differ (the comparison is per sample, not only of sums).
     assert len({round(v / scale, 6) for v in reference.values()}) == len(reference)
 
@@ -78,7 +72,7 @@ def test_scores_match_brute_force(megatron_world, case, mbs, dtype, n_micro):
 @pytest.mark.parametrize("mbs", [2, 1], ids=["rules", "microbatch"])
 @pytest.mark.parametrize("case", ["layernorm-gelu-bias-untied", "rmsnorm-swiglu-nobias-tied-recompute"])
 def test_efficiency_and_sgd_identities(megatron_world, case, mbs):
-    shape = _shape(case, torch.float64)
+    shape = case_shape(case, torch.float64)
     result = run_case(shape, n_micro=3, mbs=mbs, steps=3, lr=0.5, seed=11)
     assert result["paths"] == ["rules" if mbs > 1 else "microbatch"] * 3
     for total, batch_dot, _ in result["efficiency"]:
@@ -118,13 +112,13 @@ def test_per_token_loss_scores_match_brute_force(megatron_world, mbs):
     result = run_case(shape, steps=2, lr=0.5, ddp={}, record_weights=True, **options)
     assert result["paths"] == ["rules" if mbs > 1 else "microbatch"] * 2
     reference = brute_force_scores(shape, result, **options)
-    default_shape = GPTShape(num_layers=2, params_dtype=torch.float64, **CASES["layernorm-swiglu-bias-tied-rope"])
+    default_shape = case_shape("layernorm-swiglu-bias-tied-rope")
     per_microbatch = brute_force_scores(default_shape, result, **options)  # the wrong divisor
     for step, (ours, ref, wrong) in enumerate(zip(result["raw"], reference, per_microbatch)):
         error = _max_relative_error(ours, ref)
         print(f"per-token loss, {mbs=}, step {step}: max relative error vs brute force {error:.2e}")
-        assert error <= TOLERANCE[torch.float64]
-        assert _max_relative_error(ours, wrong) > 1e3 * TOLERANCE[torch.float64]
+        assert error <= EXACTNESS[torch.float64]
+        assert _max_relative_error(ours, wrong) > 1e3 * EXACTNESS[torch.float64]
         data = make_data(shape, options["n_micro"], mbs, options["seed"] + 100 + step, first_id=1000 * step)
         assert sum(result["n_tokens"][step].values()) == sum(float(b["loss_mask"].sum()) for b in data)
     for total, batch_dot, _ in result["efficiency"]:
@@ -153,7 +147,7 @@ def test_several_targets_are_scored_separately(megatron_world, mbs):
 
     from inrun_megatron.megatron.model import build_gpt
 
-    shape = _shape("layernorm-gelu-bias-untied", torch.float64)
+    shape = case_shape("layernorm-gelu-bias-untied", torch.float64)
     model = build_gpt(shape)
     load_canonical_weights(model, seed=4)
     train = make_data(shape, 4 // mbs, mbs, seed=8)

@@ -17,12 +17,15 @@ import torch
 import oracle
 from common import (
     CASES,
+    dumped_run_case,
     load_canonical_weights,
     make_data,
     manifest_for_tests,
+    raw_by_sample,
     run_case,
     scored_forward_backward,
     token_losses,
+    top_answer,
     torch_adamw,
 )
 
@@ -131,12 +134,6 @@ def test_central_difference_error_is_its_remainder(relative_step):
     assert float(error.norm()) >= 0.5 * float(predicted.norm())  # the remainder is what the difference errs by
 
 
-def _rows(records, name: str) -> dict[int, float]:
-    c = records.columns
-    mine = c["target"] == name
-    return dict(zip(c["sample_id"][mine].tolist(), c["raw"][mine].tolist()))
-
-
 @pytest.mark.megatron
 @pytest.mark.parametrize("mbs", [3, 1], ids=["rules", "microbatch"])
 def test_curvature_matches_brute_force_and_efficiency(megatron_world, mbs):
@@ -184,7 +181,7 @@ def test_curvature_matches_brute_force_and_efficiency(megatron_world, mbs):
         hvp_error = eps**2 / 6 * 2 * t_norm + rounding_units * g_val_norm / eps
         optimizer.step()
         result = scorer.end_step(lr=LR)
-        ours = _rows(result.records, "validation:curvature")
+        ours = raw_by_sample(result.records, "validation:curvature")
         assert sorted(ours) == sorted(reference)
         errors = {sid: abs(ours[sid] - reference[sid]) for sid in reference}
         worst = max(errors[sid] / (float(gradient_norms[sid]) * hvp_error) for sid in reference)
@@ -242,19 +239,13 @@ def test_dump_holds_the_second_order_rows_and_the_analysis_reads_them(megatron_w
     """A dumped run with second-order values: ``inrun-scores verify`` checks the efficiency identity of
     every row (``Σ κ = <g, H_val g>``), and ``--value second-order`` reads the accumulated
     second-order value, the sum of each sample's SGD and curvature-term values."""
-    import json
-
     from inrun_megatron.analysis.cli import main
     from inrun_megatron.analysis.commands import verify
     from inrun_megatron.optimizer_values import CURVATURE, SECOND_ORDER, SGD, values_manifest
-    from inrun_megatron.records import ScoreWriter, write_manifest
 
     run = tmp_path / "run"
-    write_manifest(run, manifest_for_tests(values=values_manifest(["validation"], [SGD, CURVATURE, SECOND_ORDER])))
-    writer = ScoreWriter(run, dp_rank=0, flush_every=2)
-    shape = _gpt_shape()
-    result = run_case(shape, n_micro=2, mbs=2, steps=3, lr=LR, seed=4, second_order=True, writer=writer)
-    writer.close()
+    manifest = manifest_for_tests(values=values_manifest(["validation"], [SGD, CURVATURE, SECOND_ORDER]))
+    result = dumped_run_case(run, _gpt_shape(), manifest, n_micro=2, mbs=2, steps=3, lr=LR, seed=4, second_order=True)
     report = verify(run)
     assert report.ok, report.data["problems"]
     checked = report.data["checked"]["efficiency"]
@@ -262,11 +253,7 @@ def test_dump_holds_the_second_order_rows_and_the_analysis_reads_them(megatron_w
     for row in checked.values():
         assert row["steps_measured"] == 3 and row["max_rel_error"] <= 1e-9
 
-    def top(*options: str) -> dict:
-        assert main(["top", str(run), "--json", "--quiet", "-k", "100", *options]) == 0
-        return json.loads(capsys.readouterr().out)
-
-    answer = top("--value", "second-order")
+    answer = top_answer(capsys, run, "--value", "second-order")
     assert answer["target"] == "validation:second-order"
     reference = {
         sid: LR * raw[sid] - LR * LR / 2 * curvature[sid]
@@ -275,11 +262,11 @@ def test_dump_holds_the_second_order_rows_and_the_analysis_reads_them(megatron_w
     }
     assert {s["sample_id"]: s["value"] for s in answer["samples"]} == pytest.approx(reference, rel=1e-12)
     # the curvature row, named in full: the merge sums its second-order terms -(lr²/2)·κ
-    answer = top("--target", "validation:curvature")
+    answer = top_answer(capsys, run, "--target", "validation:curvature")
     assert answer["target"] == "validation:curvature"
     terms = {sid: -LR * LR / 2 * curvature[sid] for curvature in result["raw_curvature"] for sid in curvature}
     assert {s["sample_id"]: s["value"] for s in answer["samples"]} == pytest.approx(terms, rel=1e-12)
-    assert top()["target"] == "validation"  # the default stays the SGD value under SGD
+    assert top_answer(capsys, run)["target"] == "validation"  # the default stays the SGD value under SGD
     assert main(["top", str(run), "--value", "adam", "--quiet"]) == 2
     assert "second-order values with ScoringConfig(second_order=True)" in capsys.readouterr().err
 
@@ -420,7 +407,7 @@ def _check_curvature_rows(result, reference: dict, batch_dot: float, lr: float, 
     """The recorded curvature rows against their brute force, per sample within ``accuracy`` of the
     largest, and their sum against the brute force's ``<g_t, u>`` within ``accuracy``; their efficiency
     identities and values. Returns the largest error relative to the largest curvature."""
-    ours = _rows(result.records, "validation:curvature")
+    ours = raw_by_sample(result.records, "validation:curvature")
     assert sorted(ours) == sorted(reference)
     scale = max(abs(v) for v in reference.values())
     error = max(abs(ours[sid] - reference[sid]) for sid in reference) / scale
@@ -471,7 +458,7 @@ def test_deepspeed_curvature_matches_brute_force_and_efficiency(deepspeed_world,
     engine.step()
     result = scorer.end_step()
     error = _check_curvature_rows(result, reference, exact_batch, LR, accuracy=1e-3)  # fp32, docs/DESIGN.md §1.7
-    raw = _rows(result.records, "validation")
+    raw = raw_by_sample(result.records, "validation")
     raw_error = max(abs(raw[sid] - reference_raw[sid]) for sid in reference_raw) / max(map(abs, reference_raw.values()))
     print(f"ZeRO-{stage} mbs {mbs}: curvature max error {error:.1e}, raw {raw_error:.1e} relative")
     assert raw_error <= 1e-4  # the fp32 accuracy of raw scores (tests/test_deepspeed.py)
@@ -515,7 +502,7 @@ def test_deepspeed_second_order_rows_beside_adam_rows(deepspeed_world, stage):
         assert list(dict.fromkeys(result.records.columns["target"])) == expected
         # fp32: the layouts' rounding of G divided by 2ε (test_zero_stages_equal_single_process)
         curvature_error = _check_curvature_rows(result, curvature, curvature_dot, adam_lr, accuracy=1e-4)
-        ours = _rows(result.records, "validation:curvature")
+        ours = raw_by_sample(result.records, "validation:curvature")
         exact_error = max(abs(ours[sid] - exact[sid]) for sid in exact) / max(map(abs, exact.values()))
         message = (
             f"ZeRO-{stage} Adam step {step}: curvature max error {curvature_error:.1e} from the fp32 central"
@@ -523,7 +510,7 @@ def test_deepspeed_second_order_rows_beside_adam_rows(deepspeed_world, stage):
         )
         if adam is not None:
             reference, batch_dot = adam
-            ours = _rows(result.records, "validation:adam")
+            ours = raw_by_sample(result.records, "validation:adam")
             assert sorted(ours) == sorted(reference)
             adam_error = max(abs(ours[sid] - reference[sid]) for sid in reference) / max(map(abs, reference.values()))
             message += f", Adam-aware max error {adam_error:.1e}"
@@ -567,7 +554,7 @@ def _deepspeed_training(stage: int, second_order: bool | None) -> dict:
         engine.step()
         result = scorer.end_step()
         if second_order:
-            rows = _rows(result.records, "validation:curvature")
+            rows = raw_by_sample(result.records, "validation:curvature")
             out["efficiency"].append((sum(rows.values()), result.batch_dots["validation:curvature"]))
     out["weights"] = full_weights(engine.module)
     if scorer is not None:

@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-negative", action="store_true", help="drop samples with negative value (harmful)")
     p.add_argument("--drop-fraction", type=float, default=0.0, help="drop this fraction of lowest-valued samples")
     p.add_argument("--dropped", help="also write the dropped sample ids to this file")
-    p = sub.add_parser("verify", parents=[run], help="check files, rows and the efficiency identity")
+    p = sub.add_parser("verify", parents=[run], help="check files, rows, the efficiency identity and document spans")
     p.add_argument("--rtol", type=float, default=commands.EFFICIENCY_RTOL, help="efficiency tolerance")
     from inrun_megatron.analysis import bench
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from inrun_megatron.analysis.documents import document_parts, span_identity
 from inrun_megatron.analysis.dump import DumpError, Problem, ScoreDump
 from inrun_megatron.analysis.inputs import Scores, describe_samples, sources_of
 from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
@@ -174,9 +175,12 @@ def verify(
 ) -> Report:
     """Every problem of a dump: files (footers, schema, run ids, overlaps) and then its rows."""
     dump, problems = ScoreDump.inspect(path)
-    notes, checked = [], {}
+    notes, checked, span_parts = [], {}, []
     if dump is not None:
-        notes += [f"{p}: crash debris (*.tmp), never data; safe to delete" for p in dump.debris]
+        debris = list(dump.debris)
+        if dump.manifest.document_values:
+            span_parts = document_parts(dump.root, dump.run_id, problems, debris)
+        notes += [f"{p}: crash debris (*.tmp), never data; safe to delete" for p in debris]
     if dump is not None and not problems:
         found = merge(
             dump, None, memory_bytes=memory_bytes, progress=progress, allow_duplicates=True, work_dir=work_dir
@@ -191,16 +195,24 @@ def verify(
                     f"target {target!r}: no <g_t, G_t> (batch_dot) recorded for steps {_ids(e['unmeasured'])};"
                     " the efficiency identity is unchecked there"
                 )
+        if dump.manifest.document_values:
+            checked["documents"] = span_identity(dump, span_parts, rtol)
+            problems += _span_problems(dump.root / "documents", checked["documents"], rtol)
     elif problems:
-        notes.append("row-level checks (duplicates, missing steps, efficiency) run once the file problems are fixed")
+        notes.append(
+            "row-level checks (duplicates, missing steps, efficiency, document spans) run once the file problems are"
+            " fixed"
+        )
     data = {"path": str(path), "ok": not problems, "problems": [str(p) for p in problems], "checked": checked}
     table = Table(f"verify {path}", ["file", "problem"], [[str(p.path), p.message] for p in problems])
     tables = [table]
     if not problems:
-        rows = [[k, v] for k, v in checked.items() if k != "efficiency"]
+        rows = [[k, v] for k, v in checked.items() if k not in ("efficiency", "documents")]
         tables = [Table(f"verify {path}: OK", ["checked", ""], rows)]
     if checked:
         tables.append(_efficiency_table(checked["efficiency"], rtol))
+    if "documents" in checked:
+        tables.append(_span_table(checked["documents"], rtol))
     return Report(data, tables, notes, ok=not problems)
 
 
@@ -215,6 +227,34 @@ def _efficiency_table(by_target: dict, rtol: float) -> Table:
             for t, e in by_target.items()
         ],
     )
+
+
+def _span_table(by_target: dict, rtol: float) -> Table:
+    """Per target: sequences whose document spans were summed against their raw score, and the worst residual."""
+    return Table(
+        f"document spans: the spans of a sequence sum to its raw score (docs/DESIGN.md §1.8), residual relative"
+        f" to the larger of the sequence's |raw| and its spans' sum of |raw|, tolerance {rtol:g}",
+        ["target", "sequences checked", "worst residual", "at step", "sample", "violations"],
+        [
+            [t, e["sequences"], e["max_rel_error"], e["worst_step"], e["worst_sample"], e["violating_sequences"]]
+            for t, e in by_target.items()
+        ],
+    )
+
+
+def _span_problems(directory: Path, by_target: dict, rtol: float) -> list[Problem]:
+    return [
+        Problem(
+            directory,
+            f"document spans do not sum to the sequence's raw score for target {target!r} at steps"
+            f" {_ids(e['violations'])} (failing sequences: {e['violating_sequences']}; worst relative error"
+            f" {e['max_rel_error']:.3g} at step {e['worst_step']}, sample {e['worst_sample']}; tolerance {rtol:g} of"
+            " the larger of the sequence's |raw| and its spans' sum of |raw|): span rows of those sequences are"
+            " missing or wrong",
+        )
+        for target, e in by_target.items()
+        if e["violations"]
+    ]
 
 
 def _row_problems(dump: ScoreDump, found, rtol: float) -> list[Problem]:

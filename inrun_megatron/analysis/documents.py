@@ -17,13 +17,14 @@ memory (about 60 bytes a row).
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from inrun_megatron.analysis.dump import DumpError, _stream_parts
+from inrun_megatron.analysis.dump import DumpError, Part, Problem, ScoreDump, read_table, stream_parts
 from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.analysis.report import Report, Table
 from inrun_megatron.analysis.views import DEFAULT_VIEW, check_view, per_step_view
@@ -40,19 +41,109 @@ def document_rows(scores: Scores, target: str) -> pa.Table:
             " scoring.document_values (ScoringConfig.document_eod), docs/DESIGN.md §2.9"
         )
     directory = scores.run_dir / "documents"
-    replicas = sorted(directory.iterdir()) if directory.is_dir() else []
-    if not replicas:
-        raise DumpError(f"{directory}: missing; the manifest says the run recorded document values")
-    problems, parts = [], []
-    for replica in replicas:  # each part's footer names the run and the schema, as the score parts' do
-        parts += _stream_parts(replica, replica.name, DOCUMENT_SCHEMA, scores.manifest.run_id, problems, [])
+    problems: list[Problem] = []
+    parts = document_parts(scores.run_dir, scores.manifest.run_id, problems, [])
     if problems:
-        raise DumpError(f"{problems[0].path}: {problems[0].message}")
+        raise DumpError(str(problems[0]))
     table = ds.dataset([str(p.path) for p in parts], format="parquet").to_table(columns=["target", *ROW_COLUMNS])
     table = table.filter(pc.equal(table.column("target"), target))
     if not table.num_rows:
         raise DumpError(f"{directory}: no document rows of {target!r}")
     return table
+
+
+def document_parts(root: Path, run_id: str, problems: list[Problem], debris: list[Path]) -> list[Part]:
+    """The parts of every replica's ``documents`` stream of the run directory ``root`` (``docs/DESIGN.md``
+    §2.8), each checked against ``DOCUMENT_SCHEMA`` and ``run_id`` as the score parts are; what is wrong
+    goes to ``problems`` (a missing ``documents/`` included: the manifest says the run recorded it)."""
+    directory = root / "documents"
+    replicas = sorted(r for r in directory.iterdir() if not r.name.startswith(".")) if directory.is_dir() else []
+    if not replicas:
+        problems.append(Problem(directory, "missing; the manifest says the run recorded document values"))
+    parts = []
+    for replica in replicas:
+        parts += stream_parts(replica, replica.name, DOCUMENT_SCHEMA, run_id, problems, debris)
+    return parts
+
+
+#: Columns of a score row and of a document row that the span identity compares.
+SPAN_KEY = ["step", "sample_id", "target"]
+
+
+def span_identity(dump: ScoreDump, parts: list[Part], rtol: float) -> dict[str, dict]:
+    """Per score row (target): whether the document spans of each non-skipped sequence sum to its raw
+    score (``docs/DESIGN.md`` §1.8), ``|sum_d r(z, d) - r(z)|`` relative to the larger of ``|r(z)|`` and
+    ``sum_d |r(z, d)|``. A sequence with no span rows, or span rows with no sequence row, fails unless
+    its raw scores are 0.
+
+    Replica by replica, one window of steps at a time (the steps of overlapping score and document
+    parts: both streams of a replica flush together, so a window is usually one part of each).
+    """
+    found: dict[str, dict] = {}
+    for replica in sorted({p.stream for p in parts} | {p.stream for p in dump.score_parts}):
+        score_parts = [p for p in dump.score_parts if p.stream == replica]
+        span_parts = [p for p in parts if p.stream == replica]
+        for first, last in _windows([(p.first_step, p.last_step) for p in [*score_parts, *span_parts]]):
+            sequences = _rows_in(score_parts, first, last).group_by(SPAN_KEY).aggregate([("raw", "sum")])
+            spans = _rows_in(span_parts, first, last)
+            spans = spans.append_column("raw_abs", pc.abs(spans.column("raw")))
+            sums = spans.group_by(SPAN_KEY).aggregate([("raw", "sum"), ("raw_abs", "sum")])
+            sums = sums.rename_columns({"raw_sum": "span_sum", "raw_abs_sum": "span_abs_sum"})
+            joined = sequences.join(sums, SPAN_KEY, join_type="full outer")
+            for target in pc.unique(joined.column("target")).to_pylist():
+                rows = joined.filter(pc.equal(joined.column("target"), target))
+                _add_span_residuals(found.setdefault(target, _no_residuals(rtol)), rows, rtol)
+    return found
+
+
+def _windows(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The connected step ranges that ``ranges`` (first, last) cover, in order."""
+    merged: list[list[int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return [(first, last) for first, last in merged]
+
+
+def _rows_in(parts: list[Part], first: int, last: int) -> pa.Table:
+    """The key and raw score of the non-skipped rows of steps ``first..last`` in ``parts``."""
+    keep = [("step", ">=", first), ("step", "<=", last), ("skipped", "=", False)]
+    columns = [*SPAN_KEY, "raw"]
+    tables = [read_table(p.path, columns, keep) for p in parts if p.first_step <= last and p.last_step >= first]
+    empty = DOCUMENT_SCHEMA.empty_table().select(columns)
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables] or [empty])
+
+
+def _no_residuals(rtol: float) -> dict:
+    return {
+        "sequences": 0,
+        "max_rel_error": None,
+        "worst_step": None,
+        "worst_sample": None,
+        "violations": [],
+        "violating_sequences": 0,
+        "rtol": rtol,
+    }
+
+
+def _add_span_residuals(found: dict, rows: pa.Table, rtol: float) -> None:
+    """Fold the sequences of ``rows`` (one target's sequence and span sums, joined) into ``found``."""
+    raw, spans, spans_abs = (
+        pc.fill_null(rows.column(c), 0.0).to_numpy() for c in ("raw_sum", "span_sum", "span_abs_sum")
+    )
+    scale = np.maximum(np.abs(raw), spans_abs)
+    err = np.divide(np.abs(spans - raw), scale, out=np.zeros(len(raw)), where=scale > 0)
+    step = rows.column("step").to_numpy()
+    found["sequences"] += len(err)
+    if len(err) and (found["max_rel_error"] is None or err.max() > found["max_rel_error"]):
+        worst = int(err.argmax())
+        found |= {"max_rel_error": float(err[worst]), "worst_step": int(step[worst])}
+        found["worst_sample"] = rows.column("sample_id")[worst].as_py()
+    bad = err > rtol
+    found["violating_sequences"] += int(bad.sum())
+    found["violations"] = sorted(set(found["violations"]) | set(step[bad].tolist()))
 
 
 def locate_spans(index, sample_ids: np.ndarray, spans: np.ndarray, span_tokens: np.ndarray):

@@ -142,10 +142,10 @@ class ScoreDump:
             if not (replica.is_dir() and _REPLICA.match(replica.name)):
                 problems.append(Problem(replica, "unexpected entry in scores/: expected dpNNNNN replica directories"))
                 continue
-            score_parts += _stream_parts(replica, replica.name, SCORE_SCHEMA, manifest.run_id, problems, debris)
+            score_parts += stream_parts(replica, replica.name, SCORE_SCHEMA, manifest.run_id, problems, debris)
         step_parts = []
         if (root / "steps").is_dir():
-            step_parts = _stream_parts(root / "steps", "steps", STEP_SCHEMA, manifest.run_id, problems, debris)
+            step_parts = stream_parts(root / "steps", "steps", STEP_SCHEMA, manifest.run_id, problems, debris)
         if not score_parts and not problems:
             problems.append(
                 Problem(
@@ -179,9 +179,15 @@ class ScoreDump:
         return table.replace_schema_metadata(None).sort_by([("step", "ascending"), ("target", "ascending")])
 
 
-def _stream_parts(
+def stream_parts(
     directory: Path, stream: str, schema: pa.Schema, run_id: str, problems: list[Problem], debris: list[Path]
 ) -> list[Part]:
+    """The parts of one append-only stream directory (a replica's ``scores/dpNNNNN``, ``steps``, a replica's
+    ``documents/dpNNNNN``), in step order, each checked against ``schema`` and ``run_id`` from its footer.
+
+    Nothing is raised: every unexpected file, unreadable or foreign part and overlap of step ranges is
+    appended to ``problems`` (so that ``verify`` lists them all) and ``*.tmp`` crash debris to ``debris``.
+    """
     parts = []
     for path in sorted(directory.iterdir()):
         if path.name.endswith(".tmp"):

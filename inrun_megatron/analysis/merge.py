@@ -140,6 +140,8 @@ class PartFacts:
 
 @dataclass
 class BucketFacts:
+    """What reducing buckets found: samples per target, and (step, sample) rows seen more than once."""
+
     samples: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     duplicate_examples: list[tuple[str, int, int, list[int]]] = field(default_factory=list)
@@ -253,7 +255,7 @@ def _spill(
                     if name not in targets:
                         targets.append(name)
                     mine = {key: column[codes == code] for key, column in columns.items()}
-                    _append_to_buckets(mine, index, spill_dir / f"t{targets.index(name)}", n_buckets)
+                    append_to_buckets(mine, index, spill_dir / f"t{targets.index(name)}", n_buckets)
                     sums.append(_step_sums(name, mine))
                 advance(batch.num_rows)
             fact.step_sums = sum_by_step(pa.concat_tables(sums)) if sums else _empty_step_sums()
@@ -261,8 +263,11 @@ def _spill(
     return targets, facts
 
 
-def _append_to_buckets(columns: dict[str, np.ndarray], part_index: int, directory: Path, n_buckets: int) -> None:
-    """Append rows (as packed SPILL_DTYPE records) to the spill file of each one's bucket."""
+def append_to_buckets(columns: dict[str, np.ndarray], part_index: int, directory: Path, n_buckets: int) -> None:
+    """Append rows (as packed SPILL_DTYPE records) to the spill file of each one's bucket.
+
+    Shared with the step views (:mod:`.views`), which spill their per-row view values the same way.
+    """
     directory.mkdir(exist_ok=True)
     buckets = bucket_of(columns["sample_id"], n_buckets)
     order = np.argsort(buckets, kind="stable")
@@ -343,10 +348,10 @@ def _reduce(
                     for rank, targets in enumerate(rank_targets)
                     if name in targets
                 ]
-                rows = _load_sorted([f for f in files if f.exists()])
+                rows = load_sorted([f for f in files if f.exists()])
                 if not len(rows["sample_id"]):
                     continue
-                values.append(_accumulate(name, rows, facts))
+                values.append(accumulate(name, rows, facts))
                 if per_step:
                     rows_out.append(_per_step_table(name, rows))
                 del rows
@@ -361,11 +366,12 @@ def _reduce(
     return results
 
 
-def _load_sorted(files: list[Path]) -> dict[str, np.ndarray]:
+def load_sorted(files: list[Path]) -> dict[str, np.ndarray]:
     """The spilled rows of one bucket and target as columns, sorted by sample id, then step.
 
     (sample id, step) identifies a row (duplicates make the merge fail), so the order, and every
-    sum over it, depends only on the rows, not on the order in which ranks spilled them.
+    sum over it, depends only on the rows, not on the order in which ranks spilled them. The step
+    views (:mod:`.views`) load their buckets with it too.
     """
     chunks = [np.fromfile(f, dtype=SPILL_DTYPE) for f in files]
     rows = chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else np.empty(0, SPILL_DTYPE)
@@ -385,8 +391,10 @@ def _order_by_sample_and_step(sample_id: np.ndarray, step: np.ndarray) -> np.nda
     return np.lexsort((step, sample_id))
 
 
-def _accumulate(target: str, rows: dict[str, np.ndarray], facts: BucketFacts) -> pa.Table:
-    """Per-sample sums of sorted rows (each sample's rows added in step order)."""
+def accumulate(target: str, rows: dict[str, np.ndarray], facts: BucketFacts) -> pa.Table:
+    """Per-sample sums of :func:`load_sorted` rows of one target (each sample's rows added in step
+    order), as a ``VALUE_SCHEMA`` table; duplicate (sample, step) rows are counted in ``facts``. The
+    step views (:mod:`.views`) sum their per-row view values with it, so both reduce alike."""
     sid, step = rows["sample_id"], rows["step"]
     new_sample = np.r_[True, sid[1:] != sid[:-1]]
     starts = np.flatnonzero(new_sample)

@@ -32,10 +32,10 @@ import numpy as np
 from inrun_megatron.analysis.merge import (
     SPILL_DTYPE,
     BucketFacts,
-    _accumulate,
-    _append_to_buckets,
-    _load_sorted,
+    accumulate,
+    append_to_buckets,
     buckets_for,
+    load_sorted,
 )
 from inrun_megatron.analysis.progress import SILENT, Progress
 from inrun_megatron.analysis.values import (
@@ -179,7 +179,7 @@ def write_view(
                 path.unlink()
                 columns = {name: r[name] for name in SPILL_DTYPE.names if name != "part"}
                 columns["value"] = per_step_view(view, r["step"], r["value"], r["skipped"])
-                _append_to_buckets(columns, 0, by_sample, n_buckets)
+                append_to_buckets(columns, 0, by_sample, n_buckets)
             advance(1)
     metadata = part_metadata(source.run_id, VALUES_SCHEMA_VERSION)
     (out / "values").mkdir()
@@ -189,7 +189,7 @@ def write_view(
             path = by_sample / f"b{bucket:05d}.bin"
             table = VALUE_SCHEMA.empty_table()
             if path.exists():
-                table = _accumulate(target, _load_sorted([path]), BucketFacts())
+                table = accumulate(target, load_sorted([path]), BucketFacts())
                 path.unlink()
                 if view != "accumulated":
                     n_steps = table.column("n_steps").to_numpy()
