@@ -56,6 +56,8 @@ def test_curating_on_the_adam_value_and_retraining_on_exactly_the_kept_ids(tmp_p
         "sources": [{"name": s, "prefix": str(data_dir / s)} for s in curate_demo.SOURCES],
         "split": "90,10,0",
         "train_samples": n,
+        "reset_attention_mask": True,  # as configs/curate-demo.yaml
+        "reset_position_ids": True,
     }
     single = {"tensor_model_parallel_size": 1}
     training = {"train_iters": steps, "global_batch_size": batch}

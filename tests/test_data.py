@@ -169,6 +169,60 @@ def test_validation_targets_heldout_and_jsonl(megatron_world, corpus, tmp_path):
         build_targets([TargetSpec("big", source="a", sequences=10**4)], data, tok, seq_length=16, micro_batch_size=4)
 
 
+def _documents_of(tokens: torch.Tensor, eod: int) -> list[int]:
+    """Which document of the row each position's input token belongs to, written out here: a
+    document runs through its end-of-document token."""
+    documents, current = [], 0
+    for token in tokens.tolist():
+        documents.append(current)
+        current += token == eod
+    return documents
+
+
+def test_reset_masks_and_positions_are_per_document_and_change_nothing_when_off(megatron_world, corpus, tmp_path):
+    """``reset_attention_mask``/``reset_position_ids`` (docs/DESIGN.md §2.9): every item carries a mask that
+    lets a position see the earlier positions of its own document only, and positions that restart in every
+    document; tokens, labels and loss masks, and so what a sample id names, are the same as without; off,
+    the items are megatron's default (no mask, positions 0..s-1). Batches and held-out targets carry the mask."""
+    root, tok, _ = corpus
+    sources = [Source(n, str(root / "ds" / n), 1.0) for n in ("a", "b")]
+
+    def build(reset: bool):
+        return build_training_data(
+            sources, tok, seq_length=16, seed=7, split="80,20,0", train_samples=50, cache_dir=tmp_path / str(reset),
+            reset_attention_mask=reset, reset_position_ids=reset,
+        )  # fmt: skip
+
+    plain, reset = build(False), build(True)
+    assert len(plain.train) == len(reset.train)
+    cut = 0
+    for i in range(len(plain.train)):
+        off, on = WithSampleIds(plain.train)[i], WithSampleIds(reset.train)[i]
+        assert sorted(off) == ["labels", "loss_mask", "position_ids", "sample_ids", "tokens"]
+        assert torch.equal(off["position_ids"], torch.arange(16))
+        assert sorted(on) == ["attention_mask", *sorted(off)]
+        for key in off:
+            if key != "position_ids":
+                assert torch.equal(on[key], off[key]), key
+        documents = _documents_of(on["tokens"], tok.eod)
+        sees = torch.tensor([[k <= q and documents[k] == documents[q] for k in range(16)] for q in range(16)])
+        assert on["attention_mask"].shape == (1, 16, 16) and on["attention_mask"].dtype == torch.bool
+        assert torch.equal(~on["attention_mask"][0], sees)  # megatron's mask: True where masked
+        starts = [documents.index(d) for d in documents]
+        assert on["position_ids"].tolist() == [q - starts[q] for q in range(16)]
+        cut += documents[-1] > 0
+    assert cut >= 10, "the data must pack several documents into many sequences"
+    batch = next(batch_iterator(reset.train, consumed=0, micro_batch_size=2, dp_rank=0, dp_size=1))
+    assert batch["attention_mask"].shape == (2, 1, 16, 16)
+    jsonl = tmp_path / "val.jsonl"
+    jsonl.write_text(json.dumps({"text": "the lazy dog"}) + "\n")
+    specs = [TargetSpec("held", source="b", sequences=3), TargetSpec("mine", jsonl=str(jsonl))]
+    targets = build_targets(specs, reset, tok, seq_length=16, micro_batch_size=4)
+    assert torch.equal(targets["held"][0]["attention_mask"][1], reset.heldout["b"][1]["attention_mask"])
+    assert "attention_mask" not in targets["mine"][0]  # one document per sequence: the causal mask is its own
+    assert "attention_mask" not in build_targets(specs, plain, tok, seq_length=16, micro_batch_size=4)["held"][0]
+
+
 def test_sources_are_checked(corpus, tmp_path):
     root, tok, _ = corpus
     with pytest.raises(FileNotFoundError, match=r"nope\.bin does not exist"):

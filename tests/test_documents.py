@@ -3,14 +3,19 @@
 Every sequence holds several documents cut at end-of-document tokens. The scorer records each
 document span's part of the sequence's raw score from the same backward: the spans sum to the
 sequence's score, and with megatron's reset attention masks and position ids each span is the
-brute-force value of that document's own loss terms.
+brute-force value of that document's own loss terms, through the API and through the pretraining
+entry point (``data.reset_attention_mask``/``data.reset_position_ids``).
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow.dataset as ds
 import pytest
 import torch
+import yaml
 
 import oracle
 from common import (
@@ -23,6 +28,8 @@ from common import (
     scored_forward_backward,
     token_losses,
 )
+from launcher import TESTS, torchrun
+from pretrain_common import prepare_data, read_rows, tiny_config
 
 pytestmark = pytest.mark.megatron
 
@@ -162,6 +169,64 @@ def test_verify_reports_span_rows_that_do_not_sum_to_their_sequence(megatron_wor
     problem = verify(run).data["problems"][0]
     assert "at steps 1, 2 (failing sequences: 2;" in problem
     assert f"at step 1, sample {altered};" in problem or f"at step 2, sample {missing};" in problem
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset-masks", "whole-sequence-mask"])
+def test_entry_point_with_reset_masks_each_document_is_its_brute_force_value(tmp_path, reset):
+    """A pretraining run with ``scoring.document_values``: with ``data.reset_attention_mask`` and
+    ``data.reset_position_ids`` the first step's document rows are the brute-force values of each document's
+    own loss terms (tests/workers/pretrain_document_oracle.py, on the run's own first batch, before the update);
+    off, batches carry no mask and the sequence rows are the whole-sequence brute force, while the document
+    rows are only an attribution of them (which shows the check can fail). Held-out and jsonl targets both."""
+    data_dir = prepare_data(tmp_path)
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a short target", "and another one")))
+    run = tmp_path / "run"
+    config = tiny_config(
+        data_dir,
+        run,
+        model={"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64},
+        parallel={"tensor_model_parallel_size": 1},
+        training={"train_iters": 1, "global_batch_size": 4, "micro_batch_size": 2, "seed": 7},
+        optimizer={"lr_warmup_iters": 0},
+        data={"reset_attention_mask": reset, "reset_position_ids": reset},
+        validation={
+            "targets": [{"name": "heldout-a", "source": "a", "sequences": 3}, {"name": "mine", "jsonl": str(jsonl)}]
+        },
+        scoring={"flush_every": 1, "document_values": True},
+        checkpoint={"save_interval": None},
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    found_at = tmp_path / "oracle.json"
+    worker = TESTS / "workers" / "pretrain_document_oracle.py"
+    proc = torchrun(worker, 1, "--config", str(path), env={"INRUN_ORACLE_OUT": str(found_at)})
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    found = json.loads(found_at.read_text())
+    assert found["batch_has_attention_mask"] == reset
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["data"]["reset_attention_mask"] == reset
+
+    def relative_error(ours: dict, reference: dict) -> float:
+        assert sorted(ours) == sorted(reference)
+        return max(abs(ours[k] - reference[k]) for k in reference) / max(abs(v) for v in reference.values())
+
+    rows = read_rows(run).to_pylist()
+    sequences = {(r["target"], r["sample_id"]): r["raw"] for r in rows}
+    reference = {(t, sid): raw for t, sid, raw in found["sequences"]}
+    assert {t for t, _ in reference} == {"heldout-a", "mine"}
+    assert relative_error(sequences, reference) <= EXACTNESS[torch.float32]
+
+    spans = ds.dataset(run / "documents", format="parquet").to_table().to_pylist()
+    documents = {(d["target"], d["sample_id"], d["span"]): d["raw"] for d in spans}
+    per_document = {(t, sid, span): raw for t, sid, span, raw in found["documents"]}
+    assert max(span for _, _, span in per_document) >= 1, "the data must pack several documents per sequence"
+    error = relative_error(documents, per_document)
+    print(f"reset={reset}: max relative error per document vs brute force {error:.2e}")
+    if reset:
+        assert error <= EXACTNESS[torch.float32]
+    else:
+        assert error > 100 * EXACTNESS[torch.float32]
 
 
 def test_document_values_refuse_the_microbatch_path_second_order_and_other_adapters():

@@ -327,6 +327,21 @@ def test_second_order_values_end_to_end(data_dir, tmp_path, capsys):
     assert scores_cli("top", run, "-k", 1, capsys=capsys)["target"] == "heldout-a:adam"  # the default stays Adam's
 
 
+def test_batches_carry_the_reset_attention_mask_over_tensor_parallelism(tmp_path):
+    """``data.reset_attention_mask``: the batch reader broadcasts megatron's mask from tensor-parallel rank 0
+    with the rest of the batch, as a bool mask; a batch without one (a jsonl validation target) stays without."""
+    from launcher import launch
+
+    for rank, result in enumerate(launch("tp_batch_broadcast.py", 2, tmp_path)):
+        masked, plain = result["got"]
+        sent_masked, sent_plain = result["sent"]
+        assert sorted(masked) == sorted(sent_masked) and sorted(plain) == sorted(sent_plain), rank
+        for got, sent in ((masked, sent_masked), (plain, sent_plain)):
+            for key, value in sent.items():
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), (rank, key)
+        assert not masked["attention_mask"].all(-1).any() and masked["attention_mask"].any()  # a cut, not causal
+
+
 def scores_cli(*args, capsys) -> dict:
     """``inrun-scores ARGS --json`` in this process; its answer."""
     from inrun_megatron.analysis import cli

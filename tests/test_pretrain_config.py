@@ -71,12 +71,24 @@ def _raw() -> dict:
             "scoring.second_order and scoring.document_values cannot both be on",
         ),
         (["training.micro_batch_size"], "expected key=value"),
+        (
+            ["data.reset_attention_mask=true", "parallel.virtual_pipeline_model_parallel_size=2"],
+            "data.reset_attention_mask: the 4 pipeline stages (pipeline x virtual pipeline) include some that hold"
+            " neither the embedding nor the output layer",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as error:
         load_run_config(None, overrides, raw=_raw())
     assert message in str(error.value)
+
+
+def test_reset_masks_are_off_by_default_and_run_on_two_pipeline_stages():
+    """Off unless asked for; accepted on a two-stage pipeline, whose stages both read batches."""
+    assert not load_run_config(None, [], raw=_raw()).data.reset_attention_mask
+    on = load_run_config(None, ["data.reset_attention_mask=true", "data.reset_position_ids=true"], raw=_raw())
+    assert on.parallel.pipeline_model_parallel_size == 2 and on.data.reset_attention_mask and on.data.reset_position_ids
 
 
 def test_scoring_choices_come_from_scoring_config():

@@ -17,7 +17,9 @@
    the final losses (per run, and mean and spread of the random draws), and how well the view's low
    values find the planted corruption (AUROC), for the Adam-aware and for the SGD value, per
    sequence and per document (the scored run records document values, docs/DESIGN.md §2.9;
-   curate itself drops sequences).
+   curate itself drops sequences). Every run trains with megatron's reset attention masks and
+   position ids (configs/curate-demo.yaml), so a document's value is that of its own loss terms
+   (docs/DESIGN.md §1.8), not its part of a whole sequence's.
 
 The runs go ``--parallel`` at a time (one process each). The last line is ``steps_saved=<fraction>``:
 1 - (steps of ``curated``) / (steps of ``full``) to reach the full run's final ``eval`` loss

@@ -32,8 +32,10 @@ SAMPLE_ID_DEFINITION = (
     " the sources, or the single source's GPTDataset); each id is one sequence of seq_length + 1 tokens"
 )
 
-#: The keys of a training batch (megatron's GPTDataset items plus ``sample_ids``).
+#: The keys of a training batch (megatron's GPTDataset items plus ``sample_ids``); with
+#: ``reset_attention_mask`` also megatron's ``attention_mask`` (``[1, s, s]`` per item, True: masked).
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "sample_ids")
+OPTIONAL_BATCH_KEYS = ("attention_mask",)
 
 
 @dataclass
@@ -114,7 +116,8 @@ class WithSampleIds(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         sample_id = idx if self.ids is None else int(self.ids[idx])
         item = self.dataset[sample_id]
-        out = {key: torch.as_tensor(item[key]) for key in BATCH_KEYS if key != "sample_ids"}
+        keys = [key for key in BATCH_KEYS if key != "sample_ids"] + [k for k in OPTIONAL_BATCH_KEYS if k in item]
+        out = {key: torch.as_tensor(item[key]) for key in keys}
         out["sample_ids"] = torch.tensor(sample_id, dtype=torch.int64)
         return out
 
@@ -220,8 +223,15 @@ def build_training_data(
     split: str,
     train_samples: int,
     cache_dir: str | Path,
+    reset_attention_mask: bool = False,
+    reset_position_ids: bool = False,
 ) -> TrainingData:
     """Build the datasets on every rank (rank 0 first, the others read its cached indices).
+
+    ``reset_attention_mask`` and ``reset_position_ids`` are megatron's GPTDataset options: items then
+    carry an attention mask that stops every token at the last end-of-document token before it, and
+    positions that restart after one (docs/DESIGN.md §2.9). Neither changes which tokens a sample
+    holds, so sample ids name the same sequences either way.
 
     Call on every rank, after :func:`check_sources`.
     """
@@ -238,10 +248,12 @@ def build_training_data(
         split=split,
         path_to_cache=str(cache_dir),
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
         eod_mask_loss=False,
-        create_attention_mask=False,
+        # megatron builds the mask it resets only when asked to create one; without the reset,
+        # the model's own causal mask is the same, so no [s, s] mask travels with every item
+        create_attention_mask=reset_attention_mask,
     )
     # Size 0 for the held-out split: megatron then builds exactly one epoch of each source's
     # held-out documents (validation targets take their sequences from it).

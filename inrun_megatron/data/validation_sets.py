@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inrun_megatron.data.datasets import TrainingData, stack_items
+from inrun_megatron.data.datasets import OPTIONAL_BATCH_KEYS, TrainingData, stack_items
 from inrun_megatron.data.indexed import read_documents
 from inrun_megatron.data.tokenizer import Tokenizer
 from inrun_megatron.validation import ValidationTarget
@@ -71,8 +71,9 @@ def heldout_sequences(spec: TargetSpec, data: TrainingData) -> list[dict[str, to
             f" {spec.source!r}, but its held-out split holds {available}; ask for fewer or enlarge the"
             " validation part of data.split"
         )
-    keys = ("tokens", "labels", "loss_mask", "position_ids")
-    return [{k: torch.as_tensor(dataset[i][k]) for k in keys} for i in range(spec.sequences)]
+    keys = ("tokens", "labels", "loss_mask", "position_ids", *OPTIONAL_BATCH_KEYS)
+    # with data.reset_attention_mask the held-out sequences carry megatron's mask as training ones do
+    return [{k: torch.as_tensor(v) for k, v in dataset[i].items() if k in keys} for i in range(spec.sequences)]
 
 
 def build_targets(

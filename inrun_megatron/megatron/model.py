@@ -170,5 +170,6 @@ def gpt_forward_step(data_iterator, model: GPTModel):
     batch = next(data_iterator) if data_iterator is not None else None
     if batch is None:
         return model(None, None, None), functools.partial(masked_token_loss, None)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # megatron's reset attention mask when the batch has one (docs/DESIGN.md §2.9), else causal
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, functools.partial(masked_token_loss, batch["loss_mask"])

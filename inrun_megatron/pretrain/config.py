@@ -111,6 +111,11 @@ class DataSection:
     # global_batch_size): give the train_samples of the run whose ids they are.
     train_ids: str | None = None
     train_samples: int | None = None
+    # megatron's GPTDataset options (docs/DESIGN.md §2.9): no token attends across an end-of-document
+    # token (every batch carries megatron's [s, s] attention mask), and positions restart after one.
+    # With the mask, a document's value (scoring.document_values) is the value of its own loss terms.
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
 
 
 @dataclass
@@ -395,6 +400,12 @@ def check_values(c: RunConfig) -> None:
         raise ConfigError(
             f"optimizer.lr_warmup_iters ({o.lr_warmup_iters}) must be smaller than the decay length"
             f" (optimizer.lr_decay_iters, default training.train_iters: {decay})"
+        )
+    if c.data.reset_attention_mask and stages > 2:
+        raise ConfigError(
+            f"data.reset_attention_mask: the {stages} pipeline stages (pipeline x virtual pipeline) include some"
+            " that hold neither the embedding nor the output layer, and megatron's pretraining hands batches, and"
+            " so the attention mask, only to the first and the last stage; use at most 2 stages"
         )
     _check_data(c)
 

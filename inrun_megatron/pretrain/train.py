@@ -128,9 +128,22 @@ def get_batch(data_iterator, model) -> dict[str, torch.Tensor] | None:
     batch = next(data_iterator) if parallel_state.get_tensor_model_parallel_rank() == 0 else None
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return batch
-    ints = tensor_parallel.broadcast_data(["tokens", "labels", "position_ids"], batch, torch.int64)
+    # whether this batch carries megatron's reset attention mask (training batches with
+    # data.reset_attention_mask, held-out targets cut from them; not jsonl targets) travels with it
+    if batch is not None:
+        batch = {**batch, "has_attention_mask": torch.tensor([int("attention_mask" in batch)])}
+    ints = tensor_parallel.broadcast_data(
+        ["tokens", "labels", "position_ids", "has_attention_mask"], batch, torch.int64
+    )
     floats = tensor_parallel.broadcast_data(["loss_mask"], batch, torch.float32)
-    return {**ints, **floats}
+    out = {**floats, **{k: v for k, v in ints.items() if k != "has_attention_mask"}}
+    if ints["has_attention_mask"].item():
+        if batch is not None:
+            batch["attention_mask"] = batch["attention_mask"].to(torch.uint8)
+        out["attention_mask"] = tensor_parallel.broadcast_data(["attention_mask"], batch, torch.uint8)[
+            "attention_mask"
+        ].bool()
+    return out
 
 
 def forward_step(data_iterator, model):
@@ -280,6 +293,8 @@ class Pretraining:
             split=c.data.split,
             train_samples=c.data.train_samples or t.train_iters * t.global_batch_size,
             cache_dir=c.cache_dir,
+            reset_attention_mask=c.data.reset_attention_mask,
+            reset_position_ids=c.data.reset_position_ids,
         )
         self.train_ids = None  # the training order: the dataset's own, or data.train_ids repeated
         if c.data.train_ids:
