@@ -831,6 +831,15 @@ def test_drop_negative_needs_a_signed_view(synthetic, tmp_path, capsys):
     assert "--drop-negative needs a view whose sign means helped or hurt (accumulated, step-scaled)" in err
 
 
+def test_curate_by_document_refuses_a_run_without_document_values_before_any_work(synthetic, tmp_path, capsys):
+    (tmp_path / "work").mkdir()
+    args = ["curate", synthetic, "-o", tmp_path / "k.jsonl", "--drop-negative", "--by-document"]
+    err = scores_cli(*args, "--work-dir", tmp_path / "work", capsys=capsys, expect=2)
+    assert "curate --by-document needs document values and the run recorded none" in err
+    assert "scoring.document_values" in err
+    assert not (tmp_path / "k.jsonl").exists() and not list((tmp_path / "work").iterdir())  # nothing merged
+
+
 def test_a_step_that_tells_no_sample_apart_gives_the_neutral_value():
     """A step with lr 0 (all values 0) and a step of equal values, next to an ordinary step."""
     from inrun_megatron.analysis.views import VIEWS, per_step_view

@@ -8,17 +8,23 @@
    epoch, repeated for ``--epochs`` epochs) with scoring on, as ``launch/pretrain_gpt.py`` does;
    beside it ``full-seed2``: the same data under another seed (another initialisation, packing and
    order), which shows how far a second seed alone moves the full run's curve;
-3. ``inrun-scores curate`` on the Adam-aware value (the runs train with Adam, docs/DESIGN.md §1.5)
-   for ``select`` in the recommended view (§1.6), ``--drop-negative``: the kept ids;
-4. ``curated``: retrain from scratch on the kept ids, same steps, same schedule;
-   ``random-1`` .. ``random-R``: retrain on as many ids drawn at random, one draw per seed (the
-   random drop of the same size; its spread says how much one draw's luck is worth);
+3. ``inrun-scores curate --by-document`` on the Adam-aware value (the runs train with Adam,
+   docs/DESIGN.md §1.5) for ``select`` in the recommended view (§1.6), ``--drop-negative``: the kept
+   training documents (``--granularity sequence``: ``curate`` without ``--by-document``, the kept
+   sequence ids);
+4. ``curated``: retrain from scratch on the kept documents only: their lines of the training corpus
+   tokenized again by the project's preprocessing (the same tokenizer) into a new dataset that
+   megatron packs anew, every sequence of it (``data.train_ids`` = all ids) repeated to fill the same
+   steps under the same schedule; ``random-1`` .. ``random-R``: the same with as many documents
+   drawn at random, one draw per seed (the random drop of the same size; its spread says how much
+   one draw's luck is worth). With ``--granularity sequence`` these train on kept (or random)
+   sequence ids of the full run's dataset instead;
 5. report, on ``eval``: the steps each run needs to reach the full run's final validation loss,
    the final losses (per run, and mean and spread of the random draws), and how well the view's low
    values find the planted corruption (AUROC), for the Adam-aware and for the SGD value, per
-   sequence and per document (the scored run records document values, docs/DESIGN.md §2.9;
-   curate itself drops sequences). Every run trains with megatron's reset attention masks and
-   position ids (configs/curate-demo.yaml), so a document's value is that of its own loss terms
+   sequence and per document (the scored run records document values, docs/DESIGN.md §2.9).
+   Every run trains with megatron's reset attention masks and position ids
+   (configs/curate-demo.yaml), so a document's value is that of its own loss terms
    (docs/DESIGN.md §1.8), not its part of a whole sequence's.
 
 The runs go ``--parallel`` at a time (one process each). The last line is ``steps_saved=<fraction>``:
@@ -26,6 +32,7 @@ The runs go ``--parallel`` at a time (one process each). The last line is ``step
 (``nan`` when the curated run never reaches it).
 
     python tools/curate_demo.py [--out runs/curate-demo] [--epochs 2] [--random-seeds 3]
+                                [--granularity document|sequence]
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from inrun_megatron.analysis.commands import curate
 from inrun_megatron.analysis.documents import by_document
 from inrun_megatron.analysis.inputs import Scores
 from inrun_megatron.data.demo_corpus import build_corpus
+from inrun_megatron.data.indexed import preprocess
 from inrun_megatron.data.tokenizer import Tokenizer
 from inrun_megatron.optimizer_values import ADAM_ROW_SUFFIX
 
@@ -69,6 +77,8 @@ SOURCES = ("prose", "code", "docstrings")
 SELECT, EVAL = "select", "eval"
 #: The seed of the second full run (the first uses the config's training.seed).
 SECOND_SEED = 4321
+#: What curate and the random drops drop: training documents (packed again) or packed sequences.
+GRANULARITIES = ("document", "sequence")
 
 
 # --------------------------------------------------------------------------------------
@@ -151,14 +161,13 @@ def unigram_loss(train_texts: list[str], eval_texts: list[str], tokenizer: Token
     return float(-log_p[labels].mean())
 
 
-def training_sequences(data_dir: Path, seq_length: int, seed: int, cache_dir: Path) -> int:
-    """How many sequences one epoch of the training sources makes (megatron's own count: an
-    unweighted blend is one epoch of every source)."""
+def training_sequences(data_dir: Path, tokenizer: Tokenizer, seq_length: int, seed: int, cache_dir: Path) -> int:
+    """How many sequences one epoch of the training sources under ``data_dir`` makes (megatron's own
+    count: an unweighted blend is one epoch of every source)."""
     import torch.distributed as dist
 
     from inrun_megatron.data.datasets import Source, build_training_data
 
-    tokenizer = Tokenizer({"type": "json", "path": str(data_dir / "tokenizer.json")})
     sources = [Source(s, str(data_dir / s)) for s in SOURCES]
     cache_dir.mkdir(parents=True, exist_ok=True)
     # megatron's dataset builder asks for the rank: a process group of this one process
@@ -206,23 +215,26 @@ def pretrain(
     num_samples: int,
     steps: int,
     targets: list[str],
+    data_dir: Path | None = None,
     seed: int | None = None,
     adam_values: bool = True,
     document_values: bool = False,
     wait: bool = True,
 ):
     """One run of launch/pretrain_gpt.py on the sample ids of ``ids`` (of the ``num_samples``-sequence
-    training dataset), from scratch; its run directory, or its process when not ``wait``. ``seed``
+    training dataset of the sources under ``data_dir``, default ``out/data``: the full training data),
+    from scratch; its run directory, or its process when not ``wait``. ``seed``
     (default the config's) seeds the initialisation and megatron's dataset order alike, so the ids
     of one seed name other sequences under another: only a run on every id may change it. A run that
     only measures its targets' loss records no ``adam_values`` (half the score rows); only the scored
     run records ``document_values`` (docs/DESIGN.md §2.9), for the report's document AUROC."""
     run_dir = out / name
+    data_dir = data_dir or out / "data"
     target_list = [{"name": t, "jsonl": str(out / "data" / f"{t}.jsonl")} for t in targets]
     overrides = [
         f"output.run_dir={run_dir}",
         f"data.tokenizer.path={out / 'data' / 'tokenizer.json'}",
-        *(f"data.sources.{i}.prefix={out / 'data' / s}" for i, s in enumerate(SOURCES)),
+        *(f"data.sources.{i}.prefix={data_dir / s}" for i, s in enumerate(SOURCES)),
         f"data.cache_dir={out / 'data_cache'}",
         f"data.train_ids={ids}",
         f"data.train_samples={num_samples}",
@@ -287,12 +299,70 @@ def run_side_by_side(jobs: dict[str, dict], parallel: int, start) -> None:
                 raise SystemExit(f"the {name} run failed (exit status {process.returncode}); see its output above")
 
 
+def training_documents(index) -> list[tuple[str, int]]:
+    """Every training document as (source, document id), in that order: what a document drop draws from."""
+    return [(source, d) for source in SOURCES for d in index.documents(source).column("document_id").to_pylist()]
+
+
+def trained_documents(index, num_samples: int) -> list[tuple[str, int]]:
+    """The (source, document id) pairs with input tokens in the ``num_samples`` sequences of the
+    dataset, sorted: the documents a run on all of them trains on (a sequence's last token is only a
+    label, as ``inrun-scores by-document`` counts spans)."""
+    found = set()
+    for sample in index.lookup(np.arange(num_samples)).to_pylist():
+        documents, tokens = sample["document_ids"], sample["document_tokens"]
+        found.update((sample["source"], d) for d in (documents if tokens[-1] > 1 else documents[:-1]))
+    return sorted(found)
+
+
+def read_documents_list(path: Path) -> list[tuple[str, int]]:
+    """The (source, document id) pairs of a ``curate --by-document`` output (JSON lines)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [(r["source"], r["document_id"]) for r in rows]
+
+
+def data_tokenizer(out: Path) -> Tokenizer:
+    """The tokenizer the demo trained on its corpus (every run's)."""
+    return Tokenizer({"type": "json", "path": str(out / "data" / "tokenizer.json")})
+
+
+def repack(
+    out: Path, name: str, index, keep: list[tuple[str, int]], *, tokenizer: Tokenizer, seq_length: int, seed: int
+) -> dict:
+    """The training data of a retraining on the documents ``keep`` only: their lines of the corpus
+    they were tokenized from (the preprocessing's document table names file and line), tokenized
+    again with the full data's ``tokenizer`` into ``out/<name>-data``, which megatron packs anew; the
+    :func:`pretrain` arguments that train on every sequence of it."""
+    data_dir = out / f"{name}-data"
+    data_dir.mkdir(parents=True)
+    kept = set(keep)
+    lines: dict[str, list[int]] = {}  # input file -> 1-based lines of the kept documents
+    for source in SOURCES:
+        documents = index.documents(source).to_pylist()
+        mine = [d for d in documents if (source, d["document_id"]) in kept]
+        if not mine:
+            raise SystemExit(f"{name}: keeps no {source} document; every source needs one to retrain on")
+        for d in mine:
+            lines.setdefault(d["input"], []).append(d["line"])
+    with open(data_dir / "train.jsonl", "w", encoding="utf-8") as f:
+        for path, numbers in lines.items():
+            text = Path(path).read_text(encoding="utf-8").splitlines()
+            f.writelines(text[n - 1] + "\n" for n in sorted(numbers))
+    infos = preprocess([data_dir / "train.jsonl"], data_dir, tokenizer)
+    if sum(info["documents"] for info in infos.values()) != len(kept):
+        raise SystemExit(f"{name}: tokenized {infos} documents, not the {len(kept)} kept")
+    num_samples = training_sequences(data_dir, tokenizer, seq_length, seed, data_dir / "cache")
+    write_ids(data_dir / "ids.txt", np.arange(num_samples))
+    return {"ids": data_dir / "ids.txt", "num_samples": num_samples, "data_dir": data_dir}
+
+
 # --------------------------------------------------------------------------------------
 
 
-def corruption_report(run_dir: Path, dropped: np.ndarray, target: str = SELECT) -> dict:
+def corruption_report(run_dir: Path, dropped: np.ndarray | None, target: str = SELECT) -> dict:
     """AUROC of the curation view's low values for the planted corruption, of the Adam-aware value
-    (the one curated on) and of the SGD value, and what was dropped."""
+    (the one curated on) and of the SGD value, and which sequences of each kind are among the
+    ``dropped`` sequence ids (None: curate dropped documents, not sequences)."""
     aurocs = {}
     with Scores(run_dir) as scores:
         index = scores.index()
@@ -303,6 +373,8 @@ def corruption_report(run_dir: Path, dropped: np.ndarray, target: str = SELECT) 
             aurocs[row] = demo_report.corruption_aurocs(values[row], row_fractions)
             if value == VALUE:  # the row curate read: what it dropped
                 ids, fractions = row_ids, row_fractions
+    if dropped is None:
+        return {"auroc": aurocs}
     mostly = {kind: ids[f > 0.5] for kind, f in fractions.items()}
     clean = ids[sum(fractions.values()) == 0]
     counts = {kind: (int(np.isin(members, dropped).sum()), len(members)) for kind, members in mostly.items()}
@@ -310,13 +382,15 @@ def corruption_report(run_dir: Path, dropped: np.ndarray, target: str = SELECT) 
     return {"auroc": aurocs, "dropped_of": counts}
 
 
-def document_corruption_report(run_dir: Path, target: str = SELECT) -> dict:
+def document_corruption_report(
+    run_dir: Path, target: str = SELECT, dropped: list[tuple[str, int]] | None = None
+) -> dict:
     """AUROC of the curation view's low values for the planted corruption *per document*
     (docs/DESIGN.md §1.7): each training document's value, as ``inrun-scores by-document`` sums the
     scored run's document rows (docs/DESIGN.md §2.9), against the corruption the demo corpus planted
-    in it, for the Adam-aware and the SGD value; and how many documents of each kind were scored.
-    Curate itself stays per sequence (``data.train_ids`` names sequences), so this says how well
-    the values find the corrupted documents, not what the curated run dropped."""
+    in it, for the Adam-aware and the SGD value; how many documents of each kind were scored; and,
+    when curate dropped documents (``dropped``: (source, document id)), how many of the scored
+    documents of each kind."""
     aurocs, counts = {}, {}
     with Scores(run_dir) as scores:
         kinds = demo_report.document_kinds(scores.index())
@@ -327,7 +401,17 @@ def document_corruption_report(run_dir: Path, target: str = SELECT) -> dict:
             aurocs[row] = demo_report.corruption_aurocs(values, fractions)
             counts[row] = {kind: int(f.sum()) for kind, f in fractions.items()}
             counts[row]["clean"] = len(documents) - sum(counts[row].values())
-    return {"document_auroc": aurocs, "documents_of": counts}
+            if value == VALUE:  # the row curate read
+                scored = [(d["source"], d["document_id"]) for d in documents]
+    found = {"document_auroc": aurocs, "documents_of": counts}
+    if dropped is not None:
+        of_kind: dict[str, list[int]] = {}
+        for source, d in scored:
+            of_kind.setdefault(kinds[source][d] or "clean", [0, 0])[1] += 1
+        for source, d in dropped:
+            of_kind[kinds[source][d] or "clean"][0] += 1
+        found["dropped_documents_of"] = {kind: tuple(n) for kind, n in sorted(of_kind.items())}
+    return found
 
 
 def document_fractions(documents: list[dict], kinds: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -350,6 +434,8 @@ def main() -> None:
     parser.add_argument("--global-batch-size", type=int, default=16, help="as configs/curate-demo.yaml")
     parser.add_argument("--seed", type=int, default=1234, help="as configs/curate-demo.yaml")
     parser.add_argument("--seq-length", type=int, default=128, help="as configs/curate-demo.yaml")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default="document",
+                        help="what curate and the random drops drop (default %(default)s)")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="only the report, from the runs under --out")
     args = parser.parse_args()
     # the Adam-aware value is not defined at the optimizer's first step (docs/DESIGN.md §1.5): a
@@ -379,7 +465,7 @@ def loop(out: Path, args: argparse.Namespace) -> None:
         shutil.rmtree(out)
     data = build_data(out / "data", documents=args.documents, heldout=args.heldout, seq_length=args.seq_length,
                       bpe_vocab=2048)  # fmt: skip
-    num_samples = training_sequences(out / "data", args.seq_length, args.seed, out / "data_cache")
+    num_samples = training_sequences(out / "data", data_tokenizer(out), args.seq_length, args.seed, out / "data_cache")
     steps = args.epochs * num_samples // args.global_batch_size
     print(f"data: {dict(data['training_documents'])} training documents, corrupted {dict(data['corrupted'])};"
           f" held out {data['heldout_documents']} documents; {num_samples} training sequences of {args.seq_length}"
@@ -387,12 +473,23 @@ def loop(out: Path, args: argparse.Namespace) -> None:
     write_ids(out / "all_ids.txt", np.arange(num_samples))
 
     def start(name: str, **job) -> subprocess.Popen:
-        return pretrain(out, name, num_samples=num_samples, steps=steps, wait=False, **job)
+        return pretrain(out, name, steps=steps, wait=False, **{"num_samples": num_samples, **job})
 
     # the second full run needs no values on select: it only measures eval, beside the scored one
     full = {"ids": out / "all_ids.txt", "targets": [SELECT, EVAL], "document_values": True}
     second = {"ids": out / "all_ids.txt", "targets": [EVAL], "seed": SECOND_SEED, "adam_values": False}
     run_side_by_side({"full": full, "full-seed2": second}, args.parallel, start)
+    retrain = (retrain_documents if args.granularity == "document" else retrain_sequences)(out, args, num_samples)
+    sizes = {name: job.pop("size") for name, job in retrain.items()}
+    (out / "arms.json").write_text(json.dumps({"granularity": args.granularity, "sizes": sizes}, indent=2))
+    for job in retrain.values():
+        job |= {"targets": [EVAL], "adam_values": False}
+    run_side_by_side(retrain, args.parallel, start)
+
+
+def retrain_sequences(out: Path, args: argparse.Namespace, num_samples: int) -> dict[str, dict]:
+    """Curate the full run's sequences; the retrainings on the kept and on random sequence ids of its
+    dataset, each with its size (sequences, documents: unknown, a sequence packs parts of several)."""
     with Scores(out / "full" / "merged") as scores:
         row = curate_row(scores)
         curated = curate(scores, out / "keep_ids.txt", target=row, drop_negative=True, view=VIEW,
@@ -402,28 +499,65 @@ def loop(out: Path, args: argparse.Namespace) -> None:
         raise SystemExit(f"curate saw {kept + dropped} of the {num_samples} training sequences in row {row}")
     print(f"curate (value {row}, view {VIEW}, --drop-negative): kept {kept}, dropped {dropped}"
           f" of {num_samples} sequences", flush=True)  # fmt: skip
-    retrain = {"curated": {"ids": out / "keep_ids.txt", "targets": [EVAL], "adam_values": False}}
+    retrain = {"curated": {"ids": out / "keep_ids.txt", "size": [kept, None]}}
     for seed in range(1, args.random_seeds + 1):
         ids = out / f"{random_name(seed)}_ids.txt"
         write_ids(ids, random_drop(num_samples, kept, args.seed + seed))
-        retrain[random_name(seed)] = {"ids": ids, "targets": [EVAL], "adam_values": False}
-    run_side_by_side(retrain, args.parallel, start)
+        retrain[random_name(seed)] = {"ids": ids, "size": [kept, None]}
+    return retrain
+
+
+def retrain_documents(out: Path, args: argparse.Namespace, num_samples: int) -> dict[str, dict]:
+    """Curate the full run's training documents (``curate --by-document``); the retrainings on the kept
+    and on as many random documents, each packed anew (:func:`repack`), with its size (sequences,
+    documents). Both choose among the documents ``full`` trained on, the ones curate decided on:
+    megatron leaves out the tokens after an epoch's last whole sequence, so a document there is in
+    no sequence, has no value and is in no retraining."""
+    with Scores(out / "full" / "merged") as scores:
+        row = curate_row(scores)
+        curated = curate(scores, out / "keep_documents.jsonl", target=row, drop_negative=True, view=VIEW,
+                         dropped_out=out / "dropped_documents.jsonl", by_document=True)  # fmt: skip
+        index = scores.index()
+    keep = read_documents_list(out / "keep_documents.jsonl")
+    scored = sorted(keep + read_documents_list(out / "dropped_documents.jsonl"))
+    kept, dropped = curated.data["kept"], curated.data["dropped"]
+    trained = trained_documents(index, num_samples)
+    if scored != trained:
+        raise SystemExit(f"curate saw {len(scored)} documents in row {row}, full trained on {len(trained)}")
+    print(f"curate --by-document (value {row}, view {VIEW}, --drop-negative): kept {kept}, dropped {dropped}"
+          f" of the {len(scored)} documents full trained on ({len(training_documents(index))} training documents)",
+          flush=True)  # fmt: skip
+    options = {"tokenizer": data_tokenizer(out), "seq_length": args.seq_length, "seed": args.seed}
+    keeps = {"curated": keep}
+    for seed in range(1, args.random_seeds + 1):
+        keeps[random_name(seed)] = [scored[i] for i in random_drop(len(scored), kept, args.seed + seed).tolist()]
+    retrain = {}
+    for name, keep in keeps.items():
+        job = repack(out, name, index, keep, **options)
+        retrain[name] = {**job, "size": [job["num_samples"], len(keep)]}
+        print(f"{name}: {len(keep)} documents packed into {job['num_samples']} sequences", flush=True)
+    return retrain
 
 
 def report(out: Path) -> None:
     """Losses, steps to reach the full run's final loss (per run; mean and spread of the random
     draws), the corruption found; the last line is ``steps_saved=<fraction>``."""
     num_samples = len(read_ids(out / "all_ids.txt"))
-    kept, dropped = read_ids(out / "keep_ids.txt"), read_ids(out / "dropped_ids.txt")
-    randoms = sorted(path.name for path in out.glob("random-*") if path.is_dir())
+    arms = json.loads((out / "arms.json").read_text())
+    by_document = arms["granularity"] == "document"
+    if by_document:
+        dropped_ids, dropped_documents = None, read_documents_list(out / "dropped_documents.jsonl")
+    else:
+        dropped_ids, dropped_documents = read_ids(out / "dropped_ids.txt"), None
+    randoms = sorted(name for name in arms["sizes"] if name.startswith("random-"))
     runs = ["full", "full-seed2", "curated", *randoms]
     curves = {name: loss_curve(out / name, EVAL) for name in runs}
     level = curves["full"][-1]
     reach = {name: steps_to_reach(curve, level) for name, curve in curves.items()}
     final = {name: float(curve[-1]) for name, curve in curves.items()}
-    found = corruption_report(out / "full" / "merged", dropped)
-    found_documents = document_corruption_report(out / "full" / "merged")
-    tokenizer = Tokenizer({"type": "json", "path": str(out / "data" / "tokenizer.json")})
+    found = corruption_report(out / "full" / "merged", dropped_ids)
+    found_documents = document_corruption_report(out / "full" / "merged", dropped=dropped_documents)
+    tokenizer = data_tokenizer(out)
     texts = [json.loads(line)["text"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     eval_texts = [json.loads(line)["text"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
     unigram = unigram_loss(texts, eval_texts, tokenizer)
@@ -432,19 +566,27 @@ def report(out: Path) -> None:
     print("step's mean |value|, averaged over its visits), AUROC of 'lower value = corrupted';")
     print(f"curate uses the Adam-aware value ({SELECT}{ADAM_ROW_SUFFIX}), the SGD value ({SELECT}) is shown beside it:")
     demo_report.print_table("", found["auroc"])
-    print("dropped by curate: " + ", ".join(f"{d} of {n} {k}" for k, (d, n) in found["dropped_of"].items()))
+    if not by_document:
+        print("dropped by curate: " + ", ".join(f"{d} of {n} {k}" for k, (d, n) in found["dropped_of"].items()))
     print(f"\nthe same per training document (inrun-scores by-document, view {VIEW!r}: the mean over a document's")
-    print("span rows of each span's value as a multiple of its step's mean |span value|); a document is of one kind;")
-    print("curate above still drops whole sequences (data.train_ids names sequences):")
+    print("span rows of each span's value as a multiple of its step's mean |span value|); a document is of one kind:")
     demo_report.print_table("", found_documents["document_auroc"])
     counted = found_documents["documents_of"][f"{SELECT}{ADAM_ROW_SUFFIX}"]
     print("documents scored: " + ", ".join(f"{n} {k}" for k, n in counted.items()))
-    print(f"\nvalidation loss on '{EVAL}' (nats/token; token frequencies alone: {unigram:.3f}):")
-    print(f"  {'run':<12}{'sequences':>10}{'steps':>8}{'final loss':>12}{'steps to reach full final':>28}")
-    sizes = {"full": num_samples, "full-seed2": num_samples}
+    if by_document:
+        dropped_of = found_documents["dropped_documents_of"]
+        print("dropped by curate --by-document: " + ", ".join(f"{d} of {n} {k}" for k, (d, n) in dropped_of.items()))
+    print(f"\nvalidation loss on '{EVAL}' (nats/token; token frequencies alone: {unigram:.3f});")
+    print(f"curate and the random drops drop {arms['granularity']}s:")
+    header = f"  {'run':<12}{'documents':>10}{'sequences':>10}{'steps':>8}{'final loss':>12}"
+    print(f"{header}{'steps to reach full final':>28}")
+    documents = sum(counted.values())  # every training document: the full runs train on all of them
+    sizes = {"full": [num_samples, documents], "full-seed2": [num_samples, documents], **arms["sizes"]}
     for name, curve in curves.items():
         where = "never" if reach[name] is None else str(reach[name])
-        print(f"  {name:<12}{sizes.get(name, len(kept)):>10}{len(curve):>8}{final[name]:>12.4f}{where:>28}")
+        sequences, documents = sizes[name]
+        documents = "?" if documents is None else documents
+        print(f"  {name:<12}{documents:>10}{sequences:>10}{len(curve):>8}{final[name]:>12.4f}{where:>28}")
     random_arm = {
         "steps_to_reach": spread([reach[n] for n in randoms]),
         "final_loss": spread([final[n] for n in randoms]),
@@ -455,7 +597,8 @@ def report(out: Path) -> None:
           f" final loss {loss_arm['mean']:.4f} ± {loss_arm['std']:.4f} (min {loss_arm['min']:.4f})")  # fmt: skip
     summary = {
         "num_samples": num_samples,
-        "kept": len(kept),
+        "granularity": arms["granularity"],
+        "sizes": sizes,
         "curated_on": f"{SELECT}{ADAM_ROW_SUFFIX}",
         "view": VIEW,
         "final_loss": final,

@@ -100,7 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="file of kept sample ids, one per line")
     p.add_argument("--drop-negative", action="store_true", help="drop samples with negative value (harmful)")
     p.add_argument("--drop-fraction", type=float, default=0.0, help="drop this fraction of lowest-valued samples")
-    p.add_argument("--dropped", help="also write the dropped sample ids to this file")
+    p.add_argument("--dropped", help="also write the dropped sample ids (documents) to this file")
+    p.add_argument(
+        "--by-document",
+        action="store_true",
+        help="keep/drop documents (source, document id) by their document values; -o/--dropped are JSON lines",
+    )
     p = sub.add_parser("verify", parents=[run], help="check files, rows, the efficiency identity and document spans")
     p.add_argument("--rtol", type=float, default=commands.EFFICIENCY_RTOL, help="efficiency tolerance")
     from inrun_megatron.analysis import bench
@@ -179,6 +184,7 @@ def _run(args: argparse.Namespace, progress: Progress, comm) -> Report:
                 drop_fraction=args.drop_fraction,
                 dropped_out=args.dropped,
                 view=args.view,
+                by_document=args.by_document,
             )
         if args.command == "compare":
             value_b = args.value_b or args.value

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from inrun_megatron.analysis.documents import document_parts, span_identity
+from inrun_megatron.analysis.documents import curate_documents, document_parts, span_identity
 from inrun_megatron.analysis.dump import DumpError, Problem, ScoreDump
 from inrun_megatron.analysis.inputs import Scores, describe_samples, sources_of
 from inrun_megatron.analysis.merge import DEFAULT_MEMORY, merge
@@ -603,12 +603,15 @@ def curate(
     drop_fraction: float = 0.0,
     dropped_out: str | Path | None = None,
     view: str = DEFAULT_VIEW,
+    by_document: bool = False,
 ) -> Report:
     """Sample ids to keep for retraining: without the harmful (negative) and/or the lowest-valued samples
     (lowest in ``view``; ``drop_negative`` only in a view whose sign means helped/hurt).
 
     As in the paper's data-curation study, ids never scored in the run are not listed: the
     list says which *scored* samples to keep. Written in merge order (unique ids), one per line.
+    ``by_document``: the same rule on the run's document values (docs/DESIGN.md §2.9), keeping and
+    dropping (source, document id) pairs instead of packed sequences (:func:`curate_documents`).
     """
     if not drop_negative and not drop_fraction:
         raise ValueError("say what to drop: --drop-negative and/or --drop-fraction F")
@@ -620,6 +623,16 @@ def curate(
         raise ValueError(
             f"--drop-negative needs a view whose sign means helped or hurt ({signed}); in view {view} a low value"
             " means worse than the step's other samples, use --drop-fraction"
+        )
+    if by_document:
+        return curate_documents(
+            scores,
+            out,
+            target=target,
+            drop_negative=drop_negative,
+            drop_fraction=drop_fraction,
+            dropped_out=dropped_out,
+            view=view,
         )
     values = scores.view(view, target)
     target = values.target(target)
@@ -650,6 +663,7 @@ def curate(
             kept_value += float(v[~drop].sum())
             dropped_value += float(v[drop].sum())
     data = {
+        "granularity": "sequence",
         "target": target,
         "sign": sign_of(scores),
         "view": asdict(spec),

@@ -16,6 +16,8 @@ memory (about 60 bytes a row).
 
 from __future__ import annotations
 
+import json
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,11 +28,25 @@ import pyarrow.dataset as ds
 
 from inrun_megatron.analysis.dump import DumpError, Part, Problem, ScoreDump, read_table, stream_parts
 from inrun_megatron.analysis.inputs import Scores
-from inrun_megatron.analysis.report import Report, Table
+from inrun_megatron.analysis.report import Report, Table, written
 from inrun_megatron.analysis.views import DEFAULT_VIEW, check_view, per_step_view
 from inrun_megatron.records import DOCUMENT_SCHEMA
 
 ROW_COLUMNS = ["step", "sample_id", "span", "value", "skipped", "span_tokens"]
+
+
+def check_document_run(scores: Scores, command: str):
+    """The run's sample index, after checking that the run recorded document values and has the sample
+    map that turns span rows into documents: what a document command needs, refused before any work."""
+    if not scores.manifest.document_values:
+        raise DumpError(
+            f"{scores.path}: {command} needs document values and the run recorded none; turn them on with the"
+            " pretraining config's scoring.document_values (ScoringConfig.document_eod), docs/DESIGN.md §2.9"
+        )
+    index = scores.index()
+    if index is None:
+        raise DumpError(f"{scores.path}: {command} needs the run's sample index; {scores.notes[-1]}")
+    return index
 
 
 def document_rows(scores: Scores, target: str) -> pa.Table:
@@ -178,10 +194,8 @@ def by_document(
     """Document values (in ``view``) of the ``k`` highest (``bottom``: lowest) documents, all if ``k`` is 0, and
     their sums per source."""
     spec = check_view(view)
+    index = check_document_run(scores, "by-document")
     target = target or scores.score_row(None, None)
-    index = scores.index()
-    if index is None:
-        raise DumpError(f"{scores.path}: by-document needs the run's sample index; {scores.notes[-1]}")
     rows = document_rows(scores, target)
     step, sample_id, span = (rows.column(c).to_numpy() for c in ("step", "sample_id", "span"))
     skipped = rows.column("skipped").to_numpy(zero_copy_only=False)
@@ -253,3 +267,63 @@ def by_document(
         "sources": per_source,
     }
     return Report(data, tables, scores.notes)
+
+
+def curate_documents(
+    scores: Scores,
+    out: str | Path,
+    *,
+    target: str | None,
+    drop_negative: bool,
+    drop_fraction: float,
+    dropped_out: str | Path | None,
+    view: str,
+) -> Report:
+    """``curate --by-document``: the rule of sequence curation applied to document values (``view``, as
+    :func:`by_document` computes them): drop the documents whose value is negative and/or the
+    ``drop_fraction`` lowest (ties broken by source dataset and document id, so the count is exact).
+
+    Writes JSON lines, one per scored document in (source, document id) order:
+    ``{"source": ..., "document_id": ..., "value": ...}``, the document id being the document's index
+    in its source's preprocessed dataset (``inrun-preprocess``'s ``<source>.documents.parquet``,
+    which names its input file and line). The caller checks the arguments; documents never scored
+    are not listed, as unscored sequences are not.
+    """
+    check_document_run(scores, "curate --by-document")
+    values = by_document(scores, target=target, view=view, k=0, bottom=True)
+    documents = values.data["documents"]  # lowest first
+    drop = np.zeros(len(documents), dtype=bool)
+    drop[: round(drop_fraction * len(documents))] = True
+    value = np.array([d["value"] for d in documents], dtype=float)
+    if drop_negative:
+        drop |= value < 0
+    order = sorted(range(len(documents)), key=lambda i: (documents[i]["source"], documents[i]["document_id"]))
+    with ExitStack() as stack:
+        files = {False: stack.enter_context(open(stack.enter_context(written(Path(out))), "w"))}
+        if dropped_out is not None:
+            files[True] = stack.enter_context(open(stack.enter_context(written(Path(dropped_out))), "w"))
+        for i in order:
+            if bool(drop[i]) in files:
+                line = {k: documents[i][k] for k in ("source", "document_id", "value")}
+                files[bool(drop[i])].write(json.dumps(line) + "\n")
+    spec = values.data["view"]
+    target = values.data["target"]
+    data = {
+        "granularity": "document",
+        "target": target,
+        "sign": values.data["sign"],
+        "view": spec,
+        "kept": int((~drop).sum()),
+        "dropped": int(drop.sum()),
+        "kept_value": float(value[~drop].sum()),
+        "dropped_value": float(value[drop].sum()),
+        "keep_documents": str(out),
+        "drop_documents": None if dropped_out is None else str(dropped_out),
+    }
+    table = Table(
+        f"curation of documents by view {view} ({spec['unit']}), target {target!r}",
+        ["", "documents", "total value"],
+        [["kept", data["kept"], data["kept_value"]], ["dropped", data["dropped"], data["dropped_value"]]],
+    )
+    notes = [f"kept documents written to {out}, one JSON line each (source, document_id, value)", *scores.notes]
+    return Report(data, [table], notes)
