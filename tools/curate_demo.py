@@ -170,14 +170,18 @@ def training_sequences(data_dir: Path, tokenizer: Tokenizer, seq_length: int, se
 
     sources = [Source(s, str(data_dir / s)) for s in SOURCES]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # megatron's dataset builder asks for the rank: a process group of this one process
-    dist.init_process_group("gloo", init_method=f"file://{cache_dir / '.process_group'}", rank=0, world_size=1)
+    # megatron's dataset builder asks for the rank: a process group of this one process, unless the
+    # caller (a test session, an embedding script) already has one
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", init_method=f"file://{cache_dir / '.process_group'}", rank=0, world_size=1)
     try:
         data = build_training_data(
             sources, tokenizer, seq_length=seq_length, seed=seed, split="100,0,0", train_samples=1, cache_dir=cache_dir
         )
     finally:
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
     return sum(len(ds) for ds in data.train.datasets)
 
 
